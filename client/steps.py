@@ -1,0 +1,61 @@
+"""Site steps: each adapts the site's data on disk to a pure protocol function in ``common``.
+
+A step takes the loaded site, the validated study config and the server's payload, and returns the
+aggregate payload to send back. Steps do not import Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from common.config import StudyConfig
+from common.fingerprint import CaseMeasure, site_fingerprint
+from common.imageio import read_image
+from common.sitedata import Site
+
+log = logging.getLogger(__name__)
+Payload = dict[str, object]
+
+
+@dataclass(frozen=True)
+class SiteStep:
+    """A query action: the study phase it belongs to, and its function."""
+
+    phase: str
+    run: Callable[[Site, StudyConfig, Payload], Payload]
+    n_cases: Callable[[Site], int]
+
+
+def _cases_with_masks(site: Site) -> int:
+    return sum(c.mask is not None for c in site.cases)
+
+
+def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """Measure the site's cases with masks and return the fingerprint aggregates."""
+    cfg = study.fingerprint
+    measures = []
+    for case in site.cases:
+        if case.mask is None:
+            continue
+        mask = sitk.GetArrayFromImage(read_image(case.mask)) > 0
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(case.patient_id.encode())])
+        idx = np.flatnonzero(mask)
+        take = rng.choice(idx, size=min(cfg.foreground_samples_per_case, idx.size), replace=False)
+        fg = {seq: sitk.GetArrayFromImage(read_image(case.images[seq])).ravel()[take] for seq in study.sequences}
+        ref = read_image(case.images[study.reference_sequence])
+        measures.append(CaseMeasure(tuple(ref.GetSpacing()), tuple(ref.GetSize()), fg))
+    out = site_fingerprint(site.site_id, measures, study.sequences, cfg.percentiles, site.config.policy.min_cohort)
+    out["field_strength"] = site.config.scanner.field_strength
+    out["vendor"] = site.config.scanner.vendor
+    return out
+
+
+SITE_STEPS: dict[str, SiteStep] = {
+    "fingerprint": SiteStep("fingerprint", fingerprint_step, _cases_with_masks),
+}

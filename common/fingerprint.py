@@ -1,0 +1,105 @@
+"""The fingerprint protocol: per-site aggregates of geometry and foreground intensities, and their merge.
+
+Site step: :func:`site_fingerprint` over the site's own cases (never more than aggregates over at least
+``min_cohort`` cases). Server step: :func:`aggregate_fingerprints`, which merges the sites exactly where
+the statistic allows it (counts, means, standard deviations, extremes) and as a case-weighted mean of the
+sites' quantiles otherwise (medians and percentiles are not decomposable; nnU-Net's own planner is equally
+served by a weighted median of site medians).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.errors import PolicyError, ProtocolError
+
+Payload = dict[str, object]
+
+
+@dataclass(frozen=True)
+class CaseMeasure:
+    """What one case contributes to its site's fingerprint (never leaves the site)."""
+
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    foreground: Mapping[str, np.ndarray]  # sampled foreground voxel intensities per sequence
+
+
+def site_fingerprint(site_id: str, cases: Sequence[CaseMeasure], sequences: Sequence[str],
+                     percentiles: Sequence[float], min_cohort: int) -> Payload:
+    """The site step: aggregates over ``cases``; refuses when fewer than ``min_cohort`` cases."""
+    n = len(cases)
+    if n < min_cohort:
+        raise PolicyError(site_id, "min_cohort", f"{n} valid case(s) with masks, policy needs at least {min_cohort}")
+    spacing = np.array([c.spacing for c in cases], dtype=np.float64)
+    shape = np.array([c.shape for c in cases], dtype=np.float64)
+    out: Payload = {
+        "n_cases": n,
+        "spacing_sum": spacing.sum(axis=0),
+        "spacing_median": np.median(spacing, axis=0),
+        "shape_sum": shape.sum(axis=0),
+        "shape_median": np.median(shape, axis=0),
+        "percentiles": np.asarray(percentiles, dtype=np.float64),
+    }
+    for seq in sequences:
+        values = np.concatenate([np.asarray(c.foreground[seq], dtype=np.float64).ravel() for c in cases])
+        out[f"{seq}/n"] = int(values.size)
+        out[f"{seq}/sum"] = np.array([values.sum()])
+        out[f"{seq}/sumsq"] = np.array([np.square(values).sum()])
+        out[f"{seq}/min_max"] = np.array([values.min(), values.max()])
+        out[f"{seq}/quantiles"] = np.percentile(values, percentiles)
+    return out
+
+
+def _field(site: str, reply: Mapping[str, object], key: str) -> np.ndarray:
+    if key not in reply:
+        raise ProtocolError(site, f"fingerprint reply lacks {key!r}", "run the same fedbiopsy version at every site")
+    value = np.asarray(reply[key], dtype=np.float64)
+    if not np.all(np.isfinite(value)):
+        raise ProtocolError(site, f"fingerprint field {key!r} is not finite", "validate the site's images")
+    return value
+
+
+def aggregate_fingerprints(replies: Mapping[str, Mapping[str, object]], sequences: Sequence[str]) -> dict:
+    """The server step: one global fingerprint from the sites' replies (keyed by site id)."""
+    if not replies:
+        raise ProtocolError("(none)", "no site answered the fingerprint query")
+    sites = sorted(replies)
+    counts = {s: int(_field(s, replies[s], "n_cases")) for s in sites}
+    total = sum(counts.values())
+    w = np.array([counts[s] for s in sites], dtype=np.float64) / total
+    pct = _field(sites[0], replies[sites[0]], "percentiles")
+    for s in sites[1:]:
+        if not np.array_equal(_field(s, replies[s], "percentiles"), pct):
+            raise ProtocolError(s, "used other percentiles than the first site", "send one study config to all sites")
+    result: dict = {
+        "n_sites": len(sites),
+        "n_cases": total,
+        "cases_per_site": counts,
+        "spacing_mean": (sum(_field(s, replies[s], "spacing_sum") for s in sites) / total).tolist(),
+        "spacing_median": (w @ np.stack([_field(s, replies[s], "spacing_median") for s in sites])).tolist(),
+        "shape_mean": (sum(_field(s, replies[s], "shape_sum") for s in sites) / total).tolist(),
+        "shape_median": (w @ np.stack([_field(s, replies[s], "shape_median") for s in sites])).tolist(),
+        "intensity": {},
+    }
+    for seq in sequences:
+        n = sum(int(_field(s, replies[s], f"{seq}/n")) for s in sites)
+        s1 = sum(float(_field(s, replies[s], f"{seq}/sum")[0]) for s in sites)
+        s2 = sum(float(_field(s, replies[s], f"{seq}/sumsq")[0]) for s in sites)
+        mm = np.stack([_field(s, replies[s], f"{seq}/min_max") for s in sites])
+        nv = np.array([int(_field(s, replies[s], f"{seq}/n")) for s in sites], dtype=np.float64)
+        q = (nv / nv.sum()) @ np.stack([_field(s, replies[s], f"{seq}/quantiles") for s in sites])
+        mean = s1 / n
+        result["intensity"][seq] = {
+            "n_voxels": n,
+            "mean": mean,
+            "std": float(np.sqrt(max(s2 / n - mean**2, 0.0) * n / max(n - 1, 1))),
+            "min": float(mm[:, 0].min()),
+            "max": float(mm[:, 1].max()),
+            "percentiles": dict(zip([f"p{p:g}" for p in pct], q.tolist(), strict=True)),
+        }
+    result["target_spacing"] = result["spacing_median"]
+    return result

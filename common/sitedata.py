@@ -1,0 +1,163 @@
+"""A hospital's data on disk: ``site.yaml``, ``clinical.csv``, images and masks, as typed objects.
+
+Layout (see docs/ARCHITECTURE.md)::
+
+    site_dir/
+      site.yaml
+      clinical.csv                      patient_id, age, sex, label, os_days, os_event, ...
+      images/<patient_id>/<sequence>.nii.gz
+      masks/<patient_id>.nii.gz
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.errors import ConfigError
+from common.imageio import find_image
+
+CLINICAL_COLUMNS: tuple[str, ...] = ("patient_id", "age", "sex", "label", "os_days", "os_event")
+ALL_PHASES: tuple[str, ...] = (
+    "fingerprint", "preprocessing", "segmentation", "features", "harmonisation", "reduction",
+    "classifier", "outcomes",
+)
+
+
+class SitePolicy(BaseModel):
+    """What a hospital allows to run on its data (enforced at the site, before any computation)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allowed_phases: tuple[str, ...] = ALL_PHASES
+    approved_studies: tuple[str, ...] = ()  # study-config hashes; empty: any study
+    max_epsilon: float = Field(8.0, gt=0)
+    min_cohort: int = Field(5, ge=1)
+
+
+class Scanner(BaseModel):
+    """The acquisition a site's images come from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vendor: str
+    model: str = ""
+    field_strength: float = Field(gt=0)
+    spacing: tuple[float, float, float] | None = None
+
+
+class SimulatedEffects(BaseModel):
+    """Ground truth of a simulated site's scanner effects (absent for real hospitals)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    intensity_scale: float
+    intensity_offset: float
+    bias_amplitude: float
+    noise_sigma: float
+    seed: int
+
+
+class SiteConfig(BaseModel):
+    """The contents of ``site.yaml``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    site_id: str = Field(min_length=1)
+    name: str = ""
+    scanner: Scanner
+    sequences: tuple[str, ...] = ("T2w", "CET1")
+    reference_sequence: str = "T2w"
+    policy: SitePolicy = SitePolicy()
+    simulation: SimulatedEffects | None = None
+    format: Literal["fedbiopsy-site/1"] = "fedbiopsy-site/1"
+
+
+def load_site_config(site_dir: Path | str) -> SiteConfig:
+    """Read and validate ``site_dir/site.yaml``."""
+    path = Path(site_dir) / "site.yaml"
+    if not path.is_file():
+        raise ConfigError(path, "site.yaml is missing", "create it (see deploy/site.example.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"not valid YAML ({exc})", "correct the YAML syntax") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "the top level is not a mapping", "write `key: value` pairs")
+    try:
+        config = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(path, f"invalid site.yaml ({problems})", "correct the named keys") from exc
+    if config.reference_sequence not in config.sequences:
+        raise ConfigError(
+            path,
+            f"reference_sequence {config.reference_sequence!r} is not in sequences {list(config.sequences)}",
+            "name one of the listed sequences",
+        )
+    return config
+
+
+def write_site_config(config: SiteConfig, site_dir: Path | str) -> Path:
+    """Write ``site.yaml`` for a config."""
+    path = Path(site_dir) / "site.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    return path
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient of a site: image paths per sequence, an optional mask, and the clinical row."""
+
+    patient_id: str
+    images: dict[str, Path]
+    mask: Path | None
+    clinical: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A loaded site: its config and its valid cases (see :func:`common.validation.validate_site`)."""
+
+    root: Path
+    config: SiteConfig
+    cases: tuple[Case, ...]
+
+    @property
+    def site_id(self) -> str:
+        return self.config.site_id
+
+    def clinical_frame(self) -> pd.DataFrame:
+        """The clinical rows of the valid cases, indexed by patient_id (stays at the site)."""
+        return pd.DataFrame([c.clinical for c in self.cases]).set_index("patient_id")
+
+
+def case_paths(site_dir: Path, patient_id: str, sequences: tuple[str, ...]) -> tuple[dict[str, Path | None], Path | None]:
+    """Where a case's images and mask are (None where no file exists)."""
+    images = {seq: find_image(site_dir / "images" / patient_id, seq) for seq in sequences}
+    mask = find_image(site_dir / "masks", patient_id)
+    return images, mask
+
+
+def read_clinical(site_dir: Path | str) -> pd.DataFrame:
+    """``clinical.csv`` with patient_id as a string column; raises if the file or a column is missing."""
+    path = Path(site_dir) / "clinical.csv"
+    if not path.is_file():
+        raise ConfigError(path, "clinical.csv is missing", f"write it with the columns {', '.join(CLINICAL_COLUMNS)}")
+    try:
+        frame = pd.read_csv(path, dtype={"patient_id": str})
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"cannot be parsed as CSV ({exc})", "save it as comma-separated UTF-8") from exc
+    missing = [c for c in CLINICAL_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ConfigError(path, f"missing column(s) {missing}", f"add them; required: {', '.join(CLINICAL_COLUMNS)}")
+    dupes = frame["patient_id"][frame["patient_id"].duplicated()].tolist()
+    if dupes:
+        raise ConfigError(path, f"patient_id repeated: {dupes[:5]}", "keep one row per patient")
+    return frame

@@ -1,0 +1,199 @@
+"""Checks a site's cohort case by case; one bad case never stops the others.
+
+Every problem names the file at fault and the fix. :func:`validate_site` reports; :func:`load_site`
+returns the valid cases only (and logs the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from common.errors import ConfigError, FedBiopsyError, SiteDataError
+from common.imageio import geometry_mismatches, read_image
+from common.sitedata import (
+    Case,
+    Site,
+    SiteConfig,
+    case_paths,
+    load_site_config,
+    read_clinical,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_SEQUENCES: tuple[str, ...] = ("T2w", "CET1")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one file."""
+
+    path: str
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}. Fix: {self.fix}"
+
+
+@dataclass
+class CaseReport:
+    """The verdict on one patient."""
+
+    patient_id: str
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class SiteReport:
+    """The verdict on a whole site directory."""
+
+    root: Path
+    config: SiteConfig | None
+    site_problems: list[Problem] = field(default_factory=list)
+    cases: list[CaseReport] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not self.site_problems and all(c.valid for c in self.cases)
+
+    @property
+    def n_invalid(self) -> int:
+        return sum(not c.valid for c in self.cases)
+
+
+def _problem(err: FedBiopsyError) -> Problem:
+    if isinstance(err, (ConfigError, SiteDataError)):
+        return Problem(err.path, err.problem, err.fix)
+    return Problem("", str(err), "")
+
+
+def _check_image(path: Path, what: str) -> tuple[sitk.Image | None, list[Problem]]:
+    """Read an image and check it is 3D with finite voxels."""
+    try:
+        image = read_image(path)
+    except SiteDataError as err:
+        return None, [_problem(err)]
+    problems = []
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        problems.append(Problem(
+            str(path), f"{what} is {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} "
+            "component(s), not a 3D scalar volume", "export one 3D volume per file (split 4D series)",
+        ))
+        return None, problems
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            problems.append(Problem(
+                str(path), f"{what} has {bad} NaN/inf voxel(s)", "re-export the series or fill the voxels"
+            ))
+    return image, problems
+
+
+def validate_case(site_dir: Path, patient_id: str, config: SiteConfig | None) -> CaseReport:
+    """Check one case's images and mask; never raises on bad data."""
+    sequences = config.sequences if config else DEFAULT_SEQUENCES
+    reference = config.reference_sequence if config else sequences[0]
+    report = CaseReport(patient_id)
+    images, mask_path = case_paths(site_dir, patient_id, sequences)
+    loaded: dict[str, sitk.Image] = {}
+    for seq, path in images.items():
+        if path is None:
+            report.problems.append(Problem(
+                str(site_dir / "images" / patient_id / f"{seq}.nii.gz"), f"sequence {seq} is missing",
+                f"add the {seq} volume or remove the patient from clinical.csv",
+            ))
+            continue
+        image, problems = _check_image(path, f"sequence {seq}")
+        report.problems.extend(problems)
+        if image is not None:
+            loaded[seq] = image
+    if mask_path is None:
+        report.warnings.append(Problem(
+            str(site_dir / "masks" / f"{patient_id}.nii.gz"), "no tumour mask",
+            "none needed for segmentation by the federated model; add one to train on this case",
+        ))
+        return report
+    mask, problems = _check_image(mask_path, "mask")
+    report.problems.extend(problems)
+    if mask is None:
+        return report
+    mask_array = sitk.GetArrayViewFromImage(mask)
+    if not np.any(mask_array):
+        report.problems.append(Problem(str(mask_path), "mask is empty (no tumour voxel)",
+                                       "redraw the tumour or delete the mask file"))
+    elif not np.array_equal(mask_array, np.round(mask_array)) or mask_array.min() < 0:
+        report.problems.append(Problem(str(mask_path), "mask holds non-integer or negative labels",
+                                       "save the mask with integer labels (0 = background)"))
+    ref = loaded.get(reference)
+    if ref is not None:
+        mismatches = geometry_mismatches(mask, ref)
+        if mismatches:
+            report.problems.append(Problem(
+                str(mask_path), f"geometry differs from {reference}: " + "; ".join(mismatches),
+                f"resample the mask onto the {reference} grid (nearest neighbour) or re-export both",
+            ))
+    return report
+
+
+def validate_site(site_dir: Path | str) -> SiteReport:
+    """Validate ``site.yaml``, ``clinical.csv`` and every case; collects all problems."""
+    root = Path(site_dir)
+    report = SiteReport(root=root, config=None)
+    if not root.is_dir():
+        report.site_problems.append(Problem(str(root), "site directory does not exist", "give an existing folder"))
+        return report
+    try:
+        report.config = load_site_config(root)
+    except ConfigError as err:
+        report.site_problems.append(_problem(err))
+    try:
+        clinical_ids = list(read_clinical(root)["patient_id"])
+    except ConfigError as err:
+        report.site_problems.append(_problem(err))
+        clinical_ids = []
+    image_root = root / "images"
+    image_ids = sorted(p.name for p in image_root.iterdir() if p.is_dir()) if image_root.is_dir() else []
+    for pid in sorted(set(image_ids) - set(clinical_ids)):
+        cr = CaseReport(pid)
+        cr.problems.append(Problem(str(root / "clinical.csv"), f"patient {pid} has images but no clinical row",
+                                   f"add a row for {pid} to clinical.csv or remove images/{pid}"))
+        report.cases.append(cr)
+    for pid in clinical_ids:
+        if pid not in image_ids:
+            cr = CaseReport(pid)
+            cr.problems.append(Problem(str(image_root / pid), f"patient {pid} is in clinical.csv but has no images",
+                                       f"add images/{pid}/ or remove the row from clinical.csv"))
+            report.cases.append(cr)
+            continue
+        report.cases.append(validate_case(root, pid, report.config))
+    report.cases.sort(key=lambda c: c.patient_id)
+    return report
+
+
+def load_site(site_dir: Path | str) -> Site:
+    """Load a site with its valid cases; site-level problems raise, invalid cases are logged and left out."""
+    root = Path(site_dir)
+    config = load_site_config(root)
+    clinical = read_clinical(root).set_index("patient_id", drop=False)
+    report = validate_site(root)
+    cases = []
+    for cr in report.cases:
+        if not cr.valid:
+            for p in cr.problems:
+                log.warning("site %s: case %s left out: %s", config.site_id, cr.patient_id, p)
+            continue
+        images, mask = case_paths(root, cr.patient_id, config.sequences)
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in clinical.loc[cr.patient_id].items()}
+        cases.append(Case(cr.patient_id, {k: v for k, v in images.items() if v is not None}, mask, row))
+    return Site(root=root, config=config, cases=tuple(cases))

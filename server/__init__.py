@@ -1,0 +1,1 @@
+"""The aggregator: study orchestration, strategies, the server half of each protocol, registry and reports."""

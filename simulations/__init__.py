@@ -1,0 +1,1 @@
+"""Simulated hospitals, in-process protocol runners, Flower simulation runs and benchmarks."""
