@@ -9,33 +9,28 @@ from pathlib import Path
 from flwr.serverapp import Grid
 
 from common.config import StudyConfig
-from common.fingerprint import aggregate_fingerprints
-from server.federation import query_sites, wait_for_nodes
+from common.errors import ConfigError
+from server.federation import wait_for_nodes
+from server.phases import PHASES, PhaseContext
 
 log = logging.getLogger("fedbiopsy.server")
 
 
-def run_fingerprint(grid: Grid, study: StudyConfig, node_ids: list[int]) -> dict:
-    """Phase 1: every site's fingerprint, merged into the global fingerprint and plan."""
-    result = query_sites(grid, "fingerprint", study, node_ids=node_ids)
-    merged = aggregate_fingerprints(result.replies, study.sequences)
-    merged["scanners"] = {
-        s: {"vendor": r.get("vendor"), "field_strength": r.get("field_strength")} for s, r in result.replies.items()
-    }
-    merged["refused"] = {str(n): reason for n, reason in result.errors.items()}
-    return merged
-
-
 def run_study(grid: Grid, study: StudyConfig, result_dir: Path) -> dict:
-    """Run the study's phases in order and write each phase's result under ``result_dir``."""
+    """Run the study's phases in order; each phase's result is written to ``result_dir/<phase>.json``."""
+    unknown = [p for p in study.phases if p not in PHASES]
+    if unknown:
+        raise ConfigError("study config", f"unknown phase(s) {unknown}", f"use phases among {list(PHASES)}")
     result_dir.mkdir(parents=True, exist_ok=True)
     node_ids = wait_for_nodes(grid, study.min_sites)
     log.info("study %s (%s): %d site(s) connected", study.name, study.hash[:12], len(node_ids))
-    outputs: dict = {"study": study.name, "study_hash": study.hash}
-    if "fingerprint" in study.phases:
-        outputs["fingerprint"] = run_fingerprint(grid, study, node_ids)
-        (result_dir / "fingerprint.json").write_text(json.dumps(outputs["fingerprint"], indent=2))
-        log.info("fingerprint: %d cases over %d sites", outputs["fingerprint"]["n_cases"],
-                 outputs["fingerprint"]["n_sites"])
-    (result_dir / "study.json").write_text(json.dumps(outputs, indent=2))
-    return outputs
+    ctx = PhaseContext(grid=grid, study=study, node_ids=node_ids, result_dir=result_dir)
+    for phase in study.phases:
+        log.info("phase %s: start", phase)
+        ctx.outputs[phase] = PHASES[phase](ctx)
+        (result_dir / f"{phase}.json").write_text(json.dumps(ctx.outputs[phase], indent=2, default=str))
+        log.info("phase %s: done", phase)
+    summary = {"study": study.name, "study_hash": study.hash, "phases": list(study.phases),
+               "participants": ctx.participants, "outputs": ctx.outputs}
+    (result_dir / "study.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,35 +1,20 @@
-"""Site steps: each adapts the site's data on disk to a pure protocol function in ``common``.
-
-A step takes the loaded site, the validated study config and the server's payload, and returns the
-aggregate payload to send back. Steps do not import Flower.
-"""
+"""Site step of the fingerprint phase: measure the site's cases, return aggregates only."""
 
 from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
+from client.steps.base import Payload, SiteStep
 from common.config import StudyConfig
 from common.fingerprint import CaseMeasure, site_fingerprint
 from common.imageio import read_image
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
-Payload = dict[str, object]
-
-
-@dataclass(frozen=True)
-class SiteStep:
-    """A query action: the study phase it belongs to, and its function."""
-
-    phase: str
-    run: Callable[[Site, StudyConfig, Payload], Payload]
-    n_cases: Callable[[Site], int]
 
 
 def _cases_with_masks(site: Site) -> int:
@@ -56,6 +41,6 @@ def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payloa
     return out
 
 
-SITE_STEPS: dict[str, SiteStep] = {
+STEPS: dict[str, SiteStep] = {
     "fingerprint": SiteStep("fingerprint", fingerprint_step, _cases_with_masks),
 }
