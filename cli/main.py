@@ -45,22 +45,19 @@ def simulate(
 def validate(site_dir: Path = typer.Argument(..., help="A site directory (site.yaml, clinical.csv, images/, masks/).")
              ) -> None:
     """Check every case of a site; exit status 1 when any case or the site itself is invalid."""
-    from rich.table import Table
-
     from common.validation import validate_site
 
     report = validate_site(site_dir)
     for p in report.site_problems:
-        console.print(f"[red]SITE[/red] {p}")
-    table = Table(title=f"{site_dir}: {len(report.cases)} case(s), {report.n_invalid} invalid")
-    table.add_column("patient")
-    table.add_column("status")
-    table.add_column("problems / warnings", overflow="fold")
+        console.print(f"[red]SITE INVALID[/red] {p}", soft_wrap=True)
     for case in report.cases:
-        status = "[green]ok[/green]" if case.valid else "[red]invalid[/red]"
-        notes = [str(p) for p in case.problems] + [f"[yellow]warning:[/yellow] {w}" for w in case.warnings]
-        table.add_row(case.patient_id, status, "\n".join(notes))
-    console.print(table)
+        for p in case.problems:
+            console.print(f"[red]INVALID[/red] {case.patient_id}: {p}", soft_wrap=True)
+        for w in case.warnings:
+            console.print(f"[yellow]warning[/yellow] {case.patient_id}: {w}", soft_wrap=True)
+    colour = "green" if report.valid else "red"
+    console.print(f"[{colour}]{site_dir}: {len(report.cases)} case(s), {report.n_invalid} invalid"
+                  f"{', site-level problems' if report.site_problems else ''}[/{colour}]", soft_wrap=True)
     raise typer.Exit(0 if report.valid else 1)
 
 

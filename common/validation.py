@@ -90,14 +90,25 @@ def _check_image(path: Path, what: str) -> tuple[sitk.Image | None, list[Problem
             "component(s), not a 3D scalar volume", "export one 3D volume per file (split 4D series)",
         ))
         return None, problems
-    array = sitk.GetArrayViewFromImage(image)
-    if np.issubdtype(array.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(array)))
-        if bad:
-            problems.append(Problem(
-                str(path), f"{what} has {bad} NaN/inf voxel(s)", "re-export the series or fill the voxels"
-            ))
+    bad = _nonfinite_voxels(path, image)
+    if bad:
+        problems.append(Problem(
+            str(path), f"{what} has {bad} NaN/inf voxel(s)", "re-export the series or fill the voxels"
+        ))
     return image, problems
+
+
+def _nonfinite_voxels(path: Path, image: sitk.Image) -> int:
+    """Count NaN/inf voxels. SimpleITK's NIfTI reader turns NaN into 0, so NIfTI data is read with nibabel."""
+    if path.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        array = np.asanyarray(nib.load(str(path)).dataobj)
+    else:
+        array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(array)))
 
 
 def validate_case(site_dir: Path, patient_id: str, config: SiteConfig | None) -> CaseReport:

@@ -145,9 +145,9 @@ def _tumour(rng: np.random.Generator, zz: np.ndarray, yy: np.ndarray, xx: np.nda
         radius = float(rng.uniform(0.08, 0.15)) * size
         centre = rng.uniform(-0.18, 0.18, size=3) * size  # x, y, z in mm
         dist = np.sqrt((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (zz - centre[2]) ** 2) / radius
-        sigma_vox = max(1.0, 0.5 * radius / float(np.mean(spacing)))
+        sigma_vox = max(1.0, 0.3 * radius / float(np.mean(spacing)))
         perturb = _smooth_noise(rng, dist.shape, sigma_vox)
-        mask = (dist + 0.22 * perturb) < 1.0
+        mask = (dist + 0.35 * perturb) < 1.0
         mask &= body
         labels, n = ndimage.label(mask)
         if n == 0:
@@ -218,9 +218,9 @@ def simulate_patient(
         "age": round(float(rng.uniform(0.5, 15.0)), 1),
         "sex": str(rng.choice(["F", "M"])),
         "label": subtype,
-        "subtype": SUBTYPES[subtype],
         "os_days": max(1, int(round(min(event_time, censor_time)))),
         "os_event": int(event_time <= censor_time),
+        "subtype": SUBTYPES[subtype],
         "tumour_volume_ml": round(volume_ml, 3),
     }
     return PatientPhantom(
