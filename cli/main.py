@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from cli.extract import extract as extract_command
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
@@ -24,6 +26,9 @@ console = Console()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)], force=True)
+    if not verbose:
+        for noisy in ("flwr", "ray", "numexpr", "radiomics", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "flwr" else logging.INFO)
 
 
 @app.command()
@@ -99,6 +104,9 @@ def _print_summary(summary: dict, out: Path) -> None:
             console.print(f"  {seq} foreground intensity: mean {stats['mean']:.1f}, sd {stats['std']:.1f}, "
                           f"p0.5-p99.5 {stats['percentiles']['p0.5']:.1f}-{stats['percentiles']['p99.5']:.1f}")
     console.print(f"[green]Results:[/green] {(out / 'study').resolve()}")
+
+
+app.command("extract")(extract_command)
 
 
 def main() -> None:
