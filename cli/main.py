@@ -103,10 +103,22 @@ def _print_summary(summary: dict, out: Path) -> None:
         for seq, stats in fp["intensity"].items():
             console.print(f"  {seq} foreground intensity: mean {stats['mean']:.1f}, sd {stats['std']:.1f}, "
                           f"p0.5-p99.5 {stats['percentiles']['p0.5']:.1f}-{stats['percentiles']['p99.5']:.1f}")
+    reg = summary.get("registry")
+    if reg:
+        console.print(f"[bold]Registry[/bold]: {reg['location']} (run {reg['run_id']}, versions "
+                      f"{', '.join(str(v) for v in reg.get('versions', [])) or 'none'}); "
+                      f"try `fedbiopsy registry list --registry {reg['location']}`", soft_wrap=True)
     console.print(f"[green]Results:[/green] {(out / 'study').resolve()}")
 
 
 app.command("extract")(extract_command)
+app.command("compare-masks")(__import__("cli.segmentation", fromlist=["compare_masks"]).compare_masks)
+
+
+app.add_typer(__import__("cli.registry", fromlist=["app"]).app, name="registry")  # fedbiopsy registry ...
+
+app.command("preprocess")(__import__("cli.preprocess", fromlist=["preprocess"]).preprocess)
+app.command("ingest")(__import__("cli.ingest", fromlist=["ingest"]).ingest)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import PolicyError, ProtocolError
+from common.hashing import sha256_json
 
 Payload = dict[str, object]
 
@@ -52,6 +53,16 @@ def site_fingerprint(site_id: str, cases: Sequence[CaseMeasure], sequences: Sequ
         out[f"{seq}/min_max"] = np.array([values.min(), values.max()])
         out[f"{seq}/quantiles"] = np.percentile(values, percentiles)
     return out
+
+
+def case_manifest_hash(case_files: Mapping[str, Mapping[str, str]], extra: Mapping[str, str] | None = None) -> str:
+    """The site's data fingerprint: sha256 over its sorted case ids, each with the sha256 of each of its files.
+
+    ``case_files``: {case id: {file role: sha256}}; ``extra``: site-level files (e.g. the clinical table).
+    Only this hash leaves the site: it pins the exact data a site used without revealing any identifier.
+    """
+    return sha256_json({"cases": [[cid, dict(case_files[cid])] for cid in sorted(case_files)],
+                        "extra": dict(extra or {})})
 
 
 def _field(site: str, reply: Mapping[str, object], key: str) -> np.ndarray:

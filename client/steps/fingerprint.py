@@ -10,7 +10,8 @@ import SimpleITK as sitk
 
 from client.steps.base import Payload, SiteStep
 from common.config import StudyConfig
-from common.fingerprint import CaseMeasure, site_fingerprint
+from common.fingerprint import CaseMeasure, case_manifest_hash, site_fingerprint
+from common.hashing import sha256_file
 from common.imageio import read_image
 from common.sitedata import Site
 
@@ -19,6 +20,18 @@ log = logging.getLogger(__name__)
 
 def _cases_with_masks(site: Site) -> int:
     return sum(c.mask is not None for c in site.cases)
+
+
+def manifest_hash(site: Site) -> str:
+    """The hash of the site's case manifest: valid case ids with the sha256 of their images, mask and clinical table."""
+    files = {}
+    for case in site.cases:
+        entry = {seq: sha256_file(path) for seq, path in case.images.items()}
+        if case.mask is not None:
+            entry["mask"] = sha256_file(case.mask)
+        files[case.patient_id] = entry
+    clinical = site.root / "clinical.csv"
+    return case_manifest_hash(files, {"clinical.csv": sha256_file(clinical)} if clinical.is_file() else None)
 
 
 def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
@@ -38,6 +51,8 @@ def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payloa
     out = site_fingerprint(site.site_id, measures, study.sequences, cfg.percentiles, site.config.policy.min_cohort)
     out["field_strength"] = site.config.scanner.field_strength
     out["vendor"] = site.config.scanner.vendor
+    out["manifest_hash"] = manifest_hash(site)
+    out["manifest_cases"] = len(site.cases)
     return out
 
 
