@@ -25,7 +25,7 @@ from common.imageio import find_image
 CLINICAL_COLUMNS: tuple[str, ...] = ("patient_id", "age", "sex", "label", "os_days", "os_event")
 ALL_PHASES: tuple[str, ...] = (
     "fingerprint", "preprocessing", "segmentation", "features", "harmonisation", "reduction",
-    "classifier", "outcomes",
+    "classifier", "outcomes", "rollcall",
 )
 
 
@@ -36,8 +36,10 @@ class SitePolicy(BaseModel):
 
     allowed_phases: tuple[str, ...] = ALL_PHASES
     approved_studies: tuple[str, ...] = ()  # study-config hashes; empty: any study
+    approved_apps: tuple[str, ...] = ()  # app hashes (client/apphash.py); empty: any app
     max_epsilon: float = Field(8.0, gt=0)
     min_cohort: int = Field(5, ge=1)
+    exact_outcomes: bool = False  # allow exact event times and cells under min_cohort in outcome replies
 
 
 class Scanner(BaseModel):

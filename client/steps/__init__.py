@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from client.steps import fingerprint
+from client.steps import features, fingerprint, rollcall
+from client.steps import outcomes
+from client.steps import combat, reduction
+from client.steps import segmentation
+from client.steps import preprocessing
 from client.steps.base import Payload, SiteStep, work_dir
 
 SITE_STEPS: dict[str, SiteStep] = {
+    **preprocessing.STEPS,
+    **outcomes.STEPS,
+    **combat.STEPS,
+    **reduction.STEPS,
     **fingerprint.STEPS,
+    **segmentation.STEPS,
+    **features.STEPS,
+    **rollcall.STEPS,
 }
 
 __all__ = ["SITE_STEPS", "Payload", "SiteStep", "work_dir"]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from server.phases import fingerprint
+from server.phases import features, fingerprint, rollcall
+from server.phases import outcomes
+from server.phases import harmonisation, reduction
+from server.phases import segmentation
+from server.phases import preprocessing
 from server.phases.base import Phase, PhaseContext
 
 PHASES: dict[str, Phase] = {
+    "preprocessing": preprocessing.run,
+    "outcomes": outcomes.run,
+    "harmonisation": harmonisation.run,
+    "reduction": reduction.run,
     "fingerprint": fingerprint.run,
+    "segmentation": segmentation.run,
+    "features": features.run,
+    "rollcall": rollcall.run,
 }
 
 __all__ = ["PHASES", "Phase", "PhaseContext"]
