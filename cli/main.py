@@ -119,6 +119,7 @@ app.add_typer(__import__("cli.registry", fromlist=["app"]).app, name="registry")
 
 app.command("preprocess")(__import__("cli.preprocess", fromlist=["preprocess"]).preprocess)
 app.command("ingest")(__import__("cli.ingest", fromlist=["ingest"]).ingest)
+app.command("harmonise")(__import__("cli.harmonise", fromlist=["harmonise"]).harmonise)
 
 
 def main() -> None:
