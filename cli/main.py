@@ -121,6 +121,8 @@ app.command("preprocess")(__import__("cli.preprocess", fromlist=["preprocess"]).
 app.command("ingest")(__import__("cli.ingest", fromlist=["ingest"]).ingest)
 app.command("harmonise")(__import__("cli.harmonise", fromlist=["harmonise"]).harmonise)
 
+app.add_typer(__import__("cli.deploy", fromlist=["app"]).app, name="deploy")  # fedbiopsy deploy local|certs|...
+
 
 def main() -> None:
     """Entry point of the console script."""

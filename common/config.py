@@ -348,6 +348,8 @@ class HarmonisationExperimentConfig(_Frozen):
     prevalence_3t: float = Field(0.3, ge=0, le=1)
     cet1_gain_1_5t: float = Field(0.85, gt=0)
     scanner_strength: float = Field(1.0, ge=0)
+    combat_eb: bool = True
+    combat_parametric: bool = True
     workers: int = Field(1, ge=1)
 
 

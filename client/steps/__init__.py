@@ -7,6 +7,7 @@ from client.steps import outcomes
 from client.steps import combat, reduction
 from client.steps import segmentation
 from client.steps import preprocessing
+from client.steps import classifier
 from client.steps.base import Payload, SiteStep, work_dir
 
 SITE_STEPS: dict[str, SiteStep] = {
@@ -18,6 +19,7 @@ SITE_STEPS: dict[str, SiteStep] = {
     **segmentation.STEPS,
     **features.STEPS,
     **rollcall.STEPS,
+    **classifier.STEPS,
 }
 
 __all__ = ["SITE_STEPS", "Payload", "SiteStep", "work_dir"]

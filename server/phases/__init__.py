@@ -7,6 +7,7 @@ from server.phases import outcomes
 from server.phases import harmonisation, reduction
 from server.phases import segmentation
 from server.phases import preprocessing
+from server.phases import classifier
 from server.phases.base import Phase, PhaseContext
 
 PHASES: dict[str, Phase] = {
@@ -18,6 +19,7 @@ PHASES: dict[str, Phase] = {
     "segmentation": segmentation.run,
     "features": features.run,
     "rollcall": rollcall.run,
+    "classifier": classifier.run,
 }
 
 __all__ = ["PHASES", "Phase", "PhaseContext"]
