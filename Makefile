@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint clean
+.PHONY: install data demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/fedbiopsy study run --out $(OUT)
 
-test: install
+# The real MRI of pyradiomics 3.0.1's source archive (from PyPI, cached under .cache/) for the real-data tests.
+data: install
+	$(BIN)/python -m simulations.realdata
+
+test: install data
 	$(BIN)/python -m pytest
 
 lint: install

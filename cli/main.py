@@ -122,6 +122,7 @@ app.command("ingest")(__import__("cli.ingest", fromlist=["ingest"]).ingest)
 app.command("harmonise")(__import__("cli.harmonise", fromlist=["harmonise"]).harmonise)
 
 app.add_typer(__import__("cli.deploy", fromlist=["app"]).app, name="deploy")  # fedbiopsy deploy local|certs|...
+app.add_typer(__import__("cli.experiment", fromlist=["app"]).app, name="experiment")  # fedbiopsy experiment harmonisation
 
 
 def main() -> None:

@@ -74,6 +74,7 @@ class SegmentationConfig(_Frozen):
     batch_size: int | None = Field(2, ge=1)  # None: the plan's batch size
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(3e-3, gt=0)
+    lr_schedule: Literal["poly", "constant"] = "poly"  # poly: lr (1 - step / all steps) ** 0.9 over the whole study
     weight_decay: float = Field(0.0, ge=0)
     foreground_ratio: float = Field(0.5, ge=0, le=1)  # share of patches centred on tumour voxels
     augment: bool = True
@@ -315,6 +316,7 @@ class ClassifierConfig(_Frozen):
     shap_nsamples: int = Field(256, ge=16)  # KernelExplainer evaluations per case (MLP)
     fairness_attributes: tuple[str, ...] = ("sex",)  # clinical.csv columns evaluated per level at each site
     max_update_norm: float = Field(1e6, gt=0)
+    threads: int = Field(1, ge=0)  # torch CPU threads at a site (small models: 1 is fastest); 0: torch's default
     seed: int = 0
     dp: ClassifierDPConfig = ClassifierDPConfig()
 

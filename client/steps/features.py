@@ -1,0 +1,87 @@
+"""Site step of the features phase: radiomics of every valid case, kept at the site; only counts and the
+settings hash go back.
+
+The table is ``work_dir(site)/features.csv`` (index ``patient_id``) with ``features.json`` beside it (resolved
+settings, their sha256, the failed cases and why), read by the later federated phases (harmonisation,
+reduction, classifier, outcomes) at the same site.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from client.features.config import RadiomicsSettings, load_radiomics_settings, parse_radiomics_settings
+from client.features.table import FeatureTable, extract_cases
+from client.steps.base import Payload, SiteStep, work_dir
+from common.config import StudyConfig
+from common.errors import PolicyError, ProtocolError
+from common.sitedata import Site
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.csv"
+SETTINGS_KEY = "radiomics_settings"  # payload: the settings as JSON (the server's copy wins over the site's)
+SPACING_KEY = "target_spacing"  # payload: the plan's target spacing (x, y, z mm)
+
+
+def features_path(site: Site) -> Path:
+    """Where a site's feature table is (``derived/features.csv``)."""
+    return work_dir(site) / FEATURES_FILE
+
+
+def _settings(site: Site, study: StudyConfig, payload: Payload) -> RadiomicsSettings:
+    if SETTINGS_KEY in payload:
+        return parse_radiomics_settings(json.loads(str(payload[SETTINGS_KEY])), f"{SETTINGS_KEY} from the server")
+    return load_radiomics_settings(study.features.settings)
+
+
+def _spacing(site: Site, payload: Payload) -> tuple[float, float, float] | None:
+    if SPACING_KEY not in payload:
+        return None
+    value = np.asarray(payload[SPACING_KEY], dtype=np.float64).ravel()
+    if value.shape != (3,) or not np.all(np.isfinite(value)) or np.any(value <= 0):
+        raise ProtocolError(site.site_id, f"{SPACING_KEY} is {value.tolist()}, not 3 positive spacings in mm",
+                            "run the fingerprint phase before the features phase")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def write_site_features(site: Site, study: StudyConfig, spacing: Sequence[float] | None = None,
+                        settings: RadiomicsSettings | None = None, workers: int | None = None,
+                        progress: bool = False) -> tuple[Path, FeatureTable]:
+    """Extract the site's radiomics table (study sequences) and write it to :func:`features_path`."""
+    settings = settings or load_radiomics_settings(study.features.settings)
+    table = extract_cases(site.cases, study.sequences, settings, spacing,
+                          workers=workers or study.features.workers, progress=progress)
+    path = table.write(features_path(site))
+    log.info("site %s: %d case(s) x %d feature(s) -> %s (settings %s, %d failed)", site.site_id,
+             len(table.frame), table.frame.shape[1], path, table.settings_hash[:12], len(table.failures))
+    return path, table
+
+
+def features_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """Write the site's feature table; reply with counts and the settings hash (no patient-level value)."""
+    _, table = write_site_features(site, study, _spacing(site, payload), _settings(site, study, payload))
+    n = int(len(table.frame))
+    min_cohort = site.config.policy.min_cohort
+    if n < min_cohort:
+        raise PolicyError(site.site_id, "min_cohort", f"features for {n} case(s), policy needs at least {min_cohort}")
+    return {
+        "n_cases": n,
+        "n_features": int(table.frame.shape[1]),
+        "n_failed": len(table.failures),
+        "settings_hash": table.settings_hash,
+    }
+
+
+def _cases_with_masks(site: Site) -> int:
+    return sum(c.mask is not None for c in site.cases)
+
+
+STEPS: dict[str, SiteStep] = {
+    "features": SiteStep("features", features_step, _cases_with_masks),
+}

@@ -1,0 +1,43 @@
+"""Server step of the features phase: the sites' feature-table counts, checked to come from one settings hash.
+
+Feature tables never leave the sites; each site replies with counts and the sha256 of the radiomics settings it
+resolved. Tables are comparable across sites (and usable by harmonisation and reduction) only when every site
+used the same settings, so a site with another hash is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from common.errors import ProtocolError
+
+REPLY_FIELDS: tuple[str, ...] = ("n_cases", "n_features", "n_failed", "settings_hash")
+
+
+def summarise_feature_replies(replies: Mapping[str, Mapping[str, object]]) -> dict:
+    """Counts per site and the one settings hash; raises :class:`ProtocolError` on a missing field or a mismatch."""
+    if not replies:
+        raise ProtocolError("(none)", "no site answered the features query")
+    for site, reply in replies.items():
+        missing = [f for f in REPLY_FIELDS if f not in reply]
+        if missing:
+            raise ProtocolError(site, f"features reply lacks {missing}", "run the same fedbiopsy version at every site")
+    sites = sorted(replies)
+    hashes = {s: str(replies[s]["settings_hash"]) for s in sites}
+    reference = hashes[sites[0]]
+    odd = [s for s in sites if hashes[s] != reference]
+    if odd:
+        raise ProtocolError(odd[0], f"radiomics settings hash {hashes[odd[0]][:12]} differs from {sites[0]}'s "
+                            f"{reference[:12]}", "send one study config and one settings file to all sites")
+    n_features = {s: int(replies[s]["n_features"]) for s in sites}  # type: ignore[call-overload]
+    if len(set(n_features.values())) > 1:
+        raise ProtocolError(sites[0], f"sites produced different numbers of features {n_features}",
+                            "run the same fedbiopsy and pyradiomics versions at every site")
+    cases = {s: int(replies[s]["n_cases"]) for s in sites}  # type: ignore[call-overload]
+    return {
+        "settings_hash": reference,
+        "n_features": n_features[sites[0]],
+        "n_cases": sum(cases.values()),
+        "cases_per_site": cases,
+        "failed_per_site": {s: int(replies[s]["n_failed"]) for s in sites},  # type: ignore[call-overload]
+    }
