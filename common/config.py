@@ -167,6 +167,8 @@ class PreprocessingConfig(_Frozen):
     registration: RegistrationConfig = RegistrationConfig()  # settings of the `register` step
     resample: ResampleConfig = ResampleConfig()
     normalise: NormalisationConfig = NormalisationConfig()
+    apply_at_sites: bool = True  # sites preprocess their cohort into derived/preprocessed/ once the plan arrives
+    histogram_bins: int = Field(64, ge=8)  # of the before/after intensity histograms each site reports
 
     @field_validator("steps")
     @classmethod
@@ -298,7 +300,8 @@ class ClassifierConfig(_Frozen):
     evaluate_every: int = Field(1, ge=1)  # federated evaluation every n rounds (and always after the last)
     rounds: int = Field(100, ge=1)
     local_steps: int = Field(1, ge=1)
-    lr: float = Field(0.5, gt=0)
+    lr: float = Field(0.5, gt=0)  # feature models: the largest step; with auto_lr capped at 1 / curvature bound
+    auto_lr: bool = True  # cap lr by the pooled feature correlation (common.classification.training.step_size)
     l2: float = Field(1e-2, ge=0)  # penalty (l2 / 2) ||w||^2 on the weights (not the biases)
     mlp_hidden: int = Field(16, ge=1)
     image_rounds: int = Field(5, ge=1)

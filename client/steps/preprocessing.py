@@ -5,19 +5,25 @@ spacing the server sends), its foreground landmarks are measured, and only their
 (:func:`common.nyul.site_nyul`, at least ``min_cohort`` cases) is returned.
 ``preprocessing_plan``: the server's plan is checked and stored as ``derived/plan.json``; the site answers
 with its sha256 only.
+``preprocessing_apply``: the site preprocesses its cohort with the plan into ``derived/preprocessed/`` and
+answers per-sequence foreground histograms summed over its cases, before and after.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
+from client.preprocessing.cohort import preprocess_site
+from client.preprocessing.foreground import foreground_mask, values_in
 from client.preprocessing.normalise import nyul_case_landmarks
 from client.preprocessing.pipeline import build_pipeline, load_case
 from client.steps.base import Payload, SiteStep, work_dir
 from common.config import StudyConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, PolicyError, SiteDataError
+from common.imageio import find_image, read_image
 from common.nyul import site_nyul
 from common.plan import parse_plan, write_plan
 from common.sitedata import Site
@@ -56,3 +62,48 @@ STEPS: dict[str, SiteStep] = {
     "nyul_landmarks": SiteStep("preprocessing", nyul_landmarks_step),
     "preprocessing_plan": SiteStep("preprocessing", store_plan_step),
 }
+
+
+PREPROCESSED_DIR = "preprocessed"
+
+
+def _foreground_values(path: Path) -> np.ndarray:
+    image = read_image(path)
+    return values_in(image, foreground_mask(image, str(path)))
+
+
+def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """Preprocess the cohort with the stored plan into ``derived/preprocessed`` (a valid site directory).
+
+    Replies, per sequence, the foreground intensity histograms summed over the site's cases before and after
+    preprocessing, on the server's bin edges: aggregates over the cohort only.
+    """
+    plan = parse_plan((work_dir(site) / PLAN_FILE).read_text(encoding="utf-8"), work_dir(site) / PLAN_FILE)
+    out = work_dir(site) / PREPROCESSED_DIR
+    report = preprocess_site(site.root, out, study, plan=plan, workers=1)
+    done = sorted(report.completed)
+    if len(done) < site.config.policy.min_cohort:
+        raise PolicyError(site.site_id, "min_cohort", f"only {len(done)} case(s) preprocessed, policy needs "
+                          f"{site.config.policy.min_cohort}; see {out / 'preprocessing.json'}")
+    reply: Payload = {"n_cases": len(done), "n_failed": len(report.failed)}
+    by_id = {c.patient_id: c for c in site.cases}
+    for seq in study.sequences:
+        raw_edges = np.asarray(payload[f"{seq}/raw_edges"], dtype=np.float64)
+        std_edges = np.asarray(payload[f"{seq}/std_edges"], dtype=np.float64)
+        raw = np.zeros(raw_edges.size - 1)
+        std = np.zeros(std_edges.size - 1)
+        for pid in done:
+            raw += np.histogram(np.clip(_foreground_values(by_id[pid].images[seq]), raw_edges[0], raw_edges[-1]),
+                                raw_edges)[0]
+            processed = find_image(out / "images" / pid, seq)
+            if processed is None:
+                raise SiteDataError(out / "images" / pid, f"preprocessed {seq} is missing", "rerun preprocessing")
+            std += np.histogram(np.clip(_foreground_values(processed), std_edges[0], std_edges[-1]), std_edges)[0]
+        reply[f"{seq}/raw_hist"] = raw
+        reply[f"{seq}/std_hist"] = std
+    log.info("site %s: preprocessed %d case(s) into %s (%d failed)", site.site_id, len(done), out,
+             len(report.failed))
+    return reply
+
+
+STEPS["preprocessing_apply"] = SiteStep("preprocessing", apply_plan_step)

@@ -19,6 +19,7 @@ from common.nyul import aggregate_nyul
 from common.plan import build_plan, write_plan
 from server.federation import query_sites
 from server.phases.base import PhaseContext
+from server.phases.preprocessing_effect import apply_at_sites
 
 log = logging.getLogger("fedbiopsy.server")
 PLAN_FILE = "plan.json"
@@ -52,7 +53,11 @@ def run(ctx: PhaseContext) -> dict:
     ctx.participants["preprocessing"] = counts
     log.info("preprocessing plan %s: spacing %s, Nyúl over %d case(s) at %d site(s)", sha[:12],
              [round(s, 3) for s in spacing], nyul["n_cases"], len(counts))
+    effect = None
+    if study.preprocessing.apply_at_sites and "fingerprint" in ctx.outputs:
+        effect = apply_at_sites(ctx, sorted(acks.node_of_site.values()))
     return {
+        "effect": effect,
         "plan": plan.model_dump(mode="json"),
         "plan_sha256": sha,
         "delivered_to": sorted(acks.replies),
