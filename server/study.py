@@ -32,7 +32,8 @@ def run_study(grid: Grid, study: StudyConfig, result_dir: Path) -> dict:
         try:
             node_ids = wait_for_nodes(grid, study.min_sites)
             log.info("study %s (%s): %d site(s) connected", study.name, study.hash[:12], len(node_ids))
-            ctx = PhaseContext(grid=grid, study=study, node_ids=node_ids, result_dir=result_dir, registry=registry)
+            ctx = PhaseContext(grid=grid, study=study, node_ids=node_ids, result_dir=result_dir, registry=registry,
+                               run_id=run_id)
             versions: list[str] = []
             for phase in study.phases:
                 log.info("phase %s: start", phase)

@@ -8,6 +8,7 @@ from client.steps import combat, reduction
 from client.steps import segmentation
 from client.steps import preprocessing
 from client.steps import classifier
+from client.steps import report
 from client.steps.base import Payload, SiteStep, work_dir
 
 SITE_STEPS: dict[str, SiteStep] = {
@@ -20,6 +21,7 @@ SITE_STEPS: dict[str, SiteStep] = {
     **features.STEPS,
     **rollcall.STEPS,
     **classifier.STEPS,
+    **report.STEPS,
 }
 
 __all__ = ["SITE_STEPS", "Payload", "SiteStep", "work_dir"]

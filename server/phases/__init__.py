@@ -8,6 +8,7 @@ from server.phases import harmonisation, reduction
 from server.phases import segmentation
 from server.phases import preprocessing
 from server.phases import classifier
+from server.phases import report
 from server.phases.base import Phase, PhaseContext
 
 PHASES: dict[str, Phase] = {
@@ -20,6 +21,7 @@ PHASES: dict[str, Phase] = {
     "features": features.run,
     "rollcall": rollcall.run,
     "classifier": classifier.run,
+    "report": report.run,
 }
 
 __all__ = ["PHASES", "Phase", "PhaseContext"]

@@ -27,6 +27,7 @@ class PhaseContext:
     outputs: dict[str, Any] = field(default_factory=dict)
     participants: dict[str, dict[str, int]] = field(default_factory=dict)
     registry: Any = None
+    run_id: int | None = None
 
 
 Phase = Callable[[PhaseContext], dict]

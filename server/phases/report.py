@@ -1,0 +1,320 @@
+"""The report phase: one self-contained HTML report of the whole study, for clinicians and auditors.
+
+It runs last. It reads the earlier phases' outputs, asks the sites for per-feature moments before and after
+harmonisation (aggregates only), draws what is better looked at than read, and adds the registry's lineage
+of this run's model versions with the result of ``verify``. Every section is present; a phase that did not
+run says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.federation import query_sites
+from server.phases.base import PhaseContext
+from server.report import Section, build_report
+from server.report.html import table
+
+log = logging.getLogger("fedbiopsy.server")
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("cohort", "Cohort per site"),
+    ("preprocessing", "Preprocessing effect"),
+    ("segmentation", "Tumour segmentation"),
+    ("harmonisation", "Feature harmonisation (federated ComBat)"),
+    ("signature", "Image-based signature"),
+    ("outcomes", "Clusters and survival"),
+    ("classifier", "Classifier performance and fairness"),
+    ("explainability", "Explainability"),
+    ("privacy", "Privacy budget"),
+    ("lineage", "Model lineage (registry)"),
+)
+
+
+def _fig(out: dict | None, *keys: str) -> list[Path]:
+    """PNG paths found under ``out['figures']`` (any nesting) whose key contains one of ``keys``."""
+    found: list[Path] = []
+
+    def walk(node: Any, name: str = "") -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{name}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{name}/{i}")
+        elif isinstance(node, str) and node.endswith(".png") and (not keys or any(k in name for k in keys)):
+            found.append(Path(node))
+
+    walk(out or {})
+    return sorted(set(found), key=str)
+
+
+def _cohort(ctx: PhaseContext) -> Section:
+    fp = ctx.outputs.get("fingerprint")
+    if not fp:
+        return Section("cohort", "Cohort per site", ran=False)
+    rows = []
+    for site, n in sorted(fp["cases_per_site"].items()):
+        scanner = fp.get("scanners", {}).get(site, {})
+        manifest = (fp.get("data_fingerprints", {}).get(site) or {}).get("manifest_hash", "")
+        rows.append({"site": site, "cases": n, "vendor": scanner.get("vendor", ""),
+                     "field strength (T)": scanner.get("field_strength", ""), "data fingerprint": manifest[:12]})
+    body = table(rows) + (f"<p>{fp['n_cases']} cases over {fp['n_sites']} sites; target spacing "
+                          f"{[round(s, 3) for s in fp['target_spacing']]} mm.</p>")
+    if fp.get("refused"):
+        body += f"<p>Refused: {json.dumps(fp['refused'])}</p>"
+    return Section("cohort", "Cohort per site", body)
+
+
+def _preprocessing(ctx: PhaseContext) -> Section:
+    pre = ctx.outputs.get("preprocessing")
+    if not pre:
+        return Section("preprocessing", "Preprocessing effect", ran=False)
+    effect = pre.get("effect") or {}
+    rows = [{"sequence": seq, "site-median spread before": v["before"], "after": v["after"], "shrink (x)": v["shrink"]}
+            for seq, v in effect.get("spread", {}).items()]
+    body = (f"<p>Plan <code>{pre['plan_sha256'][:12]}</code>: steps {pre['plan']['preprocessing']['steps']}, "
+            f"target spacing {pre['plan']['target_spacing']} mm, delivered to {len(pre['delivered_to'])} site(s).</p>"
+            + table(rows) + "<p class='muted'>Spread: SD of the sites' median foreground intensity over the "
+            "pooled inter-quartile range, from each site's cohort histogram.</p>")
+    return Section("preprocessing", "Preprocessing effect", body,
+                   [(p, "Foreground intensity per site, before and after preprocessing") for p in _fig(effect)])
+
+
+def _segmentation(ctx: PhaseContext) -> Section:
+    seg = ctx.outputs.get("segmentation")
+    if not seg:
+        return Section("segmentation", "Tumour segmentation", ran=False)
+    final = seg["rounds"][-1] if seg.get("rounds") else {}
+    rows = []
+    for site, summary in sorted((final.get("sites") or {}).items()):
+        row: dict[str, Any] = {"site": site}
+        for metric in ("dsc", "auc", "fpr", "fnr", "hd95"):
+            stats = summary.get(metric) if isinstance(summary, dict) else None
+            if isinstance(stats, dict):
+                row[f"{metric} median"] = stats.get("median")
+        rows.append(row)
+    body = (f"<p>Network {seg.get('network')} ({seg.get('n_parameters')} parameters), strategy "
+            f"{seg.get('strategy')}, {len(seg.get('rounds', [])) - 1} round(s). Median DSC "
+            f"{_num(seg.get('initial_dsc_median'))} (initial) to {_num(seg.get('final_dsc_median'))} (final).</p>"
+            + table(rows))
+    gap = seg.get("centralised")
+    if isinstance(gap, dict):
+        body += "<p>Centralised baseline: " + json.dumps(gap, default=str)[:600] + "</p>"
+    return Section("segmentation", "Tumour segmentation", body,
+                   [(p, p.stem.replace("_", " ")) for p in _fig(seg)][:6])
+
+
+def _num(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _harmonisation(ctx: PhaseContext) -> Section:
+    harm = ctx.outputs.get("harmonisation")
+    if not harm:
+        return Section("harmonisation", "Feature harmonisation (federated ComBat)", ran=False)
+    figures: list[tuple[Path, str]] = []
+    body = (f"<p>{harm['n_features']} features, {harm['n_cases']} cases, batches {harm['batches']}; options "
+            f"{harm['options']}; rounds {harm['rounds']}.</p>")
+    columns = _shift_features(ctx)
+    if columns:
+        result = query_sites(ctx.grid, "feature_moments", ctx.study, {"columns": columns}, node_ids=ctx.node_ids)
+        path, rows = _plot_moments(result.replies, columns, ctx.result_dir / "report" / "features_combat.png")
+        figures.append((path, "Per-site mean ± SD of features (pooled z-units), before and after ComBat"))
+        body += table(rows) + ("<p class='muted'>Between-site spread: SD of the site means in pooled SD units "
+                               "(aggregates per site only).</p>")
+    return Section("harmonisation", "Feature harmonisation (federated ComBat)", body, figures)
+
+
+def _shift_features(ctx: PhaseContext, k: int = 6) -> list[str]:
+    """The features ComBat corrects most in location according to the stored model (largest |gamma*|)."""
+    harm = ctx.outputs["harmonisation"]
+    try:
+        data = np.load(harm["model"], allow_pickle=False)
+        names = [str(n) for n in json.loads(str(data["meta"]))["spec"]["features"]]
+        gamma = np.asarray(data["gamma_star"], dtype=float)
+    except (KeyError, OSError, ValueError) as exc:
+        log.warning("report: cannot read the ComBat model (%s); feature distributions left out", exc)
+        return []
+    order = np.argsort(-np.abs(gamma).max(axis=0))
+    return [names[i] for i in order[:k]]
+
+
+def _plot_moments(replies: dict[str, dict], columns: list[str], out: Path) -> tuple[Path, list[dict]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = sorted(replies)
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 3.4), squeeze=False)
+    rows = []
+    for j, col in enumerate(columns):
+        ax = axes[0][j]
+        row: dict[str, Any] = {"feature": col}
+        for k, key in enumerate(("before", "after")):
+            n = np.array([replies[s][f"{key}/n"] for s in sites], dtype=float)
+            mu = np.array([replies[s][f"{key}/mean"][j] for s in sites])
+            sd = np.array([replies[s][f"{key}/sd"][j] for s in sites])
+            grand = (n @ mu) / n.sum()
+            pooled_sd = np.sqrt((((n - 1) * sd**2).sum() + (n * (mu - grand) ** 2).sum()) / (n.sum() - 1))
+            z, zs = (mu - grand) / pooled_sd, sd / pooled_sd
+            ax.errorbar(np.arange(len(sites)) + 0.18 * (2 * k - 1), z, yerr=zs, fmt="o", capsize=3, label=key)
+            row[f"spread {key}"] = float(np.std(z, ddof=1)) if len(sites) > 1 else 0.0
+        rows.append(row)
+        ax.set_xticks(range(len(sites)), sites, rotation=45, fontsize=7)
+        ax.set_title(col.replace("_original_", "\n"), fontsize=7)
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0][0].legend(fontsize=7)
+    axes[0][0].set_ylabel("z (pooled)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out, rows
+
+
+def _signature(ctx: PhaseContext) -> Section:
+    red = ctx.outputs.get("reduction")
+    if not red:
+        return Section("signature", "Image-based signature", ran=False)
+    body = (f"<p>{len(red['kept'])} features kept of {len(red['kept']) + len(red['dropped'])} "
+            f"(low variance / correlation pruning); factors: {list(red['explained_variance'])}.</p>")
+    rows = [{"factor": f, "explained variance": v, "top features": ", ".join(map(str, red["top_features"][f][:3]))}
+            for f, v in red["explained_variance"].items()]
+    body += table(rows)
+    figures = []
+    try:
+        data = np.load(red["signature"], allow_pickle=False)
+        meta = json.loads(str(data["meta"]))
+        path = _plot_loadings(np.asarray(data["loadings"]), meta["kept"], meta["factors"],
+                              ctx.result_dir / "report" / "signature_loadings.png")
+        figures.append((path, "Factor loadings of the kept features (varimax)"))
+    except (KeyError, OSError, ValueError) as exc:
+        log.warning("report: cannot read the signature (%s)", exc)
+    return Section("signature", "Image-based signature", body, figures)
+
+
+def _plot_loadings(loadings: np.ndarray, features: list[str], factors: list[str], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = np.argsort(-np.abs(loadings).max(axis=1))[:25]
+    fig, ax = plt.subplots(figsize=(6, 0.28 * len(top) + 1.5))
+    im = ax.imshow(loadings[top], cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_yticks(range(len(top)), [features[i].replace("_original", "") for i in top], fontsize=7)
+    ax.set_xticks(range(len(factors)), factors, fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.6, label="loading")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _outcomes(ctx: PhaseContext) -> Section:
+    out = ctx.outputs.get("outcomes")
+    if not out:
+        return Section("outcomes", "Clusters and survival", ran=False)
+    lr = out["logrank"]
+    rows = [{"group": g, **{k: v for k, v in (info or {}).items() if isinstance(v, (int, float, str))}}
+            for g, info in (out.get("groups") or {}).items()]
+    body = (f"<p>k-means into {out['kmeans']['k']} clusters on {len(out['kmeans']['features'])} signature "
+            f"scores; times {out['mode']}"
+            f"{' to ' + str(out['time_bin_days']) + ' days' if out['mode'] != 'exact' else ''}. Log-rank "
+            f"chi2 = {lr['test_statistic']:.3f}, p = {lr['p_value']:.4g}.</p>" + table(rows))
+    cox = out.get("cox") or {}
+    cox_rows = [{"covariate": c, **v} for c, v in (cox.get("covariates") or {}).items()]
+    if cox_rows:
+        body += "<p>Cox proportional hazards (reference " + str(cox.get("reference")) + "):</p>" + table(cox_rows)
+    figs = [a["path"] for a in out.get("artifacts", []) if str(a.get("path", "")).endswith(".png")]
+    return Section("outcomes", "Clusters and survival", body,
+                   [(Path(p), "Kaplan-Meier curves per cluster with 95% CI and numbers at risk") for p in figs])
+
+
+def _classifier(ctx: PhaseContext) -> Section:
+    clf = ctx.outputs.get("classifier")
+    if not clf:
+        return Section("classifier", "Classifier performance and fairness", ran=False)
+    body = "<pre style='white-space:pre-wrap;font-size:.8em'>" + _escape(
+        json.dumps({k: v for k, v in clf.items() if k not in ("artifacts", "figures", "plots")}, indent=1,
+                   default=str)[:4000]) + "</pre>"
+    figs = [p for p in _fig(clf) if "shap" not in p.name and "gradcam" not in p.name.lower()]
+    return Section("classifier", "Classifier performance and fairness", body, [(p, p.stem) for p in figs])
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def _explainability(ctx: PhaseContext) -> Section:
+    clf = ctx.outputs.get("classifier")
+    if not clf:
+        return Section("explainability", "Explainability", ran=False)
+    figs = [p for p in _fig(clf) if "shap" in p.name or "gradcam" in p.name.lower()]
+    return Section("explainability", "Explainability",
+                   "<p>Federated mean |SHAP| per feature (sites send sums of |SHAP| only) and Grad-CAM "
+                   "overlays of the image classifier.</p>", [(p, p.stem) for p in figs])
+
+
+def _privacy(ctx: PhaseContext) -> Section:
+    rows = []
+    for phase in ("segmentation", "classifier"):
+        eps = (ctx.outputs.get(phase) or {}).get("epsilon")
+        if isinstance(eps, dict):
+            for site, value in sorted(eps.items()):
+                rows.append({"phase": phase, "site": site, "epsilon": value})
+    body = ("<p>No image, no patient-level row and no per-case value left any site: every reply is an aggregate "
+            "over at least the site's <code>min_cohort</code> patients, or the site refused.</p>")
+    body += table(rows) if rows else "<p>No differentially private training in this study (epsilon not spent).</p>"
+    return Section("privacy", "Privacy budget", body)
+
+
+def _lineage(ctx: PhaseContext) -> Section:
+    reg = ctx.registry
+    if reg is None:
+        return Section("lineage", "Model lineage (registry)", ran=False)
+    versions = reg.versions(run_id=ctx.run_id)
+    rows = [{"version": v.label, "kind": v.kind, "phase": v.phase, "round": "" if v.round is None else v.round,
+             "parent": f"v{v.parent_id}" if v.parent_id else "", "sites": ", ".join(s.site_id for s in v.sites),
+             "artifact sha256": v.artifact_sha256[:12]} for v in versions]
+    report = reg.verify()
+    status = "verifies" if report.ok else f"does NOT verify: {report.first}"
+    body = (f"<p>Registry {reg.location.describe()}: {report.n_events} audit events, {report.n_versions} versions, "
+            f"{report.n_artifacts} artifacts; the hash chain {status} (head <code>{report.head[1][:16]}</code>).</p>"
+            + table(rows))
+    return Section("lineage", "Model lineage (registry)", body)
+
+
+BUILDERS = {
+    "cohort": _cohort, "preprocessing": _preprocessing, "segmentation": _segmentation,
+    "harmonisation": _harmonisation, "signature": _signature, "outcomes": _outcomes,
+    "classifier": _classifier, "explainability": _explainability, "privacy": _privacy, "lineage": _lineage,
+}
+
+
+def run(ctx: PhaseContext) -> dict:
+    """Build ``report.html`` under the result folder; returns its path and the sections it holds."""
+    sections = []
+    for sid, title in SECTIONS:
+        try:
+            section = BUILDERS[sid](ctx)
+        except Exception as exc:  # noqa: BLE001 - one broken section must not lose the whole report
+            log.exception("report: section %s failed", sid)
+            section = Section(sid, title, f"<p class='missing'>This section could not be built: "
+                                          f"{_escape(type(exc).__name__ + ': ' + str(exc))}</p>")
+        section.title = title
+        sections.append(section)
+    path = build_report(sections, ctx.result_dir / "report.html", f"fedbiopsy study report: {ctx.study.name}",
+                        ctx.study.hash)
+    log.info("report written to %s", path)
+    return {"report": str(path), "sections": [s.id for s in sections],
+            "sections_not_run": [s.id for s in sections if not s.ran]}
