@@ -23,6 +23,7 @@ from flwr.app import Context, Message  # noqa: E402
 from client.app import DATA_PATH_KEY, build_client_app  # noqa: E402
 from common.config import StudyConfig  # noqa: E402
 from server.app import build_server_app  # noqa: E402
+from simulations.vce_polling import indexed_message_polling  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def run_simulated_study(study: StudyConfig, study_path: Path, site_dirs: Sequenc
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), indexed_message_polling():  # Flower's own pick-up costs nodes x messages
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=build_server_app(str(study_path), str(result_dir)),
