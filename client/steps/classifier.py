@@ -1,0 +1,193 @@
+"""Site steps of the classifier phase: data from the site's folder in, aggregates out.
+
+* ``query.classifier_nyul``: the site's mean Nyúl landmarks (only when ``classifier.standardise: nyul``);
+* ``query.classifier_moments``: count, mean, sum of squares and centred crossproduct of the training features
+  (for the pooled scaling and the step size), and their names;
+* ``train.classifier`` (:func:`train_step`): one FedAvg round of local steps on the training cases;
+* ``evaluate.classifier`` (:func:`evaluate_step`): the held-out aggregates (histograms, bootstrap replicates,
+  SHAP sums, Grad-CAM statistics), plus the site's scanner vendor and field strength for the fairness report.
+
+The train and evaluate steps are answered by the ClientApp's ``@app.train("classifier")`` /
+``@app.evaluate("classifier")`` handlers (:mod:`client.classifier_handlers`). The DP ledger of each model is a
+file in the site's ``derived/classifier/`` folder, so it survives a SuperNode restart; it is shared by all the
+study's models, so the epsilon a site reports (and its policy's ``max_epsilon``) is the total over them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pandas as pd
+
+from client.steps.base import Payload, SiteStep, work_dir
+from client.training.classifier_data import SplitData, site_split, tumour_crops
+from client.training.classifier_features import site_feature_table, standardised_images
+from common.classification.training import site_crossproduct
+from common.config import StudyConfig
+from common.errors import ProtocolError
+from common.nyul import case_landmarks, site_nyul
+from common.pooled_moments import site_moments
+from common.sitedata import Site
+
+log = logging.getLogger(__name__)
+WEIGHT_PREFIX = "w/"
+PHASE = "classifier"
+
+
+def classifier_dir(site: Site) -> Path:
+    """The site's folder for the classifier's local files (feature cache, DP ledger, Grad-CAM overlays)."""
+    path = work_dir(site) / "classifier"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def feature_frame(site: Site, study: StudyConfig, nyul: Mapping | None = None) -> pd.DataFrame:
+    """The site's feature table for the study's classifier (see :mod:`client.training.classifier_features`)."""
+    cfg = study.classifier
+    if cfg.standardise == "nyul" and cfg.features != "table":
+        from client.training.classifier_features import compact_features, compact_settings_hash
+
+        if not nyul:
+            raise ProtocolError(site.site_id, "Nyúl standardisation without the federated standard scale",
+                                "run the classifier phase, which learns it first")
+        cache = classifier_dir(site) / f"compact-{compact_settings_hash(study.sequences, 'nyul', nyul)[:16]}.csv"
+        if cache.is_file():
+            frame = pd.read_csv(cache, dtype={"patient_id": str}).set_index("patient_id")
+        else:
+            frame = compact_features(site.cases, study.sequences, "nyul", nyul)
+            frame.to_csv(cache)
+        return frame.loc[[c.patient_id for c in site.cases]]
+    tables = (study.harmonisation.output_file, study.harmonisation.features_file)
+    return site_feature_table(site, cfg.features, tables, study.sequences, cfg.standardise, classifier_dir(site))
+
+
+def feature_source(site: Site, study: StudyConfig) -> str:
+    """Which features the site's classifier reads: a table name under ``derived/``, or ``compact``."""
+    cfg = study.classifier
+    if cfg.features == "compact" or (cfg.standardise == "nyul" and cfg.features != "table"):
+        return "compact"
+    tables = (study.harmonisation.output_file, study.harmonisation.features_file)
+    found = next((t for t in tables if (site.root / "derived" / t).is_file()), None)
+    return found or ("compact" if cfg.features == "auto" else tables[0])
+
+
+def nyul_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """The site's mean Nyúl landmarks over its training cases' foregrounds (common.nyul.site_nyul)."""
+    from client.preprocessing.foreground import foreground_mask, values_in
+
+    split = site_split(site, study)
+    train = set(split.train)
+    p = study.preprocessing.normalise
+    per_case = []
+    for case in site.cases:
+        if case.patient_id not in train:
+            continue
+        imgs = standardised_images(case, study.sequences, "none")
+        fg = foreground_mask(imgs[study.reference_sequence], case.patient_id)
+        per_case.append({seq: case_landmarks(values_in(img, fg), p.nyul_percentiles) for seq, img in imgs.items()})
+    return site_nyul(site.site_id, per_case, study.sequences, p.nyul_percentiles, p.nyul_scale,
+                     site.config.policy.min_cohort)
+
+
+def moments_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """Moments of the training features (exactly mergeable), and the feature names in column order."""
+    split = site_split(site, study)
+    frame = feature_frame(site, study, _nyul(payload))
+    x = frame.loc[split.train].to_numpy(np.float64)
+    reply = site_moments(site.site_id, x, site.config.policy.min_cohort)
+    reply["cross"] = site_crossproduct(x)
+    reply["feature_names"] = [str(c) for c in frame.columns]
+    reply["feature_source"] = feature_source(site, study)
+    return reply
+
+
+def _nyul(payload: Payload) -> dict | None:
+    """The federated Nyúl standard scale the server sends as JSON (None when not used)."""
+    text = payload.get("nyul_json")
+    return json.loads(str(text)) if text else None
+
+
+def _weights(payload: Payload) -> dict[str, np.ndarray]:
+    return {k[len(WEIGHT_PREFIX):]: np.asarray(v) for k, v in payload.items() if k.startswith(WEIGHT_PREFIX)}
+
+
+def _inputs(site: Site, study: StudyConfig, payload: Payload, split: SplitData, part: str
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
+    """(inputs, labels, crop masks or None, case ids) of the training or held-out part."""
+    ids = split.train if part == "train" else split.test
+    y = split.labels.loc[ids].to_numpy()
+    kind = str(payload["model"])
+    if kind == "image":
+        by_id = {c.patient_id: c for c in site.cases}
+        crops, masks = tumour_crops([by_id[i] for i in ids], study.sequences, study.classifier.crop_size)
+        return crops, y, masks, ids
+    names = [str(n) for n in cast(list, payload["feature_names"])]
+    frame = feature_frame(site, study, _nyul(payload))
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise ProtocolError(site.site_id, f"the site has no feature(s) {missing[:3]}",
+                            "use the same feature table layout at every site")
+    x = frame.loc[ids, names].to_numpy(np.float64)
+    x = (x - np.asarray(payload["x_mean"])) / np.asarray(payload["x_scale"])
+    return x, y, None, ids
+
+
+def _ledger(site: Site, study: StudyConfig) -> Path:
+    """The site's DP ledger for the study: one for every model trained on its patients (their epsilons compose)."""
+    return classifier_dir(site) / f"dp-ledger-{study.hash[:16]}.json"
+
+
+def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """One round of local training from the global weights; the reply holds weights and counts only."""
+    from client.training.classifier_site import site_train
+
+    split = site_split(site, study)
+    x, y, _, _ = _inputs(site, study, payload, split, "train")
+    kind = str(payload["model"])
+    ledger = _ledger(site, study)
+    dp_state = json.loads(ledger.read_text()) if ledger.is_file() else None
+    res = site_train(site.site_id, kind, _weights(payload), x, y, study.classifier,
+                     server_round=int(payload.get("round", 0)),  # type: ignore[call-overload]
+                     min_cohort=site.config.policy.min_cohort, max_epsilon=site.config.policy.max_epsilon,
+                     dp_state=dp_state, study_hash=study.hash,
+                     lr=float(payload["lr"]) if payload.get("lr") else None)  # type: ignore[arg-type]
+    if res.dp_state is not None:
+        ledger.write_text(json.dumps(res.dp_state))
+    reply: Payload = {f"{WEIGHT_PREFIX}{k}": v for k, v in res.weights.items()}
+    reply.update(res.metrics)
+    return reply
+
+
+def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """The held-out aggregates of the global model (and Grad-CAM overlays written at the site)."""
+    from client.training.classifier_site import site_evaluate
+
+    split = site_split(site, study)
+    x, y, masks, ids = _inputs(site, study, payload, split, "test")
+    kind = str(payload["model"])
+    strata = {a: [str(v) for v in split.clinical.loc[ids, a]] for a in study.classifier.fairness_attributes
+              if a in split.clinical.columns}
+    overlay = classifier_dir(site) / f"gradcam-{study.hash[:12]}" if kind == "image" else None
+    reply = site_evaluate(site.site_id, kind, _weights(payload), x, y, study.classifier,
+                          min_cohort=site.config.policy.min_cohort, strata=strata, masks=masks, overlay_dir=overlay,
+                          case_ids=ids)
+    reply["vendor"] = site.config.scanner.vendor
+    reply["field_strength"] = f"{site.config.scanner.field_strength:g}T"
+    return reply
+
+
+def _n_labelled(site: Site) -> int:
+    return len(site.cases)
+
+
+STEPS: dict[str, SiteStep] = {
+    "classifier_nyul": SiteStep(PHASE, nyul_step, _n_labelled),
+    "classifier_moments": SiteStep(PHASE, moments_step, _n_labelled),
+}
+TRAIN_STEP = SiteStep(PHASE, train_step, _n_labelled)
+EVALUATE_STEP = SiteStep(PHASE, evaluate_step, _n_labelled)

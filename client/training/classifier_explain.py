@@ -1,0 +1,110 @@
+"""Explanations computed at the site: SHAP of the feature models, Grad-CAM of the image model.
+
+SHAP (package ``shap``): the background is one point, the pooled mean of the training features -- the zero
+vector in the standardised space every site shares -- so that every site explains against the same reference
+and the base value is the same everywhere. The logistic model is explained by ``shap.LinearExplainer`` in
+logit space (exact: ``w * (x - mean)``), the MLP by ``shap.KernelExplainer`` on its probability. In both, the
+SHAP values of a case sum to its model output minus the base value (SHAP's local accuracy), which the tests
+check. Only per-feature sums of |SHAP| leave the site (:func:`common.classification.explain.site_shap_summary`).
+
+Grad-CAM (``monai.visualize.GradCAM``): for each crop, the map of the predicted class at ``layer``, upsampled to
+the crop's shape and normalised to [0, 1]. What leaves the site: how often the map peaks inside the tumour, the
+share of the map's mass inside the tumour, and the tumour's share of the crop (the chance level). Overlays are
+written to the site's ``derived/`` folder, never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def shap_values(kind: str, net: Any, x: np.ndarray, background: np.ndarray, nsamples: int = 256,
+                seed: int = 0) -> tuple[np.ndarray, float, np.ndarray]:
+    """(SHAP values (cases x features), base value, model outputs explained) of a feature model.
+
+    ``kind`` "logistic": logit space (LinearExplainer); "mlp": probability (KernelExplainer).
+    """
+    with warnings.catch_warnings():  # shap 0.51 calls matplotlib colormap setters deprecated in matplotlib 3.10
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        import shap
+
+    from client.training.classifier_models import feature_scores
+
+    x = np.asarray(x, dtype=np.float64)
+    bg = np.atleast_2d(np.asarray(background, dtype=np.float64))
+    if kind == "logistic":
+        lin = net[0]
+        coef = lin.weight.detach().numpy()[0].astype(np.float64)
+        intercept = float(lin.bias.detach().numpy()[0])
+        explainer = shap.LinearExplainer((coef, intercept), bg)
+        values = np.asarray(explainer.shap_values(x), dtype=np.float64)
+        outputs = x @ coef + intercept
+        return values, float(np.ravel(explainer.expected_value)[0]), outputs
+    if kind == "mlp":
+        def predict(data: np.ndarray) -> np.ndarray:
+            return feature_scores(net, data)
+
+        explainer = shap.KernelExplainer(predict, bg, seed=seed)
+        values = np.asarray(explainer.shap_values(x, nsamples=nsamples, silent=True), dtype=np.float64)
+        return values, float(np.ravel(explainer.expected_value)[0]), predict(x)
+    raise ValueError(f"no SHAP explainer for model {kind!r}")
+
+
+def grad_cam(net: Any, crops: np.ndarray, layer: str) -> np.ndarray:
+    """Grad-CAM maps of the predicted class, (N, S, S, S) in [0, 1], the crops' spatial shape."""
+    import torch
+    from monai.visualize import GradCAM
+
+    net.eval()
+    cam = GradCAM(nn_module=net, target_layers=layer)
+    maps = []
+    for i in range(len(crops)):
+        x = torch.as_tensor(np.asarray(crops[i:i + 1], dtype=np.float32))
+        maps.append(cam(x).detach().numpy()[0, 0])
+    return np.stack(maps).astype(np.float64) if maps else np.zeros((0,) + tuple(crops.shape[2:]))
+
+
+def cam_in_tumour(maps: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per case: whether the map peaks inside the tumour, its mass share inside, and the tumour's volume share."""
+    n = len(maps)
+    flat = maps.reshape(n, -1)
+    m = masks.reshape(n, -1) > 0
+    peak = m[np.arange(n), flat.argmax(axis=1)]
+    mass = flat.sum(axis=1)
+    share = np.where(mass > 0, (flat * m).sum(axis=1) / np.where(mass > 0, mass, 1.0), 0.0)
+    return {"peak_in_tumour": peak.astype(np.float64), "mass_in_tumour": share, "tumour_share": m.mean(axis=1)}
+
+
+def save_gradcam_overlay(crop: np.ndarray, mask: np.ndarray, cam: np.ndarray, path: Path | str,
+                         title: str = "") -> Path:
+    """Three orthogonal slices through the tumour centre: first channel in grey, Grad-CAM as heat, tumour outline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.asarray(mask) > 0
+    centre = [int(round(c)) for c in np.argwhere(t).mean(axis=0)] if t.any() else [s // 2 for s in t.shape]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, axis in zip(axes, range(3), strict=True):
+        sl: list[slice | int] = [slice(None)] * 3
+        sl[axis] = centre[axis]
+        ax.imshow(crop[0][tuple(sl)], cmap="gray")
+        ax.imshow(cam[tuple(sl)], cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
+        if t[tuple(sl)].any():
+            ax.contour(t[tuple(sl)].astype(float), levels=[0.5], colors="white", linewidths=1.0)
+        ax.set_axis_off()
+        ax.set_title(["axial", "coronal", "sagittal"][axis], fontsize=8)
+    fig.suptitle(f"{title}  (Grad-CAM; white: tumour)", fontsize=9)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return out

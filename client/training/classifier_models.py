@@ -1,0 +1,113 @@
+"""The classifiers' networks and their weights as named numpy arrays.
+
+* ``logistic``: one linear layer on the standardised features (float64, so that FedAvg parity tests can go to
+  1e-10);
+* ``mlp``: linear - tanh - linear (float64);
+* ``image``: a small MONAI 3D ResNet (basic blocks, instance norm so that DP-SGD and FedAvg need no batch
+  statistics) on tumour-centred crops of all sequences, two output logits.
+
+Feature models output one logit; the score is its sigmoid. The image model's score is the softmax of class 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from common.errors import ProtocolError
+
+FEATURE_MODELS: tuple[str, ...] = ("logistic", "mlp")
+
+
+def build_feature_model(kind: str, n_features: int, hidden: int = 16, seed: int = 0) -> Any:
+    """A fresh feature model (float64), seeded."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "logistic":
+        linear = nn.Linear(n_features, 1)
+        with torch.no_grad():
+            linear.weight.zero_()
+            linear.bias.zero_()
+        net = nn.Sequential(linear)
+    elif kind == "mlp":
+        first, last = nn.Linear(n_features, hidden), nn.Linear(hidden, 1)
+        with torch.no_grad():
+            for layer in (first, last):
+                bound = float(1.0 / np.sqrt(layer.in_features))
+                layer.weight.copy_(torch.empty(tuple(layer.weight.shape)).uniform_(-bound, bound, generator=gen))
+                layer.bias.zero_()
+        net = nn.Sequential(first, nn.Tanh(), last)
+    else:
+        raise ProtocolError("(model)", f"unknown feature model {kind!r}", f"use one of {FEATURE_MODELS}")
+    return net.double()
+
+
+def build_image_model(in_channels: int, channels: Sequence[int] = (8, 16, 32, 64), seed: int = 0) -> Any:
+    """A tiny 3D ResNet for crops (MONAI), instance norm, two output logits."""
+    import torch
+    from monai.networks.nets import ResNet
+
+    torch.manual_seed(seed)
+    return ResNet(block="basic", layers=[1] * len(channels), block_inplanes=list(channels), spatial_dims=3,
+                  n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, num_classes=2,
+                  act=("relu", {"inplace": False}), norm=("instance", {"affine": True}))
+
+
+def build_model(kind: str, n_features: int, study_cfg: Any, n_channels: int = 2) -> Any:
+    """The study's model of ``kind`` (``study_cfg`` is a :class:`common.config.ClassifierConfig`)."""
+    if kind == "image":
+        return build_image_model(n_channels, study_cfg.image_channels, study_cfg.seed)
+    return build_feature_model(kind, n_features, study_cfg.mlp_hidden, study_cfg.seed)
+
+
+def model_weights(net: Any) -> dict[str, np.ndarray]:
+    """Parameters and floating buffers as numpy copies, in the model's own precision."""
+    out = {n: p.detach().cpu().numpy().copy() for n, p in net.named_parameters()}
+    out.update((n, b.detach().cpu().numpy().copy()) for n, b in net.named_buffers() if b.is_floating_point())
+    return out
+
+
+def load_weights(net: Any, weights: Mapping[str, np.ndarray], site_id: str = "(local)") -> None:
+    """Copy named arrays into the model; names and shapes must match."""
+    import torch
+
+    own = dict(net.named_parameters())
+    own.update((n, b) for n, b in net.named_buffers() if b.is_floating_point())
+    if set(own) != set(weights):
+        missing, extra = sorted(set(own) - set(weights))[:3], sorted(set(weights) - set(own))[:3]
+        raise ProtocolError(site_id, f"classifier weights do not fit the model (missing {missing}, unexpected {extra})",
+                            "run the same study config and fedbiopsy version everywhere")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            value = np.asarray(weights[name])
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ProtocolError(site_id, f"classifier weight {name!r} has shape {value.shape}, expected "
+                                             f"{tuple(tensor.shape)}", "run the same study config everywhere")
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(tensor.dtype))
+
+
+def feature_scores(net: Any, x: np.ndarray) -> np.ndarray:
+    """Sigmoid scores of a feature model on standardised features (cases x features)."""
+    import torch
+
+    net.eval()
+    with torch.no_grad():
+        logits = net(torch.as_tensor(np.asarray(x, dtype=np.float64)))
+    return torch.sigmoid(logits[:, 0]).numpy().astype(np.float64)
+
+
+def image_scores(net: Any, crops: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Softmax score of class 1 of the image model on crops (cases x channels x Z x Y x X)."""
+    import torch
+
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(crops), batch):
+            logits = net(torch.as_tensor(np.asarray(crops[i:i + batch], dtype=np.float32)))
+            out.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)

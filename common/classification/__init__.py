@@ -1,0 +1,1 @@
+"""Federated evaluation of classifiers from site aggregates: metrics, bootstrap CIs, fairness, explanations."""

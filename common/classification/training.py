@@ -1,0 +1,91 @@
+"""The server half of federated classifier training, as plain numpy: feature scaling and the FedAvg round.
+
+* Feature scaling: the pooled mean and SD of the training features, from the sites' exact moments
+  (:mod:`common.pooled_moments`); a feature constant over the pool keeps scale 1.
+* A FedAvg round: every site's weights are checked (names, shapes, finite values, positive case count, update
+  norm, :func:`common.segmentation.aggregation.check_update`); the accepted ones are averaged weighted by case
+  counts (:func:`common.segmentation.aggregation.weighted_mean`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from common.errors import ProtocolError
+from common.pooled_moments import Moments
+from common.segmentation.aggregation import check_update, weighted_mean
+
+log = logging.getLogger(__name__)
+Weights = Mapping[str, np.ndarray]
+
+
+def scaling(moments: Moments) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) that standardise features by the pooled moments (population SD; 0 -> 1)."""
+    sd = moments.std(ddof=0)
+    return moments.mean.copy(), np.where(sd > 0, sd, 1.0)
+
+
+def standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(x - mean) / scale`` as float64."""
+    return (np.asarray(x, dtype=np.float64) - mean) / scale
+
+
+def site_crossproduct(x: np.ndarray) -> np.ndarray:
+    """The site step's extra aggregate: the centred crossproduct ``(X - mean)^T (X - mean)`` (features x features)."""
+    arr = np.asarray(x, dtype=np.float64)
+    centred = arr - arr.mean(axis=0)
+    return centred.T @ centred
+
+
+def pooled_correlation(replies: Mapping[str, Mapping[str, object]], moments: Moments) -> np.ndarray:
+    """The pooled correlation matrix of the features from the sites' moments and centred crossproducts (exact)."""
+    p = moments.mean.size
+    cross = np.zeros((p, p))
+    for site in sorted(replies):
+        r = replies[site]
+        c = np.asarray(r["cross"], dtype=np.float64)
+        if c.shape != (p, p) or not np.all(np.isfinite(c)):
+            raise ProtocolError(site, f"its feature crossproduct is not a finite {p} x {p} matrix",
+                                "run the same fedbiopsy version at every site")
+        d = np.asarray(r["mean"], dtype=np.float64) - moments.mean
+        cross += c + float(r["n"]) * np.outer(d, d)  # type: ignore[arg-type]
+    sd = np.sqrt(np.diag(cross))
+    sd = np.where(sd > 0, sd, 1.0)
+    return cross / np.outer(sd, sd)
+
+
+def step_size(correlation: np.ndarray, l2: float, lr_max: float) -> float:
+    """Gradient descent's step for the logistic loss on standardised features: ``min(lr_max, 1 / L)``.
+
+    ``L = lambda_max(R) / 4 + l2`` bounds the curvature of the mean BCE plus the L2 penalty (R the pooled
+    correlation), so a step of at most ``1 / L`` decreases the pooled loss at every round; a larger one can
+    oscillate or diverge with many correlated features. Used as the same heuristic cap for the MLP.
+    """
+    lam = float(np.linalg.eigvalsh(correlation).max()) if correlation.size else 0.0
+    return float(min(lr_max, 1.0 / (0.25 * lam + l2))) if lam + l2 > 0 else float(lr_max)
+
+
+def fedavg_round(global_weights: Weights, updates: Mapping[str, tuple[Weights, float]], max_norm: float,
+                 minimum: int = 1) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The new global weights from the sites' (weights, case count), and the rejected sites with the reason.
+
+    Arrays keep the global model's dtype. Raises when fewer than ``minimum`` updates are acceptable.
+    """
+    accepted, counts, rejected = [], [], {}
+    for site in sorted(updates):
+        weights, n = updates[site]
+        reason = check_update(weights, global_weights, max_norm, n)
+        if reason is not None:
+            rejected[site] = reason
+            log.warning("classifier update of site %s rejected: %s", site, reason)
+            continue
+        accepted.append(weights)
+        counts.append(float(n))
+    if len(accepted) < minimum:
+        raise ProtocolError(",".join(sorted(rejected)) or "(none)",
+                            f"{len(accepted)} acceptable classifier update(s), need {minimum}: {rejected}")
+    mean = weighted_mean(accepted, counts)
+    return {k: v.astype(np.asarray(global_weights[k]).dtype) for k, v in mean.items()}, rejected

@@ -1,0 +1,73 @@
+"""The classifier's site steps on a site folder: what leaves the site is aggregate, small sites refuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.config import load_study_config
+from common.errors import PolicyError
+
+STUDY = {"classifier": {"models": ["logistic"], "features": "compact", "rounds": 2, "bootstrap": 7, "score_bins": 10,
+                        "calibration_bins": 5}}
+
+
+@pytest.fixture(scope="module")
+def site_dirs(tmp_path_factory: pytest.TempPathFactory):
+    from simulations.harmonisation_sites import simulate_experiment_sites
+
+    return simulate_experiment_sites(tmp_path_factory.mktemp("steps"), sites=2, patients=19, size=32, seed=5)
+
+
+def _case_dims(reply: dict) -> set[int]:
+    return {d for v in reply.values() if isinstance(v, np.ndarray) for d in v.shape} | \
+        {len(v) for v in reply.values() if isinstance(v, list)}
+
+
+def test_no_reply_of_the_classifier_phase_holds_a_case_level_row(site_dirs) -> None:
+    from client.steps.classifier import evaluate_step, moments_step, nyul_step, train_step
+    from client.training.classifier_data import site_split
+    from client.training.classifier_models import build_feature_model, model_weights
+    from common.validation import load_site
+
+    study = load_study_config(None, **STUDY)
+    site = load_site(site_dirs[0])
+    split = site_split(site, study)
+    n_train, n_test = len(split.train), len(split.test)
+    assert (n_train, n_test) == (13, 6)
+
+    moments = moments_step(site, study, {})
+    names = moments.pop("feature_names")
+    assert len(names) == 30 and moments["n"] == n_train and moments.pop("feature_source") == "compact"
+    assert not {n_train, n_test, len(site.cases)} & _case_dims(moments)
+
+    payload = {"model": "logistic", "round": 1, "feature_names": names, "x_mean": moments["mean"],
+               "x_scale": np.sqrt(moments["m2"] / moments["n"]),
+               **{f"w/{k}": v for k, v in model_weights(build_feature_model("logistic", 30)).items()}}
+    reply = train_step(site, study, payload)
+    assert reply["num-examples"] == n_train and reply["w/0.weight"].shape == (1, 30)
+    assert not {n_train, n_test} & _case_dims(reply)
+
+    reply = evaluate_step(site, study, payload)
+    assert reply["n"] == n_test and reply["vendor"] == "Siemens" and reply["field_strength"] == "3T"
+    assert reply["boot_counts"].shape == (7, 2, 10) and reply["shap_abs_sum"].shape == (30,)
+    assert not {n_test, n_train} & _case_dims(reply)
+    sexes = split.clinical.loc[split.test, "sex"].value_counts()
+    assert reply["suppressed"] == [f"sex={k}" for k in sorted(sexes.index) if sexes[k] < 5]
+    for k in sexes.index:  # a stratum's aggregates travel only when it holds at least min_cohort cases
+        assert (f"stratum/sex/{k}/counts" in reply) == (sexes[k] >= 5)
+
+    nyul = nyul_step(site, study, {})
+    assert nyul["n_cases"] == n_train and nyul["T2w/landmarks"].shape == (11,)
+
+
+def test_a_site_below_min_cohort_refuses(site_dirs) -> None:
+    from client.steps.classifier import moments_step
+    from common.sitedata import SitePolicy
+    from common.validation import load_site
+
+    study = load_study_config(None, **STUDY)
+    site = load_site(site_dirs[1])
+    strict = site.__class__(site.root, site.config.model_copy(update={"policy": SitePolicy(min_cohort=7)}), site.cases)
+    with pytest.raises(PolicyError, match="held-out"):
+        moments_step(strict, study, {})
