@@ -77,6 +77,9 @@ def build_client_app(mods: list | None = None) -> ClientApp:
 
     client_app.train()(train_handler)
     client_app.evaluate()(evaluate_handler)
+    from client.classifier_handlers import register_classifier  # noqa: PLC0415 (imports this module)
+
+    register_classifier(client_app)
     return client_app
 
 

@@ -398,11 +398,15 @@ class StudyConfig(_Frozen):
                 f"reference_sequence {self.reference_sequence!r} is not one of sequences {list(self.sequences)}"
             )
 
+    def hashed_content(self) -> dict[str, Any]:
+        """The configuration that :attr:`hash` covers: all of it but where the registry lives (operational only),
+        so that moving the registry does not invalidate the sites' approvals of the study."""
+        return self.model_dump(mode="json", exclude={"registry": {"folder", "url"}})
+
     @property
     def hash(self) -> str:
-        """sha256 of the canonical JSON of the configuration, less where the registry lives (operational only),
-        so that moving the registry does not invalidate the sites' approvals of the study."""
-        return sha256_json(self.model_dump(mode="json", exclude={"registry": {"folder", "url"}}))
+        """sha256 of the canonical JSON of :meth:`hashed_content`."""
+        return sha256_json(self.hashed_content())
 
 
 def load_study_config(path: Path | str | None = None, **overrides: Any) -> StudyConfig:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from client.app import STUDY_KEY
@@ -17,6 +18,7 @@ from common.config import StudyConfig
 from common.errors import FedBiopsyError
 
 log = logging.getLogger("fedbiopsy.server")
+_UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 Payload = dict[str, object]
 
 
@@ -26,11 +28,12 @@ class NotEnoughSitesError(FedBiopsyError):
 
 @dataclass
 class QueryResult:
-    """Valid replies by site id, and the refusals/errors by node."""
+    """Valid replies by site id, the refusals/errors by node, and the nodes that did not answer in time."""
 
     replies: dict[str, Payload] = field(default_factory=dict)
     node_of_site: dict[str, int] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 120.0) -> list[int]:
@@ -60,10 +63,19 @@ def query_sites(grid: Grid, action: str, study: StudyConfig, payload: Mapping[st
         body = dict(payload or {})
         body.update((per_node or {}).get(node, {}))
         body[STUDY_KEY] = study_json
-        messages.append(Message(encode(body), dst_node_id=node, message_type=f"query.{action}"))
+        # the query expires with the round: a site that comes back later does not compute for nothing
+        messages.append(Message(encode(body), dst_node_id=node, message_type=f"query.{action}",
+                                ttl=study.round_timeout_s))
     result = QueryResult()
-    for reply in grid.send_and_receive(messages, timeout=study.round_timeout_s):
-        node = reply.metadata.src_node_id
+    replies = list(grid.send_and_receive(messages, timeout=study.round_timeout_s))
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    lost: set[int] = set()
+    for reply in replies:
+        # the SuperLink answers for a node it lost (crashed, lease expired): map the reply to its query
+        node = dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error() and reply.error.code in _UNAVAILABLE:
+            lost.add(node)
+            continue
         if reply.has_error():
             result.errors[node] = reply.error.reason
             log.warning("query.%s: node %s answered an error: %s", action, node, reply.error.reason)
@@ -72,6 +84,10 @@ def query_sites(grid: Grid, action: str, study: StudyConfig, payload: Mapping[st
         site_id = str(content.pop("site_id", f"node-{node}"))
         result.replies[site_id] = content
         result.node_of_site[site_id] = node
+    result.dropped = [n for n in ids if n not in result.errors and n not in result.node_of_site.values()]
+    if result.dropped:
+        log.warning("query.%s: node(s) %s dropped out (lost by the SuperLink: %s; no reply within %.0fs: %s)",
+                    action, result.dropped, sorted(lost), study.round_timeout_s, sorted(set(result.dropped) - lost))
     need = study.min_sites if minimum is None else minimum
     if len(result.replies) < need:
         reasons = "; ".join(result.errors.values()) or "no reply within the round timeout"

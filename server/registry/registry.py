@@ -104,7 +104,7 @@ class Registry:
 
     def start_run(self, study: StudyConfig, result_dir: Path | str | None = None) -> int:
         """Record the study (once per config hash) and a new run of it by this code version; returns the run id."""
-        config_json = canonical_json(study.model_dump(mode="json"))
+        config_json = canonical_json(study.hashed_content())
         cv = code_version()
         with self._write() as s:
             st = s.execute(select(Study).where(Study.config_hash == study.hash)).scalar_one_or_none()

@@ -1,0 +1,57 @@
+"""The hash of the Flower app a site runs, so that a hospital can approve exactly which code touches its data.
+
+A SuperNode installs each submitted app (FAB) under ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash8>/``
+and runs the ClientApp from there. The *app hash* is the sha256 of the sorted ``path<TAB>sha256`` lines of
+the app's files (``.info/`` and byte-code excluded), so it is the same whether computed from the FAB a
+coordinating centre submits (:func:`fab_app_hash`) or from the folder a site runs it from
+(:func:`directory_app_hash`). Sites list approved hashes in ``site.yaml`` ``policy.approved_apps``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import zipfile
+from pathlib import Path
+
+_INSTALLED = re.compile(r"^[^.]+\.[^.]+\.[^.]+(\.[^.]+)*\.[0-9a-f]{8}$")
+
+
+def _skipped(rel: str) -> bool:
+    parts = rel.split("/")
+    return parts[0] == ".info" or "__pycache__" in parts or rel.endswith((".pyc", ".pyo"))
+
+
+def _digest(entries: dict[str, bytes]) -> str:
+    lines = sorted(f"{rel}\t{hashlib.sha256(data).hexdigest()}" for rel, data in entries.items() if not _skipped(rel))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def fab_app_hash(fab: bytes) -> str:
+    """The app hash of a FAB (the zip ``flwr build`` / ``flwr run`` produces)."""
+    with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+        return _digest({info.filename: zf.read(info) for info in zf.infolist() if not info.is_dir()})
+
+
+def directory_app_hash(root: Path) -> str:
+    """The app hash of an installed app folder."""
+    return _digest({p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()})
+
+
+def installed_app_root(module_file: str | Path) -> Path | None:
+    """The installed-FAB folder a module was loaded from (``.../apps/<pub>.<name>.<ver>.<hash8>``), or None.
+
+    None means the code does not run from an installed Flower app (an editable install, the simulation
+    engine, a test): there is no submitted app whose hash could be approved.
+    """
+    for parent in Path(module_file).resolve().parents:
+        if parent.parent.name == "apps" and _INSTALLED.match(parent.name) and (parent / "pyproject.toml").is_file():
+            return parent
+    return None
+
+
+def running_app_hash() -> str | None:
+    """The app hash of the fedbiopsy app this process runs, None when it is not an installed FAB."""
+    root = installed_app_root(__file__)
+    return directory_app_hash(root) if root is not None else None
