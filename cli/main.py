@@ -38,11 +38,13 @@ def simulate(
     patients: int = typer.Option(12, min=1, help="Patients per site."),
     size: int = typer.Option(64, min=16, help="Volume edge in voxels."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same sites."),
+    unlabelled: int = typer.Option(0, min=0, help="Patients per site without a mask (truth kept in truth/)."),
 ) -> None:
     """Generate simulated hospitals (multi-site MRI phantoms with ground truth)."""
     from simulations.phantoms import simulate_sites
 
-    paths = simulate_sites(out, sites=sites, patients=patients, size=size, seed=seed, progress=True)
+    paths = simulate_sites(out, sites=sites, patients=patients, size=size, seed=seed, progress=True,
+                           unlabelled=unlabelled)
     console.print(f"[green]wrote {len(paths)} site(s)[/green] under {out}")
 
 
@@ -85,7 +87,7 @@ def study_run(
         n = sites or sim.sites
         sites_dir = out / "sites"
         site_dirs = simulate_sites(sites_dir, sites=n, patients=sim.patients, size=sim.size, seed=sim.seed,
-                                   progress=True)
+                                   progress=True, unlabelled=sim.unlabelled)
     else:
         site_dirs = sorted(p for p in sites_dir.iterdir() if (p / "site.yaml").is_file())
         if sites:

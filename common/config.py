@@ -45,6 +45,7 @@ class SimulationConfig(_Frozen):
     patients: int = Field(12, ge=1)
     size: int = Field(64, ge=16)
     seed: int = 0
+    unlabelled: int = Field(0, ge=0)  # patients per site without a mask, for the federated model to segment
 
 
 class SegmentationDPConfig(_Frozen):

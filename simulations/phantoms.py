@@ -248,8 +248,12 @@ def site_config_for(index: int, seed: int) -> SiteConfig:
 
 
 def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, seed: int = 0,
-               write_truth: bool = True) -> Path:
-    """Generate one simulated site in the layout of ARCHITECTURE.md; returns its directory."""
+               write_truth: bool = True, unlabelled: int = 0) -> Path:
+    """Generate one simulated site in the layout of ARCHITECTURE.md; returns its directory.
+
+    The last ``unlabelled`` patients get no ``masks/`` file (cases for the federated model to segment); their
+    ground-truth mask goes to ``truth/<patient_id>_mask.nii.gz`` with the tissue labels.
+    """
     config = site_config_for(index, seed)
     scanner, bias_seed = scanner_for_site(index, seed)
     site_dir = Path(out_dir) / config.site_id
@@ -259,7 +263,10 @@ def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, s
         ph = simulate_patient(index, p, size=size, seed=seed, scanner=scanner, bias_seed=bias_seed)
         for seq, arr in ph.images.items():
             write_image(array_to_image(arr, ph.spacing, ph.origin), site_dir / "images" / ph.patient_id / f"{seq}.nii.gz")
-        write_image(array_to_image(ph.mask, ph.spacing, ph.origin), site_dir / "masks" / f"{ph.patient_id}.nii.gz")
+        labelled = p < patients - unlabelled
+        mask_path = (site_dir / "masks" / f"{ph.patient_id}.nii.gz" if labelled
+                     else site_dir / "truth" / f"{ph.patient_id}_mask.nii.gz")
+        write_image(array_to_image(ph.mask, ph.spacing, ph.origin), mask_path)
         if write_truth:
             write_image(array_to_image(ph.tissues, ph.spacing, ph.origin),
                         site_dir / "truth" / f"{ph.patient_id}_tissues.nii.gz")
@@ -269,8 +276,11 @@ def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, s
 
 
 def simulate_sites(out_dir: Path | str, sites: int = 3, patients: int | list[int] = 12, size: int = 64,
-                   seed: int = 0, progress: bool = False) -> list[Path]:
-    """Generate ``sites`` simulated hospitals under ``out_dir``; ``patients`` may differ per site."""
+                   seed: int = 0, progress: bool = False, unlabelled: int = 0) -> list[Path]:
+    """Generate ``sites`` simulated hospitals under ``out_dir``; ``patients`` may differ per site.
+
+    ``unlabelled`` patients per site come without a tumour mask (see :func:`write_site`).
+    """
     counts = list(patients) if isinstance(patients, list) else [patients] * sites
     if len(counts) != sites:
         raise ValueError(f"got {len(counts)} patient counts for {sites} sites; give one count or one per site")
@@ -281,6 +291,8 @@ def simulate_sites(out_dir: Path | str, sites: int = 3, patients: int | list[int
         from rich.progress import track
 
         iterator = track(iterator, description="Simulating hospitals")
-    paths = [write_site(out, i, counts[i], size=size, seed=seed) for i in iterator]
+    if any(unlabelled >= c for c in counts):
+        raise ValueError(f"unlabelled={unlabelled} leaves a site without any labelled patient")
+    paths = [write_site(out, i, counts[i], size=size, seed=seed, unlabelled=unlabelled) for i in iterator]
     log.info("wrote %d simulated sites under %s", sites, out)
     return paths

@@ -14,7 +14,7 @@ from common.errors import PolicyError
 from common.hashing import sha256_file
 from common.nyul import aggregate_nyul
 from common.plan import load_plan, settings_hash
-from common.validation import load_site
+from common.validation import load_site, validate_site
 
 
 def test_site_step_refuses_below_min_cohort_and_replies_aggregates_only(small_sites: list[Path]) -> None:
@@ -62,6 +62,14 @@ def test_preprocessing_phase_through_flower_simulation(writable_sites: list[Path
     assert out["delivered_to"] == ["site-001", "site-002", "site-003"]
     for site_dir in writable_sites:
         assert sha256_file(site_dir / "derived" / PLAN_FILE) == out["plan_sha256"]
+    # the sites preprocessed their cohorts with it: valid site folders, and the site effect on intensities shrank
+    effect = out["effect"]
+    assert effect["cases_per_site"] == {"site-001": 6, "site-002": 6, "site-003": 6}
+    for site_dir in writable_sites:
+        assert validate_site(site_dir / "derived" / "preprocessed").valid
+    for seq in study.sequences:
+        assert effect["spread"][seq]["shrink"] > 5.0, effect["spread"]
+    assert Path(effect["figures"]["histograms"]).stat().st_size > 10_000
 
 
 def test_phase_needs_the_fingerprint_target_spacing(tmp_path: Path) -> None:
