@@ -9,7 +9,6 @@ also when a test fails, and checks that none is left.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import threading
@@ -185,9 +184,6 @@ def test_study_over_tls_with_node_authentication(fed: LocalFederation, site_data
     assert fed.env["FLWR_TELEMETRY_ENABLED"] == "0"
 
 
-@pytest.mark.skipif(os.environ.get("FEDBIOPSY_DEPLOY_TRAINING") != "1",
-                    reason="a training round over the deployment engine takes ~2 min on 2 CPU cores (each message "
-                           "starts a ClientApp process importing torch); set FEDBIOPSY_DEPLOY_TRAINING=1 to run it")
 def test_training_round_over_deployment(fed: LocalFederation, tmp_path: Path) -> None:
     # Prepare: one FedAvg round of a tiny MONAI U-Net (3 of 8 cases held out at each site)
     study_path = _study(tmp_path, phases=["fingerprint", "segmentation"], min_sites=2, round_timeout_s=600,
