@@ -9,6 +9,7 @@ from client.steps import segmentation
 from client.steps import preprocessing
 from client.steps import classifier
 from client.steps import report
+from client.steps import inference
 from client.steps.base import Payload, SiteStep, work_dir
 
 SITE_STEPS: dict[str, SiteStep] = {
@@ -22,6 +23,7 @@ SITE_STEPS: dict[str, SiteStep] = {
     **rollcall.STEPS,
     **classifier.STEPS,
     **report.STEPS,
+    **inference.STEPS,
 }
 
 __all__ = ["SITE_STEPS", "Payload", "SiteStep", "work_dir"]

@@ -9,6 +9,7 @@ from server.phases import segmentation
 from server.phases import preprocessing
 from server.phases import classifier
 from server.phases import report
+from server.phases import inference
 from server.phases.base import Phase, PhaseContext
 
 PHASES: dict[str, Phase] = {
@@ -21,6 +22,7 @@ PHASES: dict[str, Phase] = {
     "features": features.run,
     "rollcall": rollcall.run,
     "classifier": classifier.run,
+    "inference": inference.run,
     "report": report.run,
 }
 

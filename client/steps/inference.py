@@ -1,0 +1,75 @@
+"""Site step of the local segmentation phase: the federated model segments the site's cases without masks.
+
+The server sends the final segmentation weights and plan; the site predicts a tumour mask for every valid
+case that has none (sliding-window inference, largest connected component) and writes it to
+``derived/predicted_masks/<patient_id>.nii.gz`` on the reference sequence's grid. The features phase then
+uses these masks for those cases. Only the count of segmented cases goes back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from client.steps.base import Payload, SiteStep, work_dir
+from common.config import StudyConfig
+from common.imageio import read_image, write_image
+from common.sitedata import Site
+
+log = logging.getLogger(__name__)
+PREDICTED_DIR = "predicted_masks"
+WEIGHT_PREFIX = "w/"
+
+
+def predicted_mask_path(site: Site, patient_id: str) -> Path:
+    """Where the federated model's mask of an unlabelled case is kept at the site."""
+    return site.root / "derived" / PREDICTED_DIR / f"{patient_id}.nii.gz"
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a binary mask (an empty mask stays empty)."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(np.uint8)
+    sizes = np.bincount(labels.ravel())[1:]
+    return (labels == int(np.argmax(sizes)) + 1).astype(np.uint8)
+
+
+def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """Segment the cases without masks with the server's model; reply with counts only."""
+    from client.training.data import load_volume
+    from client.training.device import pick_device, set_threads
+    from client.training.inference import predict_probability
+    from client.training.networks import build_network, set_weights
+
+    plan = json.loads(str(payload["plan_json"]))
+    weights = {k[len(WEIGHT_PREFIX):]: np.asarray(v) for k, v in payload.items() if k.startswith(WEIGHT_PREFIX)}
+    set_threads(study.segmentation.threads)
+    net = build_network(plan)
+    set_weights(net, weights, site.site_id)
+    device = pick_device()
+    out_dir = work_dir(site) / PREDICTED_DIR
+    segmented = empty = 0
+    for case in site.cases:
+        if case.mask is not None:
+            continue
+        volume = load_volume(case, plan["sequences"])
+        prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap)
+        mask = largest_component(prob > 0.5)
+        empty += int(not mask.any())
+        reference = read_image(case.images[study.reference_sequence])
+        image = sitk.GetImageFromArray(mask)
+        image.CopyInformation(reference)
+        write_image(image, out_dir / f"{case.patient_id}.nii.gz")
+        segmented += 1
+    log.info("site %s: segmented %d case(s) without masks into %s (%d empty)", site.site_id, segmented, out_dir,
+             empty)
+    return {"n_segmented": segmented, "n_empty": empty}
+
+
+STEPS: dict[str, SiteStep] = {"segment_unlabelled": SiteStep("segmentation", segment_unlabelled_step)}
