@@ -102,6 +102,13 @@ def _segmentation(ctx: PhaseContext) -> Section:
             f"{seg.get('strategy')}, {len(seg.get('rounds', [])) - 1} round(s). Median DSC "
             f"{_num(seg.get('initial_dsc_median'))} (initial) to {_num(seg.get('final_dsc_median'))} (final).</p>"
             + table(rows))
+    inference = ctx.outputs.get("inference")
+    if inference:
+        body += (f"<p>Cases without a radiologist's mask segmented locally by the final model: "
+                 f"{inference['segmented_per_site']} (empty predictions: {inference['empty_per_site']}); their "
+                 f"masks stay at the sites and feed the features phase.</p>")
+    body += ("<p class='muted'>Overlays of prediction vs ground truth are written at each site "
+             "(<code>derived/segmentation/</code>) and never leave it.</p>")
     gap = seg.get("centralised")
     if isinstance(gap, dict):
         body += "<p>Centralised baseline: " + json.dumps(gap, default=str)[:600] + "</p>"
