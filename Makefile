@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export MPLBACKEND := Agg
 
-.PHONY: install data demo test lint clean
+.PHONY: install data browser demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,14 @@ demo: install
 data: install
 	$(BIN)/python -m simulations.realdata
 
-test: install data
+# Headless Chromium renders the study report in the end-to-end test (Debian's package; CI runs as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "make test needs Debian's chromium for the report test: sudo apt-get install chromium"; fi; }
+
+test: install data browser
 	$(BIN)/python -m pytest
 
 lint: install

@@ -46,6 +46,14 @@ figcaption{font-size:.85em;color:#555;max-width:520px} .muted{color:#777} nav a{
 {% for uri, caption in s.images %}<figure><img src="{{ uri }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>{% endfor %}
 </section>
 {% endfor %}
+<script>
+// Lets a headless browser (and the tests) confirm that every embedded figure decoded.
+window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  document.body.dataset.figures = imgs.length;
+  document.body.dataset.figuresLoaded = imgs.filter((i) => i.complete && i.naturalWidth > 0).length;
+});
+</script>
 </body></html>
 """
 
