@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from client.steps import features, fingerprint, rollcall
-from client.steps import outcomes
-from client.steps import combat, reduction
-from client.steps import segmentation
-from client.steps import preprocessing
-from client.steps import classifier
-from client.steps import report
-from client.steps import inference
+from client.steps import (
+    classifier,
+    combat,
+    features,
+    fingerprint,
+    inference,
+    outcomes,
+    preprocessing,
+    reduction,
+    report,
+    rollcall,
+    segmentation,
+)
 from client.steps.base import Payload, SiteStep, work_dir
 
 SITE_STEPS: dict[str, SiteStep] = {

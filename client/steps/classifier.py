@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.inference import with_predicted_masks
 from client.training.classifier_data import SplitData, site_split, tumour_crops
 from client.training.classifier_features import site_feature_table, standardised_images
 from common.classification.training import site_crossproduct
@@ -123,7 +124,7 @@ def _inputs(site: Site, study: StudyConfig, payload: Payload, split: SplitData, 
     y = split.labels.loc[ids].to_numpy()
     kind = str(payload["model"])
     if kind == "image":
-        by_id = {c.patient_id: c for c in site.cases}
+        by_id = {c.patient_id: c for c in with_predicted_masks(site)}  # unlabelled: the federated model's mask
         crops, masks = tumour_crops([by_id[i] for i in ids], study.sequences, study.classifier.crop_size)
         return crops, y, masks, ids
     names = [str(n) for n in cast(list, payload["feature_names"])]

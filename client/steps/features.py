@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,10 @@ import numpy as np
 from client.features.config import RadiomicsSettings, load_radiomics_settings, parse_radiomics_settings
 from client.features.table import FeatureTable, extract_cases
 from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.inference import with_predicted_masks
 from common.config import StudyConfig
 from common.errors import PolicyError, ProtocolError
-from common.sitedata import Case, Site
+from common.sitedata import Site
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +56,12 @@ def write_site_features(site: Site, study: StudyConfig, spacing: Sequence[float]
                         progress: bool = False) -> tuple[Path, FeatureTable]:
     """Extract the site's radiomics table (study sequences) and write it to :func:`features_path`."""
     settings = settings or load_radiomics_settings(study.features.settings)
-    table = extract_cases(_with_predicted_masks(site), study.sequences, settings, spacing,
+    table = extract_cases(with_predicted_masks(site), study.sequences, settings, spacing,
                           workers=workers or study.features.workers, progress=progress)
     path = table.write(features_path(site))
     log.info("site %s: %d case(s) x %d feature(s) -> %s (settings %s, %d failed)", site.site_id,
              len(table.frame), table.frame.shape[1], path, table.settings_hash[:12], len(table.failures))
     return path, table
-
-
-def _with_predicted_masks(site: Site) -> list[Case]:
-    """The site's cases, those without a mask given the federated model's mask when the inference phase made one."""
-    from client.steps.inference import predicted_mask_path
-
-    cases = []
-    for case in site.cases:
-        predicted = predicted_mask_path(site, case.patient_id)
-        cases.append(replace(case, mask=predicted) if case.mask is None and predicted.is_file() else case)
-    return cases
 
 
 def features_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
@@ -91,7 +80,7 @@ def features_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
 
 
 def _cases_with_masks(site: Site) -> int:
-    return len([c for c in _with_predicted_masks(site) if c.mask is not None])
+    return len([c for c in with_predicted_masks(site) if c.mask is not None])
 
 
 STEPS: dict[str, SiteStep] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from scipy import ndimage
 from client.steps.base import Payload, SiteStep, work_dir
 from common.config import StudyConfig
 from common.imageio import read_image, write_image
-from common.sitedata import Site
+from common.sitedata import Case, Site
 
 log = logging.getLogger(__name__)
 PREDICTED_DIR = "predicted_masks"
@@ -29,6 +30,18 @@ WEIGHT_PREFIX = "w/"
 def predicted_mask_path(site: Site, patient_id: str) -> Path:
     """Where the federated model's mask of an unlabelled case is kept at the site."""
     return site.root / "derived" / PREDICTED_DIR / f"{patient_id}.nii.gz"
+
+
+def with_predicted_masks(site: Site) -> list[Case]:
+    """The site's cases, those without a mask given the federated model's mask where this phase made one.
+
+    For the features and the image classifier; segmentation training keeps to the radiologists' masks.
+    """
+    cases = []
+    for case in site.cases:
+        predicted = predicted_mask_path(site, case.patient_id)
+        cases.append(replace(case, mask=predicted) if case.mask is None and predicted.is_file() else case)
+    return cases
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
