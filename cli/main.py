@@ -10,8 +10,6 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from cli.extract import extract as extract_command
-
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
@@ -97,34 +95,60 @@ def study_run(
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    fp = summary["outputs"].get("fingerprint")
+    outputs = summary["outputs"]
+    fp = outputs.get("fingerprint")
     if fp:
-        console.print(f"[bold]Fingerprint[/bold]: {fp['n_cases']} cases over {fp['n_sites']} sites "
-                      f"{fp['cases_per_site']}")
-        console.print(f"  target spacing (mm): {[round(s, 3) for s in fp['target_spacing']]}")
-        for seq, stats in fp["intensity"].items():
-            console.print(f"  {seq} foreground intensity: mean {stats['mean']:.1f}, sd {stats['std']:.1f}, "
-                          f"p0.5-p99.5 {stats['percentiles']['p0.5']:.1f}-{stats['percentiles']['p99.5']:.1f}")
+        console.print(f"[bold]Cohort[/bold]: {fp['n_cases']} cases with masks over {fp['n_sites']} sites "
+                      f"{fp['cases_per_site']}; target spacing {[round(s, 3) for s in fp['target_spacing']]} mm")
+    pre = (outputs.get("preprocessing") or {}).get("effect")
+    if pre:
+        console.print("[bold]Preprocessing[/bold]: across-site spread of the median intensity shrank "
+                      + ", ".join(f"{seq} {v['shrink']:.1f}x" for seq, v in pre["spread"].items()))
+    seg = outputs.get("segmentation")
+    if seg and seg.get("rounds"):
+        per_site = {s: round(v["dsc"]["median"], 3) for s, v in seg["rounds"][-1]["sites"].items()
+                    if isinstance(v, dict) and isinstance(v.get("dsc"), dict)}
+        console.print(f"[bold]Segmentation[/bold]: median held-out DSC {seg['initial_dsc_median']:.3f} -> "
+                      f"{seg['final_dsc_median']:.3f}; per site {per_site}")
+    if outputs.get("harmonisation"):
+        h = outputs["harmonisation"]
+        console.print(f"[bold]Harmonisation[/bold]: federated ComBat over {h['n_features']} features, "
+                      f"{h['n_cases']} cases, batches {h['batches']}")
+    red = outputs.get("reduction")
+    if red:
+        console.print(f"[bold]Signature[/bold]: {len(red['kept'])} features kept, "
+                      f"{len(red['explained_variance'])} factors")
+    for row in (outputs.get("classifier") or {}).get("comparison", []):
+        console.print(f"[bold]Classifier {row['model']}[/bold]: pooled AUC {row['auc']:.3f}, accuracy "
+                      f"{row['accuracy']:.3f}, Brier {row['brier']:.3f}")
+    oc = outputs.get("outcomes")
+    if oc:
+        sizes = {g: v.get("n") for g, v in (oc.get("groups") or {}).items()}
+        console.print(f"[bold]Outcomes[/bold]: clusters {sizes}; log-rank p = {oc['logrank']['p_value']:.4g} "
+                      f"(times {oc['mode']})")
     reg = summary.get("registry")
     if reg:
         console.print(f"[bold]Registry[/bold]: {reg['location']} (run {reg['run_id']}, versions "
                       f"{', '.join(str(v) for v in reg.get('versions', [])) or 'none'}); "
                       f"try `fedbiopsy registry list --registry {reg['location']}`", soft_wrap=True)
-    console.print(f"[green]Results:[/green] {(out / 'study').resolve()}")
+    report = (outputs.get("report") or {}).get("report")
+    if report:
+        console.print(f"[green]Report:[/green] {report}", soft_wrap=True)
+    console.print(f"[green]Results:[/green] {(out / 'study').resolve()}", soft_wrap=True)
 
+
+# Command groups and commands living in their own modules (each imports its heavy dependencies when run).
+from cli import deploy, experiment, harmonise, ingest, preprocess, registry, segmentation  # noqa: E402
+from cli.extract import extract as extract_command  # noqa: E402
 
 app.command("extract")(extract_command)
-app.command("compare-masks")(__import__("cli.segmentation", fromlist=["compare_masks"]).compare_masks)
-
-
-app.add_typer(__import__("cli.registry", fromlist=["app"]).app, name="registry")  # fedbiopsy registry ...
-
-app.command("preprocess")(__import__("cli.preprocess", fromlist=["preprocess"]).preprocess)
-app.command("ingest")(__import__("cli.ingest", fromlist=["ingest"]).ingest)
-app.command("harmonise")(__import__("cli.harmonise", fromlist=["harmonise"]).harmonise)
-
-app.add_typer(__import__("cli.deploy", fromlist=["app"]).app, name="deploy")  # fedbiopsy deploy local|certs|...
-app.add_typer(__import__("cli.experiment", fromlist=["app"]).app, name="experiment")  # fedbiopsy experiment harmonisation
+app.command("preprocess")(preprocess.preprocess)
+app.command("ingest")(ingest.ingest)
+app.command("harmonise")(harmonise.harmonise)
+app.command("compare-masks")(segmentation.compare_masks)
+app.add_typer(registry.app, name="registry")
+app.add_typer(deploy.app, name="deploy")
+app.add_typer(experiment.app, name="experiment")
 
 
 def main() -> None:

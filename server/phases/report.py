@@ -249,9 +249,12 @@ def _classifier(ctx: PhaseContext) -> Section:
     clf = ctx.outputs.get("classifier")
     if not clf:
         return Section("classifier", "Classifier performance and fairness", ran=False)
-    body = "<pre style='white-space:pre-wrap;font-size:.8em'>" + _escape(
-        json.dumps({k: v for k, v in clf.items() if k not in ("artifacts", "figures", "plots")}, indent=1,
-                   default=str)[:4000]) + "</pre>"
+    body = "<p>Pooled held-out metrics per model (from the sites' aggregated score histograms):</p>"
+    body += table(clf.get("comparison") or [])
+    gaps = clf.get("fairness_gaps") or []
+    if gaps:
+        body += "<p>Fairness (FUTURE-AI F3): the worst group against the best, per attribute and metric:</p>"
+        body += table(gaps)
     figs = [p for p in _fig(clf) if "shap" not in p.name and "gradcam" not in p.name.lower()]
     return Section("classifier", "Classifier performance and fairness", body, [(p, p.stem) for p in figs])
 
