@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -182,13 +183,31 @@ def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     return reply
 
 
+def with_tumour(site: Site) -> Site:
+    """The site restricted to cases with a tumour mask: a radiologist's, or the federated model's (inference
+    phase). A case the model found no tumour in has neither features nor a crop, so it takes no part."""
+    cases = tuple(c for c in with_predicted_masks(site) if c.mask is not None)
+    if len(cases) < len(site.cases):
+        log.info("site %s: classifier over %d of %d case(s) (the others have no tumour mask)", site.site_id,
+                 len(cases), len(site.cases))
+    return replace(site, cases=cases)
+
+
+def _on_cases_with_tumour(step: Callable[[Site, StudyConfig, Payload], Payload]
+                          ) -> Callable[[Site, StudyConfig, Payload], Payload]:
+    def run(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+        return step(with_tumour(site), study, payload)
+
+    return run
+
+
 def _n_labelled(site: Site) -> int:
-    return len(site.cases)
+    return len(with_tumour(site).cases)
 
 
 STEPS: dict[str, SiteStep] = {
-    "classifier_nyul": SiteStep(PHASE, nyul_step, _n_labelled),
-    "classifier_moments": SiteStep(PHASE, moments_step, _n_labelled),
+    "classifier_nyul": SiteStep(PHASE, _on_cases_with_tumour(nyul_step), _n_labelled),
+    "classifier_moments": SiteStep(PHASE, _on_cases_with_tumour(moments_step), _n_labelled),
 }
-TRAIN_STEP = SiteStep(PHASE, train_step, _n_labelled)
-EVALUATE_STEP = SiteStep(PHASE, evaluate_step, _n_labelled)
+TRAIN_STEP = SiteStep(PHASE, _on_cases_with_tumour(train_step), _n_labelled)
+EVALUATE_STEP = SiteStep(PHASE, _on_cases_with_tumour(evaluate_step), _n_labelled)

@@ -74,7 +74,10 @@ def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) ->
         volume = load_volume(case, plan["sequences"])
         prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap)
         mask = largest_component(prob > 0.5)
-        empty += int(not mask.any())
+        if not mask.any():  # no tumour found: the case keeps no mask and is left out of features and classifier
+            empty += 1
+            log.warning("site %s: the model found no tumour in %s", site.site_id, case.patient_id)
+            continue
         reference = read_image(case.images[study.reference_sequence])
         image = sitk.GetImageFromArray(mask)
         image.CopyInformation(reference)

@@ -28,7 +28,7 @@ min_sites: 2
 round_timeout_s: 900
 fingerprint: {foreground_samples_per_case: 2000}
 preprocessing: {steps: [bias, resample, normalise]}
-segmentation: {rounds: 2, steps_per_epoch: 6, patch_size: [24, 24, 24], holdout_fraction: 0.5, overlays: 1,
+segmentation: {rounds: 3, steps_per_epoch: 10, patch_size: [24, 24, 24], holdout_fraction: 0.5, overlays: 1,
                threads: 1, monai_channels: [8, 16, 32]}
 reduction: {n_factors: 3}
 classifier: {models: [logistic, image], rounds: 60, image_rounds: 1, image_local_steps: 2, holdout_fraction: 0.45,
@@ -53,8 +53,10 @@ def test_every_phase_wrote_its_output(study_run) -> None:
     for phase in summary["phases"]:
         assert (results / "study" / f"{phase}.json").is_file(), phase
     assert summary["outputs"]["fingerprint"]["cases_per_site"] == {"site-001": 10, "site-002": 10}
-    assert summary["outputs"]["inference"]["segmented_per_site"] == {"site-001": 2, "site-002": 2}
-    assert summary["outputs"]["features"]["cases_per_site"] == {"site-001": 12, "site-002": 12}
+    inference = summary["outputs"]["inference"]
+    for site in ("site-001", "site-002"):  # the 2 unlabelled cases per site: segmented, or found tumour-free
+        assert inference["segmented_per_site"][site] + inference["empty_per_site"][site] == 2
+        assert summary["outputs"]["features"]["cases_per_site"][site] == 10 + inference["segmented_per_site"][site]
 
 
 def test_segmentation_learnt_something(study_run) -> None:
