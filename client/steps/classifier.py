@@ -184,9 +184,14 @@ def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
 
 
 def with_tumour(site: Site) -> Site:
-    """The site restricted to cases with a tumour mask: a radiologist's, or the federated model's (inference
-    phase). A case the model found no tumour in has neither features nor a crop, so it takes no part."""
-    cases = tuple(c for c in with_predicted_masks(site) if c.mask is not None)
+    """The site restricted to cases with a tumour mask (a radiologist's, or the federated model's from the
+    inference phase) and with features: a case the model found no tumour in, or whose radiomics failed (e.g. a
+    one-voxel prediction), takes no part."""
+    failed: set[str] = set()
+    info = work_dir(site) / "features.json"  # written by the features phase, with the cases it could not extract
+    if info.is_file():
+        failed = set(json.loads(info.read_text(encoding="utf-8")).get("failures", {}))
+    cases = tuple(c for c in with_predicted_masks(site) if c.mask is not None and c.patient_id not in failed)
     if len(cases) < len(site.cases):
         log.info("site %s: classifier over %d of %d case(s) (the others have no tumour mask)", site.site_id,
                  len(cases), len(site.cases))

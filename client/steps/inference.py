@@ -25,6 +25,7 @@ from common.sitedata import Case, Site
 log = logging.getLogger(__name__)
 PREDICTED_DIR = "predicted_masks"
 WEIGHT_PREFIX = "w/"
+MIN_TUMOUR_VOXELS = 10  # a smaller prediction is taken as "no tumour found"
 
 
 def predicted_mask_path(site: Site, patient_id: str) -> Path:
@@ -74,7 +75,7 @@ def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) ->
         volume = load_volume(case, plan["sequences"])
         prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap)
         mask = largest_component(prob > 0.5)
-        if not mask.any():  # no tumour found: the case keeps no mask and is left out of features and classifier
+        if mask.sum() < MIN_TUMOUR_VOXELS:  # no tumour found: the case keeps no mask (no features, no classifier)
             empty += 1
             log.warning("site %s: the model found no tumour in %s", site.site_id, case.patient_id)
             continue

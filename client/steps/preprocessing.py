@@ -67,9 +67,11 @@ STEPS: dict[str, SiteStep] = {
 PREPROCESSED_DIR = "preprocessed"
 
 
-def _foreground_values(path: Path) -> np.ndarray:
-    image = read_image(path)
-    return values_in(image, foreground_mask(image, str(path)))
+def _foreground_values(images: dict[str, Path], reference: str) -> dict[str, np.ndarray]:
+    """Each sequence's voxel values in the reference sequence's foreground (as the normalisation uses)."""
+    loaded = {seq: read_image(path) for seq, path in images.items()}
+    fg = foreground_mask(loaded[reference], str(images[reference]))
+    return {seq: values_in(img, fg) for seq, img in loaded.items()}
 
 
 def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
@@ -87,18 +89,21 @@ def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload
                           f"{site.config.policy.min_cohort}; see {out / 'preprocessing.json'}")
     reply: Payload = {"n_cases": len(done), "n_failed": len(report.failed)}
     by_id = {c.patient_id: c for c in site.cases}
-    for seq in study.sequences:
-        raw_edges = np.asarray(payload[f"{seq}/raw_edges"], dtype=np.float64)
-        std_edges = np.asarray(payload[f"{seq}/std_edges"], dtype=np.float64)
-        raw = np.zeros(raw_edges.size - 1)
-        std = np.zeros(std_edges.size - 1)
-        for pid in done:
-            raw += np.histogram(np.clip(_foreground_values(by_id[pid].images[seq]), raw_edges[0], raw_edges[-1]),
-                                raw_edges)[0]
-            processed = find_image(out / "images" / pid, seq)
-            if processed is None:
-                raise SiteDataError(out / "images" / pid, f"preprocessed {seq} is missing", "rerun preprocessing")
-            std += np.histogram(np.clip(_foreground_values(processed), std_edges[0], std_edges[-1]), std_edges)[0]
+    edges = {seq: (np.asarray(payload[f"{seq}/raw_edges"], dtype=np.float64),
+                   np.asarray(payload[f"{seq}/std_edges"], dtype=np.float64)) for seq in study.sequences}
+    hist = {seq: (np.zeros(r.size - 1), np.zeros(p.size - 1)) for seq, (r, p) in edges.items()}
+    for pid in done:
+        processed = {seq: find_image(out / "images" / pid, seq) for seq in study.sequences}
+        missing = [seq for seq, path in processed.items() if path is None]
+        if missing:
+            raise SiteDataError(out / "images" / pid, f"preprocessed {missing} missing", "rerun preprocessing")
+        before = _foreground_values({seq: by_id[pid].images[seq] for seq in study.sequences},
+                                    study.reference_sequence)
+        after = _foreground_values(processed, study.reference_sequence)  # type: ignore[arg-type]
+        for seq, (raw_edges, std_edges) in edges.items():
+            hist[seq][0][:] += np.histogram(np.clip(before[seq], raw_edges[0], raw_edges[-1]), raw_edges)[0]
+            hist[seq][1][:] += np.histogram(np.clip(after[seq], std_edges[0], std_edges[-1]), std_edges)[0]
+    for seq, (raw, std) in hist.items():
         reply[f"{seq}/raw_hist"] = raw
         reply[f"{seq}/std_hist"] = std
     log.info("site %s: preprocessed %d case(s) into %s (%d failed)", site.site_id, len(done), out,
