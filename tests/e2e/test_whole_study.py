@@ -41,7 +41,7 @@ def study_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path
     from simulations.engine import run_simulated_study
 
     root = tmp_path_factory.mktemp("golden")
-    sites = simulate_sites(root / "sites", sites=2, patients=12, size=32, seed=0, unlabelled=2)
+    sites = simulate_sites(root / "sites", sites=2, patients=14, size=32, seed=0, unlabelled=2)
     study_path = root / "study.yaml"
     study_path.write_text(STUDY)
     summary = run_simulated_study(load_study_config(study_path), study_path, sites, root / "results" / "study")
@@ -52,11 +52,13 @@ def test_every_phase_wrote_its_output(study_run) -> None:
     results, _, summary = study_run
     for phase in summary["phases"]:
         assert (results / "study" / f"{phase}.json").is_file(), phase
-    assert summary["outputs"]["fingerprint"]["cases_per_site"] == {"site-001": 10, "site-002": 10}
+    assert summary["outputs"]["fingerprint"]["cases_per_site"] == {"site-001": 12, "site-002": 12}
     inference = summary["outputs"]["inference"]
     for site in ("site-001", "site-002"):  # the 2 unlabelled cases per site: segmented, or found tumour-free
         assert inference["segmented_per_site"][site] + inference["empty_per_site"][site] == 2
-        assert summary["outputs"]["features"]["cases_per_site"][site] == 10 + inference["segmented_per_site"][site]
+        features = summary["outputs"]["features"]  # every valid case is extracted or listed as failed
+        assert features["cases_per_site"][site] + features["failed_per_site"][site] == 14
+        assert features["failed_per_site"][site] >= inference["empty_per_site"][site]  # no mask: no features
 
 
 def test_segmentation_learnt_something(study_run) -> None:
