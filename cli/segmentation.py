@@ -1,0 +1,49 @@
+"""``fedbiopsy compare-masks A_DIR B_DIR``: agreement of two mask sets as the seed's variability tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def compare_masks(
+    a_dir: Annotated[Path, typer.Argument(help="Reference masks (<case>.nii.gz), e.g. radiologist 1.")],
+    b_dir: Annotated[Path, typer.Argument(help="Masks to compare, same file names, e.g. the automatic ones.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write per-case metrics as JSON.")] = None,
+) -> None:
+    """DSC, voxel AUC, FPR, FNR and HD95 of B against A: median, IQR, mean and SD over the common cases."""
+    from common.errors import FedBiopsyError
+    from common.segmentation.compare import as_rows, compare_mask_dirs
+
+    try:
+        result = compare_mask_dirs(a_dir, b_dir)
+    except FedBiopsyError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    table = Table(title=f"{b_dir} vs {a_dir} (reference): {len(result.per_case)} case(s)")
+    for col in ("metric", "n", "median", "IQR (q25-q75)", "mean", "SD"):
+        table.add_column(col)
+    for row in as_rows(result.summary):
+        table.add_row(str(row["metric"]), f"{row['n']:.0f}", f"{row['median']:.3f}",
+                      f"{row['iqr']:.3f} ({row['q25']:.3f}-{row['q75']:.3f})", f"{row['mean']:.3f}",
+                      f"{row['sd']:.3f}")
+    console.print(table)
+    if result.only_a or result.only_b:
+        console.print(f"[yellow]unmatched:[/yellow] only in A {result.only_a}, only in B {result.only_b}")
+    if json_out:
+        def clean(v: float) -> float | None:
+            return v if math.isfinite(v) else None
+
+        json_out.write_text(json.dumps({
+            "reference": str(a_dir), "compared": str(b_dir),
+            "per_case": {c: {k: clean(v) for k, v in m.items()} for c, m in result.per_case.items()},
+            "summary": result.summary, "only_a": result.only_a, "only_b": result.only_b,
+        }, indent=2))

@@ -1,0 +1,70 @@
+"""The segmentation network of a plan, and its weights as plain named numpy arrays.
+
+Only parameters and buffers travel, each once under its first name (``named_parameters`` / ``named_buffers``
+de-duplicate): an nnU-Net ``state_dict`` repeats the encoder under ``decoder.encoder`` and is ~3x larger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from common.errors import ProtocolError
+
+
+def build_network(plan: Mapping[str, Any], seed: int | None = None) -> Any:
+    """The plan's network (MONAI UNet or nnU-Net from plans), freshly initialised (seeded when given)."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    in_ch = len(plan["sequences"])
+    n_cls = int(plan["num_classes"])
+    if plan["network"] == "nnunet":
+        from common.segmentation.nnunet_adapter import build_nnunet_network
+
+        return build_nnunet_network(plan["nnunet"]["plans"], in_ch, n_cls)
+    if plan["network"] == "monai":
+        from monai.networks.nets import UNet
+
+        m = plan["monai"]
+        return UNet(spatial_dims=3, in_channels=in_ch, out_channels=n_cls, channels=tuple(m["channels"]),
+                    strides=tuple(m["strides"]), num_res_units=int(m["num_res_units"]),
+                    act=("leakyrelu", {"negative_slope": 0.01, "inplace": False}), norm=("instance", {"affine": True}))
+    raise ProtocolError("(plan)", f"unknown network {plan['network']!r}", "use 'monai' or 'nnunet'")
+
+
+def get_weights(net: Any) -> dict[str, np.ndarray]:
+    """The network's parameters and buffers, each once, as float32 numpy arrays (CPU copies)."""
+    out = {name: p.detach().cpu().numpy().astype(np.float32, copy=True) for name, p in net.named_parameters()}
+    for name, b in net.named_buffers():
+        if b.is_floating_point():
+            out[name] = b.detach().cpu().numpy().astype(np.float32, copy=True)
+    return out
+
+
+def set_weights(net: Any, weights: Mapping[str, np.ndarray], site_id: str = "(local)") -> None:
+    """Copy ``weights`` (from :func:`get_weights`) into the network; names and shapes must match exactly."""
+    import torch
+
+    own = dict(net.named_parameters())
+    own.update((n, b) for n, b in net.named_buffers() if b.is_floating_point())
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        raise ProtocolError(site_id, f"global weights do not fit the plan's network (missing {missing[:3]}, "
+                                     f"unexpected {extra[:3]})", "run the same plan and fedbiopsy version everywhere")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            value = np.asarray(weights[name])
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ProtocolError(site_id, f"weight {name!r} has shape {value.shape}, network has "
+                                             f"{tuple(tensor.shape)}", "run the same plan everywhere")
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(tensor.dtype))
+
+
+def count_parameters(net: Any) -> int:
+    """Number of trainable values."""
+    return int(sum(p.numel() for p in net.parameters()))

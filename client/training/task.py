@@ -1,0 +1,130 @@
+"""The site's segmentation entry points, Flower-free: cohort check, one training round, one evaluation.
+
+The ClientApp (``client/segmentation_handlers.py``) adapts Flower messages to these functions; the centralised
+baseline and the tests call them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.steps.base import work_dir
+from client.training.data import PatchSampler, load_volume, split_cases
+from client.training.device import pick_device, set_threads
+from client.training.dp import plan_round
+from client.training.evaluation import evaluate_volumes
+from client.training.local import StepSettings, run_local_steps
+from client.training.networks import build_network, get_weights, set_weights
+from common.config import StudyConfig
+from common.errors import PolicyError
+from common.segmentation.aggregation import update_norm
+from common.segmentation.metrics import site_summary
+from common.sitedata import Site
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (study seed, site id, round...)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def site_cohort(site: Site, study: StudyConfig) -> dict[str, int]:
+    """Training and held-out case counts; refuses (PolicyError) when either is below the site's ``min_cohort``."""
+    cfg = study.segmentation
+    train, held = split_cases(site.cases, cfg.holdout_fraction, cfg.seed)
+    need = site.config.policy.min_cohort
+    for what, cases in (("training", train), ("held-out", held)):
+        if len(cases) < need:
+            raise PolicyError(site.site_id, "min_cohort",
+                              f"{len(cases)} {what} case(s) with masks (holdout_fraction "
+                              f"{cfg.holdout_fraction:g}), policy needs at least {need}")
+    return {"n_train": len(train), "n_heldout": len(held)}
+
+
+@dataclass
+class TrainOutcome:
+    """A round's result at a site: new weights, metrics for the server, the DP state to keep."""
+
+    weights: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    dp_state: dict | None = field(default=None)
+
+
+def train_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], global_weights: Mapping[str, np.ndarray],
+                server_round: int, proximal_mu: float = 0.0, dp_state: dict | None = None,
+                device: Any = None) -> TrainOutcome:
+    """Load the global weights, run the round's local steps on the training cases, return the new weights."""
+    import torch
+
+    cfg = study.segmentation
+    set_threads(cfg.threads)
+    counts = site_cohort(site, study)
+    train_cases, _ = split_cases(site.cases, cfg.holdout_fraction, cfg.seed)
+    batch = int(plan["batch_size"])
+    dp = None
+    if cfg.dp.enabled:
+        dp = plan_round(site.site_id, dp_state, study.hash, target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta,
+                        max_grad_norm=cfg.dp.max_grad_norm, accountant=cfg.dp.accountant,
+                        noise_multiplier=cfg.dp.noise_multiplier, n_train=counts["n_train"], batch_size=batch,
+                        total_steps=cfg.rounds * cfg.local_steps, round_steps=cfg.local_steps,
+                        max_epsilon=site.config.policy.max_epsilon)
+    t0 = time.perf_counter()
+    device = device or pick_device()
+    seed = derive_seed(cfg.seed, site.site_id, server_round)
+    volumes = [load_volume(c, plan["sequences"]) for c in train_cases]
+    sampler = PatchSampler(volumes, plan["patch_size"], cfg.foreground_ratio, cfg.augment, seed)
+    net = build_network(plan)
+    set_weights(net, global_weights, site.site_id)
+    anchors = {k: torch.from_numpy(np.asarray(v)) for k, v in global_weights.items()} if proximal_mu > 0 else None
+    settings = StepSettings(steps=cfg.local_steps, batch_size=batch, num_classes=int(plan["num_classes"]),
+                            optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, amp=cfg.amp,
+                            proximal_mu=proximal_mu, seed=seed, schedule=cfg.lr_schedule,
+                            step_offset=max(0, server_round - 1) * cfg.local_steps,
+                            total_steps=cfg.rounds * cfg.local_steps)
+    stats = run_local_steps(net, sampler, settings, device, global_params=anchors, dp=dp)
+    weights = get_weights(net)
+    metrics: dict[str, float] = {
+        "num-examples": counts["n_train"], **stats, "seconds": time.perf_counter() - t0,
+        "update-norm": update_norm(weights, global_weights),
+        "dp": 1.0 if dp is not None else 0.0,
+        "epsilon": dp.epsilon if dp is not None else 0.0,
+        "delta": dp.delta if dp is not None else 0.0,
+        "noise-multiplier": dp.noise_multiplier if dp is not None else 0.0,
+    }
+    log.info("site %s round %d: loss %.4f in %.1fs%s", site.site_id, server_round, stats["train-loss"],
+             metrics["seconds"], f", epsilon {metrics['epsilon']:.3f}" if dp is not None else "")
+    return TrainOutcome(weights, metrics, dp.state(study.hash) if dp is not None else dp_state)
+
+
+def evaluate_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+                   server_round: int, device: Any = None, overlay_dir: Path | None = None) -> dict[str, float]:
+    """The site's metric summary of ``weights`` on its held-out cases (aggregates over >= min_cohort cases).
+
+    PNG overlays of the first ``segmentation.overlays`` cases go to the site's own ``derived/`` folder (the
+    latest round overwrites), never into the reply.
+    """
+    cfg = study.segmentation
+    set_threads(cfg.threads)
+    site_cohort(site, study)
+    _, held = split_cases(site.cases, cfg.holdout_fraction, cfg.seed)
+    device = device or pick_device()
+    net = build_network(plan)
+    set_weights(net, weights, site.site_id)
+    volumes = [load_volume(c, plan["sequences"]) for c in held]
+    if overlay_dir is None and cfg.overlays:
+        overlay_dir = work_dir(site) / "segmentation" / f"overlays-{study.hash[:12]}"
+    results = evaluate_volumes(net, volumes, plan["patch_size"], device, overlap=cfg.sw_overlap, amp=cfg.amp,
+                               overlay_dir=overlay_dir, overlays=cfg.overlays)
+    summary = site_summary(site.site_id, [r.metrics for r in results], site.config.policy.min_cohort)
+    log.info("site %s round %d: held-out DSC median %.3f over %d case(s)", site.site_id, server_round,
+             summary["dsc-median"], len(results))
+    return summary

@@ -1,0 +1,153 @@
+"""Segmentation metrics per case and their summaries (median, IQR, mean, SD), per site and pooled.
+
+Definitions follow the seed's tables: DSC = 2TP/(2TP+FP+FN); FPR = FP/(TP+FN) and FNR = FN/(TP+FN), both
+relative to the reference tumour volume; voxel-wise AUC ROC of the predicted tumour probability; HD95 in mm
+(95th percentile of the symmetric surface distances). DSC and HD95 come from ``monai.metrics``; the AUC from
+scikit-learn (MONAI's ROC AUC loops over voxels in Python).
+
+A site's summary holds only aggregates over its cases (n, sum, sum of squares, quartiles), which merge into a
+pooled summary: exact for n, mean and SD, a case-weighted mean of the sites' quartiles for the median and IQR
+(quantiles do not decompose; the same choice as the fingerprint protocol).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from common.errors import PolicyError, ProtocolError
+
+METRICS: tuple[str, ...] = ("dsc", "auc", "fpr", "fnr", "hd95")
+STATS: tuple[str, ...] = ("n", "sum", "sumsq", "median", "q25", "q75", "mean", "sd")
+
+
+def case_metrics(truth: np.ndarray, pred: np.ndarray, prob: np.ndarray | None = None,
+                 spacing: Sequence[float] | None = None) -> dict[str, float]:
+    """DSC, AUC, FPR, FNR and HD95 of one predicted mask against a reference mask (same grid).
+
+    ``prob`` is the predicted tumour probability (the AUC uses the binary mask when absent); ``spacing`` is in
+    array axis order (mm). HD95 is NaN when either mask is empty.
+    """
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    t = np.asarray(truth) > 0
+    p = np.asarray(pred) > 0
+    if t.shape != p.shape:
+        raise ValueError(f"reference mask shape {t.shape} differs from prediction shape {p.shape}")
+    tp = float(np.count_nonzero(t & p))
+    fp = float(np.count_nonzero(~t & p))
+    fn = float(np.count_nonzero(t & ~p))
+    ref = tp + fn
+    tt = torch.from_numpy(t[None, None].astype(np.float32))
+    pt = torch.from_numpy(p[None, None].astype(np.float32))
+    if ref == 0 and tp + fp == 0:
+        dsc = 1.0
+    else:
+        dsc = float(compute_dice(pt, tt, include_background=True, ignore_empty=False)[0, 0])
+    hd95 = math.nan
+    if t.any() and p.any():
+        with warnings.catch_warnings():  # MONAI 1.6 warns about its own deprecated argument
+            warnings.simplefilter("ignore", FutureWarning)
+            hd95 = float(compute_hausdorff_distance(pt, tt, include_background=True, percentile=95.0,
+                                                    spacing=list(spacing) if spacing is not None else None)[0, 0])
+    return {
+        "dsc": dsc,
+        "auc": voxel_auc(t, p if prob is None else np.asarray(prob, dtype=np.float64)),
+        "fpr": fp / ref if ref else math.nan,
+        "fnr": fn / ref if ref else math.nan,
+        "hd95": hd95,
+    }
+
+
+def voxel_auc(truth: np.ndarray, score: np.ndarray) -> float:
+    """Voxel-wise area under the ROC curve of ``score`` for the reference mask (NaN for a one-class mask)."""
+    from sklearn.metrics import roc_auc_score
+
+    t = np.asarray(truth).ravel() > 0
+    if t.all() or not t.any():
+        return math.nan
+    return float(roc_auc_score(t, np.asarray(score, dtype=np.float64).ravel()))
+
+
+def describe(values: Iterable[float]) -> dict[str, float]:
+    """n, sum, sum of squares, median, quartiles, mean and SD of the finite values (zeros when none)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return dict.fromkeys(STATS, 0.0)
+    q25, med, q75 = np.percentile(v, [25.0, 50.0, 75.0])
+    return {
+        "n": float(v.size), "sum": float(v.sum()), "sumsq": float(np.square(v).sum()),
+        "median": float(med), "q25": float(q25), "q75": float(q75),
+        "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+    }
+
+
+def summarise_cases(per_case: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each metric's :func:`describe` over cases."""
+    return {m: describe(c[m] for c in per_case) for m in METRICS}
+
+
+def site_summary(site_id: str, per_case: Sequence[Mapping[str, float]], min_cohort: int) -> dict[str, float]:
+    """A site's flat summary (``<metric>-<stat>`` plus ``num-examples``); refuses below ``min_cohort`` cases."""
+    if len(per_case) < min_cohort:
+        raise PolicyError(site_id, "min_cohort",
+                          f"{len(per_case)} held-out case(s) to evaluate, policy needs at least {min_cohort}")
+    flat: dict[str, float] = {"num-examples": float(len(per_case))}
+    for metric, stats in summarise_cases(per_case).items():
+        for stat, value in stats.items():
+            flat[f"{metric}-{stat}"] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """``{"dsc-median": x, ...}`` as ``{"dsc": {"median": x, ...}, ...}`` (unknown keys ignored)."""
+    out: dict[str, dict[str, float]] = {}
+    for metric in METRICS:
+        stats = {s: float(flat[f"{metric}-{s}"]) for s in STATS if f"{metric}-{s}" in flat}
+        if stats:
+            out[metric] = stats
+    return out
+
+
+def pool_summaries(sites: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Merge sites' flat summaries: exact n, mean and SD; case-weighted quartiles."""
+    if not sites:
+        raise ProtocolError("(none)", "no site summary to pool")
+    pooled: dict[str, dict[str, float]] = {}
+    for metric in METRICS:
+        parts = []
+        for site, flat in sites.items():
+            keys = [f"{metric}-{s}" for s in STATS]
+            if any(k not in flat for k in keys):
+                raise ProtocolError(site, f"evaluation reply lacks the {metric} summary",
+                                    "run the same fedbiopsy version at every site")
+            parts.append({s: float(flat[f"{metric}-{s}"]) for s in STATS})
+        n = sum(p["n"] for p in parts)
+        if n == 0:
+            pooled[metric] = dict.fromkeys(STATS, 0.0)
+            continue
+        s1 = sum(p["sum"] for p in parts)
+        s2 = sum(p["sumsq"] for p in parts)
+        mean = s1 / n
+        var = max(s2 / n - mean**2, 0.0) * n / max(n - 1.0, 1.0)
+        w = [p["n"] / n for p in parts]
+        pooled[metric] = {
+            "n": n, "sum": s1, "sumsq": s2, "mean": mean, "sd": math.sqrt(var),
+            **{q: float(sum(wi * p[q] for wi, p in zip(w, parts, strict=True))) for q in ("median", "q25", "q75")},
+        }
+    return pooled
+
+
+def headline(summary: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The registry's flat view of a summary: ``<metric>_median``, ``<metric>_iqr``, ``<metric>_mean``, ..."""
+    out: dict[str, float] = {}
+    for metric, s in summary.items():
+        out[f"{metric}_median"] = s["median"]
+        out[f"{metric}_iqr"] = s["q75"] - s["q25"]
+        out[f"{metric}_mean"] = s["mean"]
+        out[f"{metric}_sd"] = s["sd"]
+    return out

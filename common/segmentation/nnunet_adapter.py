@@ -1,0 +1,158 @@
+"""The one place that talks to nnU-Net v2: plan from an aggregated fingerprint, build a network from plans.
+
+nnU-Net is configured by environment variables and reads its inputs from folders. Here those variables are set
+only for the duration of a call (:func:`_nnunet_env`), pointing at a throw-away folder holding a synthetic
+``dataset.json`` and ``dataset_fingerprint.json`` made from the *aggregated* fingerprint (no per-case values:
+every synthetic case carries the federation's median spacing and shape). nnU-Net's own ExperimentPlanner then
+plans exactly as it would on a pooled dataset with those medians, so every site builds the same network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+DATASET_NAME = "Dataset999_FedBiopsy"
+CONFIGURATION = "3d_fullres"
+_ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_def_n_proc",
+             "nnUNet_compile")
+
+
+@contextlib.contextmanager
+def _nnunet_env(root: Path) -> Iterator[None]:
+    """nnU-Net's environment variables pointing under ``root``, restored on exit."""
+    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+                      nnUNet_results=str(root / "results"), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
+                      nnUNet_compile="false")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def synthetic_fingerprint(n_cases: int, spacing_zyx: Sequence[float], shape_zyx: Sequence[float],
+                          intensity: Mapping[str, Mapping[str, Any]], sequences: Sequence[str]) -> dict:
+    """An nnU-Net ``dataset_fingerprint.json`` built from federation-wide aggregates only."""
+    props = {}
+    for i, seq in enumerate(sequences):
+        st = intensity.get(seq, {})
+        pct = st.get("percentiles", {})
+        props[str(i)] = {
+            "mean": float(st.get("mean", 0.0)), "median": float(pct.get("p50", st.get("mean", 0.0))),
+            "std": float(st.get("std", 1.0)), "min": float(st.get("min", 0.0)), "max": float(st.get("max", 1.0)),
+            "percentile_99_5": float(pct.get("p99.5", st.get("max", 1.0))),
+            "percentile_00_5": float(pct.get("p0.5", st.get("min", 0.0))),
+        }
+    shape = [int(round(s)) for s in shape_zyx]
+    return {
+        "spacings": [[float(s) for s in spacing_zyx]] * n_cases,
+        "shapes_after_crop": [shape] * n_cases,
+        "foreground_intensity_properties_per_channel": props,
+        "median_relative_size_after_cropping": 1.0,
+    }
+
+
+def plan_nnunet(fingerprint: dict, sequences: Sequence[str], n_cases: int, base_features: int = 32,
+                max_features: int = 320, gpu_memory_gb: float = 8.0) -> dict:
+    """nnU-Net v2 plans (a JSON-able dict) from a synthetic fingerprint, run by nnU-Net's ExperimentPlanner.
+
+    The returned plans are patched for federated and DP training: no in-place activations, no batch Dice.
+    """
+    import SimpleITK as sitk
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="fedbiopsy-nnunet-") as tmp:
+        root = Path(tmp)
+        raw = root / "raw" / DATASET_NAME
+        pre = root / "preprocessed" / DATASET_NAME
+        (raw / "imagesTr").mkdir(parents=True)
+        (raw / "labelsTr").mkdir(parents=True)
+        pre.mkdir(parents=True)
+        # One tiny placeholder image, only so the planner can choose its image reader.
+        dummy = sitk.GetImageFromArray(np.zeros((4, 4, 4), dtype=np.float32))
+        images = []
+        for i in range(len(sequences)):
+            path = raw / "imagesTr" / f"case_{i:04d}.nii.gz"
+            sitk.WriteImage(dummy, str(path))
+            images.append(str(path))
+        label = raw / "labelsTr" / "case.nii.gz"
+        sitk.WriteImage(sitk.Cast(dummy, sitk.sitkUInt8), str(label))
+        dataset_json = {
+            "channel_names": {str(i): seq for i, seq in enumerate(sequences)},
+            "labels": {"background": 0, "tumour": 1},
+            "numTraining": int(n_cases),
+            "file_ending": ".nii.gz",
+            "dataset": {"case": {"images": images, "label": str(label)}},
+        }
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+
+        save_json(dataset_json, str(raw / "dataset.json"))
+        save_json(fingerprint, str(pre / "dataset_fingerprint.json"))
+        with _nnunet_env(root):
+            from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
+                ExperimentPlanner,
+            )
+
+            class _FederatedPlanner(ExperimentPlanner):
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    super().__init__(*args, **kwargs)
+                    self.UNet_base_num_features = base_features
+                    self.UNet_max_features_3d = max_features
+
+            planner = _FederatedPlanner(DATASET_NAME, gpu_memory_target_in_gb=gpu_memory_gb,
+                                        plans_name="nnUNetPlansFedBiopsy")
+            chatter = io.StringIO()
+            threads = torch.get_num_threads()  # the planner's VRAM estimate resets torch's thread count
+            try:
+                with contextlib.redirect_stdout(chatter):
+                    plans = planner.plan_experiment()
+            finally:
+                torch.set_num_threads(threads)
+            log.debug("nnU-Net planner output:\n%s", chatter.getvalue())
+    plans = json.loads(json.dumps(plans))  # plain JSON types (lists, not tuples): exactly what sites receive
+    if CONFIGURATION not in plans["configurations"]:
+        raise ValueError("nnU-Net planned no 3d_fullres configuration; the median shape is not 3D")
+    conf = plans["configurations"][CONFIGURATION]
+    conf["batch_dice"] = False
+    conf["architecture"]["arch_kwargs"].setdefault("nonlin_kwargs", {})
+    if conf["architecture"]["arch_kwargs"]["nonlin_kwargs"] is None:
+        conf["architecture"]["arch_kwargs"]["nonlin_kwargs"] = {}
+    conf["architecture"]["arch_kwargs"]["nonlin_kwargs"]["inplace"] = False
+    plans["dataset_json"] = {k: v for k, v in dataset_json.items() if k != "dataset"}
+    return plans
+
+
+def build_nnunet_network(plans: Mapping[str, Any], in_channels: int, num_classes: int) -> Any:
+    """The 3d_fullres network of ``plans`` via ``get_network_from_plans`` (no deep supervision).
+
+    The decoder's deep-supervision heads other than the last are frozen: without deep supervision they get no
+    gradient, which Opacus would reject.
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    arch = plans["configurations"][CONFIGURATION]["architecture"]
+    net = get_network_from_plans(arch["network_class_name"], deepcopy(arch["arch_kwargs"]),
+                                 tuple(arch["_kw_requires_import"]), in_channels, num_classes,
+                                 allow_init=True, deep_supervision=False)
+    seg_layers = getattr(getattr(net, "decoder", None), "seg_layers", None)
+    if seg_layers is not None:
+        for layer in list(seg_layers)[:-1]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+    return net

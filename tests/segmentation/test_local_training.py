@@ -1,0 +1,55 @@
+"""The site's local step: FedProx pulls towards the global model; an nnU-Net plan trains like a MONAI one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.config import StudyConfig
+from common.segmentation.aggregation import update_norm
+from tests.segmentation.conftest import tiny_segmentation
+
+AGGREGATE = {"n_cases": 16, "spacing_median": [1.1, 1.1, 1.25], "shape_median": [32, 32, 32],
+             "intensity": {s: {"mean": 500.0, "std": 100.0, "min": 0.0, "max": 1000.0,
+                               "percentiles": {"p0.5": 10.0, "p50": 500.0, "p99.5": 990.0}}
+                           for s in ("T2w", "CET1")}}
+
+
+def test_fedprox_term_keeps_the_local_model_near_the_global_one(seg_sites: list[Path]) -> None:
+    from client.training.networks import build_network, get_weights
+    from client.training.task import train_round
+    from common.segmentation.plan import make_plan
+    from common.validation import load_site
+
+    study = StudyConfig(segmentation=tiny_segmentation(steps_per_epoch=4, patch_size=[16, 16, 16], lr=0.01,
+                                                       lr_schedule="constant"))
+    plan = make_plan(AGGREGATE, study)
+    start = get_weights(build_network(plan, seed=0))
+    site = load_site(seg_sites[0])
+    free = train_round(site, study, plan, start, 1, proximal_mu=0.0)
+    prox = train_round(site, study, plan, start, 1, proximal_mu=50.0)
+    assert free.metrics["num-examples"] == prox.metrics["num-examples"] == 5
+    # Same seed, same batches: only the proximal term differs, and it shrinks the update.
+    assert update_norm(prox.weights, start) < 0.8 * update_norm(free.weights, start)
+
+
+def test_a_round_with_the_nnunet_network_changes_its_weights(seg_sites: list[Path]) -> None:
+    from client.training.networks import build_network, get_weights
+    from client.training.task import evaluate_round, train_round
+    from common.segmentation.plan import make_plan
+    from common.validation import load_site
+
+    study = StudyConfig(segmentation=tiny_segmentation(network="nnunet", nnunet_base_features=4,
+                                                       nnunet_max_features=16, patch_size=None, batch_size=None,
+                                                       steps_per_epoch=2, overlays=0))
+    plan = make_plan(AGGREGATE, study)
+    assert plan["network"] == "nnunet" and plan["batch_size"] >= 2
+    start = get_weights(build_network(plan, seed=0))
+    site = load_site(seg_sites[1])
+    out = train_round(site, study, plan, start, 1)
+    assert set(out.weights) == set(start)
+    assert all(np.isfinite(w).all() for w in out.weights.values())
+    assert update_norm(out.weights, start) > 0
+    summary = evaluate_round(site, study, plan, out.weights, 1)
+    assert summary["num-examples"] == 3 and 0.0 <= summary["dsc-median"] <= 1.0
