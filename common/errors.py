@@ -9,24 +9,22 @@ class FedBiopsyError(Exception):
     """Base class of every error fedbiopsy raises on purpose."""
 
 
-class ConfigError(FedBiopsyError):
+class FileProblemError(FedBiopsyError):
+    """Something wrong with one file: the file, the problem and the fix."""
+
+    def __init__(self, path: Path | str, problem: str, fix: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{path}: {problem}. Fix: {fix}")
+
+
+class ConfigError(FileProblemError):
     """A study or site configuration file is malformed."""
 
-    def __init__(self, path: Path | str, problem: str, fix: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{path}: {problem}. Fix: {fix}")
 
-
-class SiteDataError(FedBiopsyError):
+class SiteDataError(FileProblemError):
     """A file of a site's cohort cannot be used as it is."""
-
-    def __init__(self, path: Path | str, problem: str, fix: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{path}: {problem}. Fix: {fix}")
 
 
 class PolicyError(FedBiopsyError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from common.errors import ConfigError, FedBiopsyError, SiteDataError
+from common.errors import ConfigError, FedBiopsyError, FileProblemError, SiteDataError
 from common.imageio import geometry_mismatches, read_image
 from common.sitedata import (
     Case,
@@ -72,7 +72,7 @@ class SiteReport:
 
 
 def _problem(err: FedBiopsyError) -> Problem:
-    if isinstance(err, (ConfigError, SiteDataError)):
+    if isinstance(err, FileProblemError):
         return Problem(err.path, err.problem, err.fix)
     return Problem("", str(err), "")
 
