@@ -48,7 +48,7 @@ class SimulationConfig(_Frozen):
     unlabelled: int = Field(0, ge=0)  # patients per site without a mask, for the federated model to segment
 
 
-class SegmentationDPConfig(_Frozen):
+class DPSGDConfig(_Frozen):
     """Patient-level DP-SGD (Opacus) inside each site's local step; the noise is sized for the whole schedule."""
 
     enabled: bool = False
@@ -57,6 +57,10 @@ class SegmentationDPConfig(_Frozen):
     max_grad_norm: float = Field(1.0, gt=0)
     noise_multiplier: float | None = Field(None, gt=0)  # None: derived from target_epsilon and the schedule
     accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class SegmentationDPConfig(DPSGDConfig):
+    """DP-SGD of the segmentation network at each site."""
 
 
 class SegmentationConfig(_Frozen):
@@ -272,15 +276,9 @@ class ReductionConfig(_Frozen):
         return v
 
 
-class ClassifierDPConfig(_Frozen):
-    """Patient-level DP-SGD (Opacus) of the feature classifiers at each site; sized for the whole schedule."""
+class ClassifierDPConfig(DPSGDConfig):
+    """DP-SGD of the feature classifiers at each site; sized for the whole schedule."""
 
-    enabled: bool = False
-    target_epsilon: float = Field(8.0, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    noise_multiplier: float | None = Field(None, gt=0)  # None: derived from target_epsilon and the schedule
-    accountant: Literal["rdp", "prv"] = "rdp"
     batch_size: int = Field(8, ge=1)  # distinct patients per private step (sampling rate batch / cases)
 
 

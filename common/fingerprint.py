@@ -16,6 +16,7 @@ import numpy as np
 
 from common.errors import PolicyError, ProtocolError
 from common.hashing import sha256_json
+from common.replies import reply_field
 
 Payload = dict[str, object]
 
@@ -66,12 +67,7 @@ def case_manifest_hash(case_files: Mapping[str, Mapping[str, str]], extra: Mappi
 
 
 def _field(site: str, reply: Mapping[str, object], key: str) -> np.ndarray:
-    if key not in reply:
-        raise ProtocolError(site, f"fingerprint reply lacks {key!r}", "run the same fedbiopsy version at every site")
-    value = np.asarray(reply[key], dtype=np.float64)
-    if not np.all(np.isfinite(value)):
-        raise ProtocolError(site, f"fingerprint field {key!r} is not finite", "validate the site's images")
-    return value
+    return reply_field(site, reply, key, "fingerprint", "validate the site's images")
 
 
 def aggregate_fingerprints(replies: Mapping[str, Mapping[str, object]], sequences: Sequence[str]) -> dict:

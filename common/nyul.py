@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from common.errors import PolicyError, ProtocolError
+from common.replies import reply_field
 
 Payload = dict[str, object]
 
@@ -60,12 +61,7 @@ def site_nyul(site_id: str, cases: Sequence[Mapping[str, np.ndarray]], sequences
 
 
 def _field(site: str, reply: Mapping[str, object], key: str) -> np.ndarray:
-    if key not in reply:
-        raise ProtocolError(site, f"Nyúl reply lacks {key!r}", "run the same fedbiopsy version at every site")
-    value = np.asarray(reply[key], dtype=np.float64)
-    if not np.all(np.isfinite(value)):
-        raise ProtocolError(site, f"Nyúl field {key!r} is not finite", "check the site's images for constant volumes")
-    return value
+    return reply_field(site, reply, key, "Nyúl", "check the site's images for constant volumes")
 
 
 def aggregate_nyul(replies: Mapping[str, Mapping[str, object]], sequences: Sequence[str]) -> dict:

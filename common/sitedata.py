@@ -140,7 +140,8 @@ class Site:
         return pd.DataFrame([c.clinical for c in self.cases]).set_index("patient_id")
 
 
-def case_paths(site_dir: Path, patient_id: str, sequences: tuple[str, ...]) -> tuple[dict[str, Path | None], Path | None]:
+def case_paths(site_dir: Path, patient_id: str,
+               sequences: tuple[str, ...]) -> tuple[dict[str, Path | None], Path | None]:
     """Where a case's images and mask are (None where no file exists)."""
     images = {seq: find_image(site_dir / "images" / patient_id, seq) for seq in sequences}
     mask = find_image(site_dir / "masks", patient_id)

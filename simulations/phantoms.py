@@ -262,7 +262,8 @@ def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, s
     for p in range(patients):
         ph = simulate_patient(index, p, size=size, seed=seed, scanner=scanner, bias_seed=bias_seed)
         for seq, arr in ph.images.items():
-            write_image(array_to_image(arr, ph.spacing, ph.origin), site_dir / "images" / ph.patient_id / f"{seq}.nii.gz")
+            write_image(array_to_image(arr, ph.spacing, ph.origin),
+                        site_dir / "images" / ph.patient_id / f"{seq}.nii.gz")
         labelled = p < patients - unlabelled
         mask_path = (site_dir / "masks" / f"{ph.patient_id}.nii.gz" if labelled
                      else site_dir / "truth" / f"{ph.patient_id}_mask.nii.gz")

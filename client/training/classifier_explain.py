@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from client.training.overlays import save_planes
+
 log = logging.getLogger(__name__)
 
 
@@ -85,26 +87,5 @@ def cam_in_tumour(maps: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
 def save_gradcam_overlay(crop: np.ndarray, mask: np.ndarray, cam: np.ndarray, path: Path | str,
                          title: str = "") -> Path:
     """Three orthogonal slices through the tumour centre: first channel in grey, Grad-CAM as heat, tumour outline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = np.asarray(mask) > 0
-    centre = [int(round(c)) for c in np.argwhere(t).mean(axis=0)] if t.any() else [s // 2 for s in t.shape]
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    for ax, axis in zip(axes, range(3), strict=True):
-        sl: list[slice | int] = [slice(None)] * 3
-        sl[axis] = centre[axis]
-        ax.imshow(crop[0][tuple(sl)], cmap="gray")
-        ax.imshow(cam[tuple(sl)], cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
-        if t[tuple(sl)].any():
-            ax.contour(t[tuple(sl)].astype(float), levels=[0.5], colors="white", linewidths=1.0)
-        ax.set_axis_off()
-        ax.set_title(["axial", "coronal", "sagittal"][axis], fontsize=8)
-    fig.suptitle(f"{title}  (Grad-CAM; white: tumour)", fontsize=9)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_planes(crop[0], mask, path, f"{title}  (Grad-CAM; white: tumour)", contours=((mask, "white"),),
+                       heat=cam)

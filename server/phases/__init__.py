@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from server.phases import features, fingerprint, rollcall
-from server.phases import outcomes
-from server.phases import harmonisation, reduction
-from server.phases import segmentation
-from server.phases import preprocessing
-from server.phases import classifier
-from server.phases import report
-from server.phases import inference
+from server.phases import (
+    classifier,
+    features,
+    fingerprint,
+    harmonisation,
+    inference,
+    outcomes,
+    preprocessing,
+    reduction,
+    report,
+    rollcall,
+    segmentation,
+)
 from server.phases.base import Phase, PhaseContext
 
 PHASES: dict[str, Phase] = {

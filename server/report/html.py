@@ -43,7 +43,9 @@ figcaption{font-size:.85em;color:#555;max-width:520px} .muted{color:#777} nav a{
 <section id="{{ s.id }}" data-section="{{ s.id }}"><h2>{{ s.title }}</h2>
 {% if not s.ran %}<p class="missing">This phase did not run in this study.</p>{% endif %}
 {{ s.body | safe }}
-{% for uri, caption in s.images %}<figure><img src="{{ uri }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>{% endfor %}
+{% for uri, caption in s.images %}
+<figure><img src="{{ uri }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>
+{% endfor %}
 </section>
 {% endfor %}
 <script>

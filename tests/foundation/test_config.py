@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from common.config import load_study_config
 from common.errors import ConfigError
@@ -12,7 +13,7 @@ def test_default_study_loads_and_hash_is_stable_and_content_sensitive(tmp_path) 
     a, b = load_study_config(), load_study_config()
     assert a.hash == b.hash and len(a.hash) == 64
     assert load_study_config(seed=1).hash != a.hash
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(ValidationError):  # frozen
         a.seed = 3  # type: ignore[misc]
 
 

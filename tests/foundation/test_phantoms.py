@@ -106,12 +106,14 @@ def test_site_effects_are_as_configured() -> None:
         scanner, _ = scanner_for_site(index, 0)
         p = simulate_patient(index, 0, size=48, seed=0)
         body = p.tissues == TISSUES["body"]
-        expected = scanner.intensity_scale * TISSUE_SIGNAL["CET1"][1] * np.median(p.bias[body]) + scanner.intensity_offset
+        signal = TISSUE_SIGNAL["CET1"][1]
+        expected = scanner.intensity_scale * signal * np.median(p.bias[body]) + scanner.intensity_offset
         assert np.median(p.images["CET1"][body]) == pytest.approx(expected, rel=0.04)
         # Rician noise: far from the body the magnitude is Rayleigh with the configured sigma.
         bg = p.tissues == 0
         far = ~ndimage.binary_dilation(~bg, iterations=3) & bg
-        sigma = (p.images["T2w"][far] - scanner.intensity_offset).mean() / (scanner.intensity_scale * np.sqrt(np.pi / 2))
+        rayleigh_mean = (p.images["T2w"][far] - scanner.intensity_offset).mean()
+        sigma = rayleigh_mean / (scanner.intensity_scale * np.sqrt(np.pi / 2))
         assert sigma == pytest.approx(scanner.noise_sigma * 1000.0, rel=0.1)
 
 
