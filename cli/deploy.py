@@ -46,7 +46,8 @@ def local(
 ) -> None:
     """Start a real SuperLink and one SuperNode per site on 127.0.0.1, run the study with `flwr run`, stop all."""
     from common.config import DEFAULT_STUDY, load_study_config
-    from deploy.local import DeploymentError, LocalFederation
+    from deploy.local import LocalFederation
+    from deploy.supervision import DeploymentError
     from simulations.phantoms import simulate_sites
 
     _interrupt_on_sigterm()

@@ -54,9 +54,9 @@ def extract(
     """
     from rich.table import Table
 
-    from client.features.config import load_radiomics_settings
     from client.features.table import extract_cases
     from common.errors import ConfigError
+    from common.features.settings import load_radiomics_settings
     from common.validation import load_site
 
     target = _parse_spacing(spacing, plan)

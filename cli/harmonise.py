@@ -24,7 +24,7 @@ def harmonise(
                                                     help="Write the model extended with new batches here.")] = None,
 ) -> None:
     """Harmonise a site's feature table with a stored ComBat model."""
-    from client.steps.combat import harmonise_with_model
+    from client.steps.harmonisation import harmonise_with_model
     from common.combat_model import CombatModel
     from common.validation import load_site
 

@@ -1,8 +1,9 @@
-"""The hospital's Flower ClientApp: a thin adapter from messages to the site steps.
+"""The hospital's Flower ClientApp: one thin adapter from messages to the site steps of :mod:`client.steps`.
 
-The site directory comes from the SuperNode's ``--node-config 'data-path="/data/site"'``. Every request
-is checked against the site's policy (``site.yaml``) before any computation; a refusal is answered with
-an error reply naming the rule, and logged locally.
+The site directory comes from the SuperNode's ``--node-config 'data-path="/data/site"'``. Every message,
+whatever its protocol, goes through :func:`handle`: decode, check the site's policy once, run the step,
+encode the aggregate reply. A refusal or a failure is answered with one kind of error reply naming the rule
+or the problem, and a refusal is logged locally. This is the only client module that imports Flower.
 """
 
 from __future__ import annotations
@@ -11,24 +12,46 @@ import json
 import logging
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.apphash import running_app_hash
 from client.policy import check_request, record_refusal
-from client.records import decode, encode
 from client.sitecache import load_site_cached
 from client.steps import SITE_STEPS, SiteStep
 from common.config import StudyConfig
 from common.errors import ConfigError, FedBiopsyError, PolicyError
+from common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ERROR_DATA,
+    ERROR_INTERNAL,
+    ERROR_POLICY,
+    SITE_ID_KEY,
+    STUDY_KEY,
+    Payload,
+    from_wire,
+    message_type,
+    to_wire,
+)
 from common.sitedata import Site
 
 log = logging.getLogger("fedbiopsy.client")
 DATA_PATH_KEY = "data-path"
-STUDY_KEY = "study-config-json"
-ERROR_POLICY = 403
-ERROR_DATA = 422
-ERROR_INTERNAL = 500
+
+
+def encode(payload: Payload) -> RecordDict:
+    """A reply payload as a message's content (one ArrayRecord, one ConfigRecord)."""
+    arrays, config = to_wire(payload)
+    return RecordDict({ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                       CONFIG_KEY: ConfigRecord(config)})  # type: ignore[arg-type]
+
+
+def decode(content: RecordDict) -> Payload:
+    """A request message's content as a payload."""
+    arrays = content.array_records.get(ARRAYS_KEY)
+    config = content.config_records.get(CONFIG_KEY)
+    return from_wire({k: a.numpy() for k, a in (arrays or {}).items()}, dict(config or {}))
 
 
 def site_dir_from_context(context: Context) -> Path:
@@ -51,7 +74,7 @@ def handle(step: SiteStep, msg: Message, context: Context) -> Message:
         app_hash = running_app_hash() if site.config.policy.approved_apps else None
         check_request(site.config, step.phase, study.hash, step.n_cases(site), app_hash=app_hash)
         reply = step.run(site, study, payload)
-        reply["site_id"] = site.site_id
+        reply[SITE_ID_KEY] = site.site_id
         return Message(encode(reply), reply_to=msg)
     except FedBiopsyError as err:
         code = ERROR_POLICY if isinstance(err, PolicyError) else ERROR_DATA
@@ -66,20 +89,15 @@ def handle(step: SiteStep, msg: Message, context: Context) -> Message:
 
 
 def build_client_app(mods: list | None = None) -> ClientApp:
-    """A ClientApp answering every query action of :data:`client.steps.SITE_STEPS`."""
+    """A ClientApp answering every action of :data:`client.steps.SITE_STEPS` through :func:`handle`."""
     client_app = ClientApp(mods=mods or [])
     for action, step in SITE_STEPS.items():
         def handler(msg: Message, context: Context, _step: SiteStep = step) -> Message:
             return handle(_step, msg, context)
 
-        client_app.query(action)(handler)
-    from client.segmentation_handlers import evaluate_handler, train_handler  # noqa: PLC0415 (imports this module)
-
-    client_app.train()(train_handler)
-    client_app.evaluate()(evaluate_handler)
-    from client.classifier_handlers import register_classifier  # noqa: PLC0415 (imports this module)
-
-    register_classifier(client_app)
+        category, _, name = message_type(action).partition(".")
+        register = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}[category]
+        register(name)(handler)
     return client_app
 
 

@@ -17,21 +17,19 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from common.combat_model import (
-    CombatDataError,
-    CombatModel,
-    CombatOptions,
-    CombatSpec,
-    Moments,
+from common.combat_design import (
     batch_index,
     covariate_effect,
     design_matrix,
-    estimate_batches,
     grand_mean,
     pooled_variance,
     solve_design,
     standardise,
 )
+from common.combat_eb import estimate_batches
+from common.combat_model import CombatModel
+from common.combat_spec import CombatDataError, CombatOptions, CombatSpec
+from common.pooled_moments import GroupMoments
 
 
 class ComBat:
@@ -50,10 +48,12 @@ class ComBat:
 
     # scikit-learn's parameter protocol (enough for clone / repr without importing scikit-learn)
     def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters (scikit-learn's contract)."""
         return {k: getattr(self, k) for k in ("batch", "categorical", "continuous", "eb", "parametric",
                                               "mean_only", "ref_batch")}
 
     def set_params(self, **params: object) -> ComBat:
+        """Set constructor parameters (scikit-learn's contract); returns self."""
         for key, value in params.items():
             if key not in self.get_params():
                 raise ValueError(f"unknown parameter {key!r} of ComBat")
@@ -66,6 +66,7 @@ class ComBat:
 
     @property
     def options(self) -> CombatOptions:
+        """The parameters as :class:`CombatOptions`."""
         return CombatOptions(batch=self.batch, categorical=self.categorical, continuous=self.continuous, eb=self.eb,
                              parametric=self.parametric, mean_only=self.mean_only, ref_batch=self.ref_batch)
 
@@ -123,7 +124,7 @@ class ComBat:
         var_pooled = pooled_variance(rss, spec)
         mod = covariate_effect(spec, beta, covariates, y.shape[0])
         s = standardise(y, mod, grand, var_pooled)
-        estimates = estimate_batches(Moments.of(s, index, spec.n_batch), options, spec.ref_index)
+        estimates = estimate_batches(GroupMoments.of(s, index, spec.n_batch), options, spec.ref_index)
         self.model_ = CombatModel(spec=spec, beta=beta, grand_mean=grand, var_pooled=var_pooled, estimates=estimates)
         self._set_state()
         return self

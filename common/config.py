@@ -188,7 +188,7 @@ class PreprocessingConfig(_Frozen):
 class FeaturesConfig(_Frozen):
     """Radiomics at each site (they never leave it): the settings YAML and the worker processes.
 
-    ``settings`` is a packaged settings name (``client/features/settings/<name>.yaml``) or a path to a YAML.
+    ``settings`` is a packaged settings name (``common/features/settings_files/<name>.yaml``) or a path to a YAML.
     """
 
     settings: str = "default"

@@ -22,6 +22,9 @@ difference of consecutive risk sets spans at least ``min_cell`` patients, and a 
 (``min_events_per_time``) to send tie sums over fewer than that many events. When the covariates are
 group indicators (Cox on cluster membership) every sum is a function of the per-group event table already
 released for Kaplan-Meier and log-rank, and nothing further is disclosed.
+
+The rounds over a site's cohort are in :mod:`common.outcomes_site`, the driver is
+:func:`common.outcomes.run_cox`.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from common.errors import PolicyError, ProtocolError
 from common.pooled_moments import check_matrix
+from common.protocol import Payload
 
 log = logging.getLogger(__name__)
-Payload = dict[str, object]
 SUM_KEYS: tuple[str, ...] = ("risk_count", "s0", "s1", "s2", "death_count", "d0", "d1", "d2", "x_death")
 
 
@@ -276,7 +280,12 @@ class CoxResult:
     n_iter: int
     converged: bool
 
+    def coefficients(self) -> pd.Series:
+        """The coefficients as lifelines' ``params_``: a Series named ``coef``, indexed by ``covariate``."""
+        return pd.Series(self.params, index=pd.Index(list(self.names), name="covariate"), name="coef")
+
     def summary(self, alpha: float = 0.05) -> dict:
+        """Per covariate: coefficient, standard error, hazard ratio with its ``1 - alpha`` interval, Wald p."""
         from scipy import stats
 
         z = stats.norm.ppf(1 - alpha / 2)

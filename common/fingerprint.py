@@ -16,9 +16,10 @@ import numpy as np
 
 from common.errors import PolicyError, ProtocolError
 from common.hashing import sha256_json
+from common.protocol import Payload, Query
 from common.replies import reply_field
 
-Payload = dict[str, object]
+FINGERPRINT = "fingerprint"  # the one round: each site measures its cases with masks
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,19 @@ def aggregate_fingerprints(replies: Mapping[str, Mapping[str, object]], sequence
         }
     result["target_spacing"] = result["spacing_median"]
     return result
+
+
+def run_fingerprint(query: Query, sequences: Sequence[str]) -> dict:
+    """Drive the fingerprint round: the merged fingerprint, each site's scanner and its data version.
+
+    The data versions (manifest hash and case count per site) go to the registry; never a patient identifier.
+    """
+    replies = query(FINGERPRINT, {})
+    merged = aggregate_fingerprints(replies, sequences)
+    merged["scanners"] = {s: {"vendor": r.get("vendor"), "field_strength": r.get("field_strength")}
+                          for s, r in replies.items()}
+    merged["data_fingerprints"] = {
+        s: {"manifest_hash": r.get("manifest_hash"), "n_cases": int(r.get("manifest_cases", r["n_cases"]))}  # type: ignore[call-overload]
+        for s, r in replies.items()
+    }
+    return merged

@@ -49,3 +49,8 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (study seed, site id, round...), the same on every machine."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little") & 0x7FFFFFFF

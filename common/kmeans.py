@@ -19,6 +19,9 @@ Privacy: a cluster sum over one patient is that patient's feature vector. With `
 withholds the sum and count of every cluster holding fewer than ``min_cell`` of its patients (those
 patients still get labels; they only do not move the centres), so the result is exact only where every
 site's policy allows small cells (``min_cell = 1``).
+
+The rounds over a site's cohort are in :mod:`common.outcomes_site`, the driver is
+:func:`common.outcomes.run_kmeans`.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ import numpy as np
 
 from common.errors import ProtocolError
 from common.pooled_moments import Moments, check_matrix, require_cohort
+from common.protocol import Payload
 
 log = logging.getLogger(__name__)
-Payload = dict[str, object]
 
 
 def assign_labels(X: np.ndarray, centres: np.ndarray) -> np.ndarray:

@@ -18,6 +18,9 @@ joins the last released cell; a group with fewer than ``min_cell`` patients at a
 survival values and intervals, medians and the log-rank statistic (patients are counted at risk until
 their cell is released); what does not: the number of patients and events per group (unless a group is
 suppressed). The federated result then equals lifelines on the pooled *released* data.
+
+The round over a site's cohort is in :mod:`common.outcomes_site`, the driver is
+:func:`common.outcomes.run_survival`.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import pandas as pd
 
 from common.errors import ProtocolError
 from common.pooled_moments import require_cohort
+from common.protocol import Payload
 
 log = logging.getLogger(__name__)
-Payload = dict[str, object]
 EXACT = "exact"
 BINNED = "binned"
 

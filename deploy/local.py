@@ -5,8 +5,9 @@ would), telemetry and update checks are off and runtime dependency installation 
 in this environment, as on an offline hospital machine). With TLS (the default) the SuperLink serves a
 certificate signed by a fresh study CA and authenticates SuperNodes: each site's EC P-384 public key is
 registered with ``flwr supernode register`` before its SuperNode starts. A study is submitted with
-``flwr run`` and its log streamed; every process started here is stopped (by pid, with its descendants)
-when the federation is closed, on error or on Ctrl-C.
+``flwr run`` and its log streamed (:mod:`deploy.runs`); every process started here is stopped (by pid, with
+its descendants, :mod:`deploy.processes`) when the federation is closed, on error or on Ctrl-C. How a process
+is seen to be up is :mod:`deploy.supervision`.
 
     with LocalFederation(site_dirs, work_dir) as fed:
         outcome = fed.run_study(study_yaml, result_dir)
@@ -14,78 +15,37 @@ when the federation is closed, on error or on Ctrl-C.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import queue
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from common.errors import ConfigError, FedBiopsyError
+from common.errors import ConfigError
 from common.sitedata import load_site_config
+from deploy import runs
 from deploy.app import REPO_ROOT, stage_app
 from deploy.certificates import StudyPki, create_node_keys, create_study_pki, flwr_env, register_node
 from deploy.processes import Processes, flower_command
+from deploy.runs import RunOutcome
+from deploy.supervision import (
+    CONNECTION,
+    DeploymentError,
+    base_env,
+    free_port,
+    log_since,
+    log_size,
+    port_open,
+    wait_for,
+)
 
 log = logging.getLogger(__name__)
-CONNECTION = "fedbiopsy"
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
-_STREAM_START = re.compile(r"Starting logstream for run_id")
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
-
-class DeploymentError(FedBiopsyError):
-    """The local federation could not start, or a run on it did not finish."""
-
-
-@dataclass
-class RunOutcome:
-    """What a submitted study gave: its run id, final status, result folder and streamed log lines."""
-
-    run_id: int | None
-    status: str
-    result_dir: Path
-    log_lines: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    reattached: int = 0  # times the log stream was re-attached after the SuperLink came back
-
-    @property
-    def completed(self) -> bool:
-        return self.status == "finished:completed" and (self.result_dir / "study.json").is_file()
-
-    def summary(self) -> dict:
-        """``study.json`` of the run (raises when the run wrote none)."""
-        path = self.result_dir / "study.json"
-        if not path.is_file():
-            raise DeploymentError(f"run {self.run_id} ({self.status}) wrote no {path}")
-        return json.loads(path.read_text())
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def base_env() -> dict[str, str]:
-    """Environment of every Flower process: telemetry, update checks and runtime installs off."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
-    return env
+__all__ = ["LocalFederation", "SiteNode"]
 
 
 @dataclass
@@ -220,11 +180,11 @@ class LocalFederation:
     def start_superlink(self) -> None:
         """Start the SuperLink (its state persists in ``superlink/state.db``) and wait until it serves."""
         self.superlink_home.mkdir(parents=True, exist_ok=True)
-        offset = self._log_size("superlink")
+        offset = log_size(self.processes, "superlink")
         proc = self.processes.start("superlink", self.superlink_command(), self._env(self.superlink_home),
                                     cwd=self.superlink_home)
-        self._wait_for(lambda: "Uvicorn running on" in self._log_since("superlink", offset) and self._port_open(),
-                       "superlink", f"the SuperLink (pid {proc.pid}) to serve {self.address}")
+        self._wait_for(lambda: "Uvicorn running on" in log_since(self.processes, "superlink", offset)
+                       and port_open(self.port), "superlink", f"the SuperLink (pid {proc.pid}) to serve {self.address}")
         superexec = self.processes.managed.get("superexec")
         if self.separate_superexec and (superexec is None or not superexec.running()):
             self.processes.start("superexec", self.superexec_command(), self._env(self.superlink_home),
@@ -240,6 +200,7 @@ class LocalFederation:
         self.start_superlink()
 
     def superlink_running(self) -> bool:
+        """Whether the SuperLink process is alive."""
         proc = self.processes.managed.get("superlink")
         return proc is not None and proc.running()
 
@@ -281,7 +242,7 @@ class LocalFederation:
         """Start a site's SuperNode; with ``wait``, return once it is connected (its node id is logged)."""
         node = self.nodes[name]
         node.home.mkdir(parents=True, exist_ok=True)
-        self._offsets[name] = self._log_size(self._node_proc(name))
+        self._offsets[name] = log_size(self.processes, self._node_proc(name))
         self.processes.start(self._node_proc(name), self.supernode_command(name), self._env(node.home),
                              cwd=node.home)
         if wait:
@@ -291,9 +252,9 @@ class LocalFederation:
         """Wait until a site's SuperNode logs its node id (it is connected); returns the id."""
         proc = self._node_proc(name)
         offset = self._offsets.get(name, 0)
-        self._wait_for(lambda: _NODE_ID.search(self._log_since(proc, offset)) is not None, proc,
+        self._wait_for(lambda: _NODE_ID.search(log_since(self.processes, proc, offset)) is not None, proc,
                        f"SuperNode {name} to connect to {self.address}", timeout_s)
-        match = _NODE_ID.search(self._log_since(proc, offset))
+        match = _NODE_ID.search(log_since(self.processes, proc, offset))
         node_id = int(match.group(1)) if match else -1
         node = self.nodes[name]
         if node.node_id is not None and node.node_id != node_id:
@@ -327,144 +288,47 @@ class LocalFederation:
         (self.processes.kill if crash else self.processes.stop)(self._node_proc(name))
 
     def node_running(self, name: str) -> bool:
+        """Whether a site's SuperNode process is alive."""
         proc = self.processes.managed.get(self._node_proc(name))
         return proc is not None and proc.running()
 
     def node_log(self, name: str) -> str:
+        """The end (100 kB) of a site's SuperNode log."""
         proc = self.processes.managed.get(self._node_proc(name))
         return proc.log_tail(100_000) if proc else ""
 
-    # -- runs --------------------------------------------------------------------------------------------------
+    # -- runs (deploy.runs) ------------------------------------------------------------------------------------
     def run_study(self, study_path: Path, result_dir: Path, timeout_s: float = 1800.0,
                   on_line: Callable[[str], None] | None = None, extra_config: dict[str, object] | None = None,
                   restart_grace_s: float = 120.0) -> RunOutcome:
-        """Submit the study with ``flwr run --stream`` and follow its log until the run ends.
+        """Submit the study with ``flwr run --stream`` and follow it to its end (:func:`deploy.runs.run_study`)."""
+        return runs.run_study(self, study_path, result_dir, timeout_s, on_line, extra_config, restart_grace_s)
 
-        The run config passes ``study-config`` and ``result-dir`` (absolute paths: the ServerApp runs on
-        this machine). When the log stream breaks because the SuperLink went away, this waits up to
-        ``restart_grace_s`` for it to come back and re-attaches (``flwr log --stream``): with the SuperExec
-        separate from the SuperLink the ServerApp survives a SuperLink restart and the study resumes. The
-        returned status is Flower's (``finished:completed``, ``finished:failed``, ...) or one of
-        ``superlink lost``, ``interrupted`` (the ServerApp died with the SuperLink), ``timed out``.
-        """
-        if self.app_dir is None:
-            raise DeploymentError("the federation is not started")
-        result_dir = Path(result_dir).resolve()
-        config = {"study-config": str(Path(study_path).resolve()), "result-dir": str(result_dir),
-                  **(extra_config or {})}
-        run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-        cmd = [flower_command("flwr"), "run", str(self.app_dir), CONNECTION, "--run-config", run_config, "--stream"]
-        outcome = RunOutcome(None, "not started", result_dir)
-        start = time.monotonic()
-        deadline = start + timeout_s
-        streamed: list[str] = []  # the run's log lines shown so far (a re-attached stream replays them)
-        superlink_pid = self._superlink_pid()
-        while True:
-            self._follow(cmd, outcome, streamed, deadline, on_line or _log_line)
-            if outcome.run_id is None:
-                break
-            if time.monotonic() > deadline:
-                outcome.status = "timed out"
-                self.stop_run(outcome.run_id)
-                break
-            if not self._wait_superlink(min(restart_grace_s, max(0.0, deadline - time.monotonic()))):
-                outcome.status = "superlink lost"
-                break
-            if self._superlink_pid() != superlink_pid and not self.separate_superexec:
-                outcome.status = "interrupted"
-                self.stop_run(outcome.run_id)
-                break
-            outcome.status = self.run_status(outcome.run_id, wait_s=5.0)
-            if outcome.status.startswith("finished"):
-                break
-            log.warning("the log stream of run %s ended while the run is %s (SuperLink restart?); re-attaching",
-                        outcome.run_id, outcome.status)
-            outcome.reattached += 1
-            cmd = [flower_command("flwr"), "log", str(outcome.run_id), CONNECTION, "--stream"]
-        outcome.seconds = time.monotonic() - start
-        return outcome
+    def run_status(self, run_id: int | None, wait_s: float = 20.0) -> str:
+        """A run's status as ``flwr ls`` reports it, once it has finished (:func:`deploy.runs.run_status`)."""
+        return runs.run_status(self, run_id, wait_s)
 
-    def _follow(self, cmd: list[str], outcome: RunOutcome, streamed: list[str], deadline: float,
-                on_line: Callable[[str], None]) -> None:
-        """Run a streaming ``flwr`` command until it ends, the SuperLink is gone or the deadline passes."""
-        lines: queue.Queue[str | None] = queue.Queue()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self._env(self.cli_home), cwd=self.cli_home, text=True, errors="replace",
-                                start_new_session=True)
-        reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
-        reader.start()
-        in_stream = False
-        replayed = 0
-        first = not streamed
-        lost_at: float | None = None
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    line = lines.get(timeout=0.5)
-                except queue.Empty:
-                    line = ""
-                if line is None:
-                    return
-                if line and _STREAM_START.search(line):
-                    in_stream = True
-                if line and not in_stream:
-                    if outcome.run_id is None and (m := _RUN_ID.search(line)):
-                        outcome.run_id = int(m.group(1))
-                    if first:
-                        outcome.log_lines.append(line)
-                        on_line(line)
-                elif line and not _STREAM_START.search(line):
-                    if replayed < len(streamed) and streamed[replayed] == line:
-                        replayed += 1  # already shown before the stream broke
-                        continue
-                    streamed.append(line)
-                    replayed = len(streamed)
-                    outcome.log_lines.append(line)
-                    on_line(line)
-                if self.superlink_running():
-                    lost_at = None
-                elif time.monotonic() - (lost_at := lost_at or time.monotonic()) > 5.0:
-                    return
-        finally:
-            _stop_popen(proc)
-            reader.join(timeout=5)
+    def stop_run(self, run_id: int) -> None:
+        """Ask the SuperLink to stop a run (``flwr stop``)."""
+        runs.stop_run(self, run_id)
 
-    def _superlink_pid(self) -> int | None:
+    def superlink_pid(self) -> int | None:
+        """The pid of the SuperLink started last (None before the first start)."""
         proc = self.processes.managed.get("superlink")
         return proc.pid if proc is not None else None
 
-    def _wait_superlink(self, timeout_s: float) -> bool:
+    def wait_superlink(self, timeout_s: float) -> bool:
         """Whether the SuperLink serves (again) within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while not (self.superlink_running() and self._port_open()):
+        while not (self.superlink_running() and port_open(self.port)):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
         return True
 
-    def run_status(self, run_id: int | None, wait_s: float = 20.0) -> str:
-        """A run's status as ``flwr ls`` reports it (e.g. ``finished:completed``), once it has finished."""
-        if run_id is None:
-            return "not started"
-        deadline = time.monotonic() + wait_s
-        status = "unknown"
-        while True:
-            proc = subprocess.run([flower_command("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format",
-                                   "json"], env=self._env(self.cli_home), cwd=self.cli_home, capture_output=True,
-                                  text=True, timeout=60, check=False)
-            try:
-                runs = json.loads(proc.stdout[proc.stdout.find("{"):]).get("runs", [])
-                status = str(runs[0]["status"]) if runs else "unknown"
-            except (json.JSONDecodeError, KeyError, IndexError):
-                status = "unknown"
-            if status.startswith("finished") or time.monotonic() > deadline:
-                return status
-            time.sleep(0.5)
-
-    def stop_run(self, run_id: int) -> None:
-        """Ask the SuperLink to stop a run (``flwr stop``)."""
-        subprocess.run([flower_command("flwr"), "stop", str(run_id), CONNECTION], env=self._env(self.cli_home),
-                       cwd=self.cli_home, capture_output=True, text=True, timeout=60, check=False)
+    def cli_env(self) -> dict[str, str]:
+        """The environment of the ``flwr`` CLI commands (its ``FLWR_HOME`` holds the connection's config)."""
+        return self._env(self.cli_home)
 
     # -- helpers -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -484,56 +348,5 @@ class LocalFederation:
         (self.cli_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n' + "\n".join(conn) + "\n")
 
-    def _port_open(self) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-            return True
-        return False
-
-    def _log_size(self, proc_name: str) -> int:
-        path = self.processes.log_dir / f"{proc_name}.log"
-        return path.stat().st_size if path.is_file() else 0
-
-    def _log_since(self, proc_name: str, offset: int) -> str:
-        path = self.processes.log_dir / f"{proc_name}.log"
-        if not path.is_file():
-            return ""
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            return fh.read().decode(errors="replace")
-
     def _wait_for(self, ready: Callable[[], bool], proc_name: str, what: str, timeout_s: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
-        proc = self.processes.managed[proc_name]
-        while not ready():
-            if not proc.running():
-                raise DeploymentError(f"waiting for {what}: the process exited with code {proc.popen.returncode}; "
-                                      f"its log ({proc.log_path}) ends with:\n{proc.log_tail()}")
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"waiting for {what}: nothing after {timeout_s or self.startup_timeout_s:.0f}s;"
-                                      f" its log ({proc.log_path}) ends with:\n{proc.log_tail()}")
-            time.sleep(0.1)
-
-
-def _pump(stream: object, out: queue.Queue[str | None]) -> None:
-    for line in stream:  # type: ignore[attr-defined]
-        out.put(line.rstrip("\n"))
-    out.put(None)
-
-
-def _stop_popen(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _log_line(line: str) -> None:
-    log.info("%s", _ANSI.sub("", line))
+        wait_for(self.processes, ready, proc_name, what, timeout_s or self.startup_timeout_s)

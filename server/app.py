@@ -13,6 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import load_study_config
+from server.federation import Federation
 from server.study import run_study
 
 
@@ -39,7 +40,7 @@ def build_server_app(study_path: str | None = None, result_dir: str | None = Non
         _log_to_stderr()
         study = load_study_config(study_path or str(context.run_config.get("study-config", "")) or None)
         out = Path(result_dir or str(context.run_config.get("result-dir", "")) or "fedbiopsy-results")
-        run_study(grid, study, out)
+        run_study(Federation(grid, study), out)
 
     return server_app
 

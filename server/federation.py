@@ -1,4 +1,10 @@
-"""Talking to the sites through a Flower Grid: wait for them, query them, collect valid replies."""
+"""The server's one way to reach the sites: Flower messages through a Grid, as a protocol's ``query``.
+
+Every phase talks to the sites through :class:`FlowerQuery` (``ctx.query()``), the Flower implementation of
+:class:`common.protocol.Query`; the protocol drivers in ``common/`` call it exactly as tests call
+:class:`common.protocol.InMemoryQuery`. This module and ``server/app.py`` are the only server modules that
+import Flower's messaging.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +14,39 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from client.app import STUDY_KEY
-from client.records import decode, encode
 from common.config import StudyConfig
 from common.errors import FedBiopsyError
+from common.protocol import ARRAYS_KEY, CONFIG_KEY, SITE_ID_KEY, STUDY_KEY, Payload, from_wire, message_type, to_wire
 
 log = logging.getLogger("fedbiopsy.server")
 _UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
-Payload = dict[str, object]
 
 
 class NotEnoughSitesError(FedBiopsyError):
     """Fewer sites answered than the study's minimum."""
 
 
+def encode(payload: Mapping[str, object]) -> RecordDict:
+    """A payload as a message's content (one ArrayRecord, one ConfigRecord)."""
+    arrays, config = to_wire(payload)
+    return RecordDict({ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                       CONFIG_KEY: ConfigRecord(config)})  # type: ignore[arg-type]
+
+
+def decode(content: RecordDict) -> Payload:
+    """A message's content as a payload."""
+    arrays = content.array_records.get(ARRAYS_KEY)
+    config = content.config_records.get(CONFIG_KEY)
+    return from_wire({k: a.numpy() for k, a in (arrays or {}).items()}, dict(config or {}))
+
+
 @dataclass
 class QueryResult:
-    """Valid replies by site id, the refusals/errors by node, and the nodes that did not answer in time."""
+    """One round: valid replies by site id, the refusals/errors by node, and the nodes that did not answer."""
 
     replies: dict[str, Payload] = field(default_factory=dict)
     node_of_site: dict[str, int] = field(default_factory=dict)
@@ -36,62 +54,112 @@ class QueryResult:
     dropped: list[int] = field(default_factory=list)
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = 120.0) -> list[int]:
-    """The connected node ids, once at least ``minimum`` are there (raises after ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ids = sorted(grid.get_node_ids())
-        if len(ids) >= minimum:
-            return ids
-        if time.monotonic() > deadline:
-            raise NotEnoughSitesError(f"only {len(ids)} site(s) connected after {timeout_s:.0f}s; need {minimum}")
-        time.sleep(0.25)
+class Federation:
+    """The sites of one study run behind a Flower :class:`Grid` (simulation or deployment engine)."""
+
+    def __init__(self, grid: Grid, study: StudyConfig) -> None:
+        self.grid = grid
+        self.study = study
+        self.node_ids: list[int] = []
+
+    def connected(self) -> list[int]:
+        """The node ids connected now."""
+        return sorted(self.grid.get_node_ids())
+
+    def wait(self, minimum: int, timeout_s: float = 120.0) -> list[int]:
+        """The connected node ids, once at least ``minimum`` are there (raises after ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ids = self.connected()
+            if len(ids) >= minimum:
+                self.node_ids = ids
+                return ids
+            if time.monotonic() > deadline:
+                raise NotEnoughSitesError(f"only {len(ids)} site(s) connected after {timeout_s:.0f}s; need {minimum}")
+            time.sleep(0.25)
+
+    def query(self, nodes: list[int] | None = None, *, fixed: bool = True, minimum: int | None = None
+              ) -> FlowerQuery:
+        """A query over ``nodes`` (default: the nodes connected at the start of the run); see :class:`FlowerQuery`."""
+        return FlowerQuery(self, list(self.node_ids if nodes is None else nodes), fixed=fixed, minimum=minimum)
+
+    def send(self, action: str, payload: Mapping[str, object], nodes: list[int], minimum: int) -> QueryResult:
+        """One round: ``action`` with ``payload`` to ``nodes``; raises when fewer than ``minimum`` answer validly."""
+        study = self.study
+        body = dict(payload)
+        body[STUDY_KEY] = json.dumps(study.model_dump(mode="json"))
+        content = encode(body)
+        kind = message_type(action)
+        # the message expires with the round: a site that comes back later does not compute for nothing
+        messages = [Message(content, dst_node_id=node, message_type=kind, ttl=study.round_timeout_s) for node in nodes]
+        dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        result = QueryResult()
+        lost: set[int] = set()
+        for reply in self.grid.send_and_receive(messages, timeout=study.round_timeout_s):
+            # the SuperLink answers for a node it lost (crashed, lease expired): map the reply to its query
+            node = dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error() and reply.error.code in _UNAVAILABLE:
+                lost.add(node)
+            elif reply.has_error():
+                result.errors[node] = str(reply.error.reason)
+                log.warning("%s: node %s answered an error: %s", kind, node, reply.error.reason)
+            else:
+                content_in = decode(reply.content)
+                site_id = str(content_in.pop(SITE_ID_KEY, f"node-{node}"))
+                result.replies[site_id] = content_in
+                result.node_of_site[site_id] = node
+        answered = set(result.errors) | set(result.node_of_site.values())
+        result.dropped = [n for n in nodes if n not in answered]
+        if result.dropped:
+            log.warning("%s: node(s) %s dropped out (lost by the SuperLink: %s; no reply within %.0fs: %s)", kind,
+                        result.dropped, sorted(lost), study.round_timeout_s, sorted(set(result.dropped) - lost))
+        if len(result.replies) < minimum:
+            reasons = "; ".join(result.errors.values()) or "no reply within the round timeout"
+            raise NotEnoughSitesError(f"{kind}: {len(result.replies)} valid repl(ies), the study needs {minimum} "
+                                      f"({reasons})")
+        return result
 
 
-def query_sites(grid: Grid, action: str, study: StudyConfig, payload: Mapping[str, object] | None = None,
-                node_ids: list[int] | None = None, per_node: Mapping[int, Mapping[str, object]] | None = None,
-                minimum: int | None = None) -> QueryResult:
-    """Send ``query.<action>`` to every node and collect the replies.
+class FlowerQuery:
+    """``query(action, payload) -> {site_id: reply}`` over Flower messages (:class:`common.protocol.Query`).
 
-    ``payload`` goes to every node, ``per_node`` adds node-specific entries. Error replies are logged
-    with the site's reason; fewer valid replies than ``minimum`` (default: the study's) raise.
+    The first round goes to the given nodes and needs ``minimum`` valid replies (default: the study's
+    ``min_sites``); whoever answers it is the cohort, and every later round goes to the cohort. With
+    ``fixed`` (protocols that sum over rounds: ComBat, reduction, outcomes) every member must answer every
+    later round, since a partial sum would be silently wrong; without it (training rounds) a round completes
+    with ``minimum`` members and the others are listed in ``failures``.
     """
-    ids = node_ids if node_ids is not None else wait_for_nodes(grid, study.min_sites)
-    study_json = json.dumps(study.model_dump(mode="json"))
-    messages = []
-    for node in ids:
-        body = dict(payload or {})
-        body.update((per_node or {}).get(node, {}))
-        body[STUDY_KEY] = study_json
-        # the query expires with the round: a site that comes back later does not compute for nothing
-        messages.append(Message(encode(body), dst_node_id=node, message_type=f"query.{action}",
-                                ttl=study.round_timeout_s))
-    result = QueryResult()
-    replies = list(grid.send_and_receive(messages, timeout=study.round_timeout_s))
-    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    lost: set[int] = set()
-    for reply in replies:
-        # the SuperLink answers for a node it lost (crashed, lease expired): map the reply to its query
-        node = dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        if reply.has_error() and reply.error.code in _UNAVAILABLE:
-            lost.add(node)
-            continue
-        if reply.has_error():
-            result.errors[node] = reply.error.reason
-            log.warning("query.%s: node %s answered an error: %s", action, node, reply.error.reason)
-            continue
-        content = decode(reply.content)
-        site_id = str(content.pop("site_id", f"node-{node}"))
-        result.replies[site_id] = content
-        result.node_of_site[site_id] = node
-    result.dropped = [n for n in ids if n not in result.errors and n not in result.node_of_site.values()]
-    if result.dropped:
-        log.warning("query.%s: node(s) %s dropped out (lost by the SuperLink: %s; no reply within %.0fs: %s)",
-                    action, result.dropped, sorted(lost), study.round_timeout_s, sorted(set(result.dropped) - lost))
-    need = study.min_sites if minimum is None else minimum
-    if len(result.replies) < need:
-        reasons = "; ".join(result.errors.values()) or "no reply within the round timeout"
-        raise NotEnoughSitesError(
-            f"query.{action}: {len(result.replies)} valid repl(ies), the study needs {need} ({reasons})"
-        )
-    return result
+
+    def __init__(self, federation: Federation, nodes: list[int], *, fixed: bool = True,
+                 minimum: int | None = None) -> None:
+        self.federation = federation
+        self.nodes = nodes
+        self.fixed = fixed
+        self.minimum = federation.study.min_sites if minimum is None else int(minimum)
+        self.cohort: list[int] | None = None
+        self.node_of_site: dict[str, int] = {}
+        self.refused: dict[str, str] = {}  # first round: node label -> reason (refusal, error, no reply)
+        self.failures: dict[str, str] = {}  # last round: site/node -> reason
+        self.last = QueryResult()
+        self.actions: list[str] = []
+        self.seconds: dict[str, float] = {}  # wall time of each action's rounds (send, site steps, receive)
+
+    def __call__(self, action: str, payload: Mapping[str, object]) -> dict[str, Payload]:
+        """Run one round of ``action`` at the cohort; valid replies by site id."""
+        first = self.cohort is None
+        nodes = self.nodes if self.cohort is None else self.cohort
+        need = self.minimum if first or not self.fixed else len(nodes)
+        start = time.perf_counter()
+        result = self.federation.send(action, payload, nodes, need)
+        if self.cohort is None:
+            self.cohort = sorted(result.node_of_site.values())
+            self.refused = {f"node-{n}": reason for n, reason in result.errors.items()}
+            self.refused.update({f"node-{n}": "no reply within the round timeout" for n in result.dropped})
+        self.node_of_site.update(result.node_of_site)
+        site_of = {node: site for site, node in self.node_of_site.items()}
+        self.failures = {site_of.get(n, f"node-{n}"): reason for n, reason in result.errors.items()}
+        self.failures.update({site_of.get(n, f"node-{n}"): "no reply within the round timeout" for n in result.dropped})
+        self.last = result
+        self.actions.append(action)
+        self.seconds[action] = self.seconds.get(action, 0.0) + time.perf_counter() - start
+        return result.replies

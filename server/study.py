@@ -1,4 +1,4 @@
-"""Orchestration of a study's phases on the server, over any Flower Grid (simulation or deployment)."""
+"""Orchestration of a study's phases on the server, over the sites of a :class:`server.federation.Federation`."""
 
 from __future__ import annotations
 
@@ -6,23 +6,22 @@ import json
 import logging
 from pathlib import Path
 
-from flwr.serverapp import Grid
-
 from common.config import StudyConfig
 from common.errors import ConfigError
-from server.federation import wait_for_nodes
+from server.federation import Federation
 from server.phases import PHASES, PhaseContext
 from server.registry import Registry, open_registry
 
 log = logging.getLogger("fedbiopsy.server")
 
 
-def run_study(grid: Grid, study: StudyConfig, result_dir: Path) -> dict:
+def run_study(federation: Federation, result_dir: Path) -> dict:
     """Run the study's phases in order; each phase's result is written to ``result_dir/<phase>.json``.
 
     The study, the run, each phase with its participating sites and every artifact a phase lists are recorded
     in the study's registry (:func:`open_study_registry`); a run that fails is recorded as failed.
     """
+    study = federation.study
     unknown = [p for p in study.phases if p not in PHASES]
     if unknown:
         raise ConfigError("study config", f"unknown phase(s) {unknown}", f"use phases among {list(PHASES)}")
@@ -30,9 +29,9 @@ def run_study(grid: Grid, study: StudyConfig, result_dir: Path) -> dict:
     with open_study_registry(study, result_dir) as registry:
         run_id = registry.start_run(study, result_dir)
         try:
-            node_ids = wait_for_nodes(grid, study.min_sites)
+            node_ids = federation.wait(study.min_sites)
             log.info("study %s (%s): %d site(s) connected", study.name, study.hash[:12], len(node_ids))
-            ctx = PhaseContext(grid=grid, study=study, node_ids=node_ids, result_dir=result_dir, registry=registry,
+            ctx = PhaseContext(federation=federation, study=study, result_dir=result_dir, registry=registry,
                                run_id=run_id)
             versions: list[str] = []
             for phase in study.phases:

@@ -2,8 +2,8 @@
 
     python -m simulations.bench_combat [--sites 10] [--patients 100] [--features 1000] [--no-flower]
 
-Prints wall times and ratios for (1) the in-process federated protocol vs pooled neuroCombat 0.2.12 and the
-pooled :class:`common.combat_estimator.ComBat`, with the parity error; (2) the same phases through Flower's
+Prints wall times and ratios for (1) the federated protocol over in-memory sites vs pooled neuroCombat 0.2.12 and
+the pooled :class:`common.combat_estimator.ComBat`, with the parity error; (2) the same phases through Flower's
 simulation engine over site folders on disk (start-up of the engine reported apart from the phases).
 """
 
@@ -16,16 +16,19 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+T = TypeVar("T")
 
 
-def _timed(fn, *args, **kwargs):
+def _timed(fn: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, float]:
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
@@ -39,10 +42,11 @@ def _neurocombat(table: pd.DataFrame, labels: np.ndarray) -> np.ndarray:
     return out["data"].T
 
 
-def bench_in_process(features: dict[str, pd.DataFrame]) -> float:
+def bench_in_memory(features: dict[str, pd.DataFrame]) -> float:
     """Print in-process timings; returns the pooled neuroCombat time."""
     from common.combat_estimator import ComBat
-    from simulations.inprocess import federated_combat, federated_feature_reduction
+    from common.harmonisation import federated_combat
+    from common.reduction import federated_feature_reduction
 
     table = pd.concat(features.values())
     labels = np.concatenate([[s] * len(t) for s, t in features.items()])
@@ -51,7 +55,7 @@ def bench_in_process(features: dict[str, pd.DataFrame]) -> float:
     estimator, t_est = _timed(ComBat("site").fit_transform, table, pd.DataFrame({"site": labels}, index=table.index))
     got = pd.concat(federated.values()).to_numpy()
     err = float((np.abs(got - pooled) / table.to_numpy().std(axis=0)).max())
-    print("in process (ComBat, parametric EB)")
+    print("in memory (ComBat, parametric EB; the same driver over InMemoryQuery)")
     print(f"  federated (site + server steps, 4 rounds) {t_fed:8.2f} s")
     print(f"  pooled neuroCombat 0.2.12                 {t_nc:8.2f} s   federated/pooled = {t_fed / t_nc:6.2f}")
     print(f"  pooled ComBat estimator (this package)    {t_est:8.2f} s   federated/pooled = {t_fed / t_est:6.2f}")
@@ -108,6 +112,7 @@ def bench_flower(features: dict[str, pd.DataFrame], t_pooled: float) -> None:
 
 
 def main() -> None:
+    """Print the in-memory and (unless ``--no-flower``) the Flower timings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--patients", type=int, default=100)
@@ -121,7 +126,7 @@ def main() -> None:
     features, _ = synthetic_feature_sites([args.patients] * args.sites, args.features, seed=args.seed)
     print(f"{args.sites} sites x {args.patients} patients x {args.features} features (site = batch, no covariates), "
           f"{os.cpu_count()} CPU(s)")
-    t_pooled = bench_in_process(features)
+    t_pooled = bench_in_memory(features)
     if not args.no_flower:
         bench_flower(features, t_pooled)
 

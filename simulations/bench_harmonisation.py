@@ -20,6 +20,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the experiment and print its table, gains, gaps and times."""
     from common.config import DEFAULT_STUDY, load_study_config
     from simulations.experiment_harmonisation import markdown_table, run_harmonisation_experiment
 

@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from client.features.config import load_radiomics_settings
     from client.features.table import extract_cases, read_feature_table
+    from common.features.settings import load_radiomics_settings
     from common.validation import load_site
     from simulations.phantoms import simulate_sites
 
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     names = [c.removeprefix(f"{seq}_") for c in ours.columns if c.startswith(f"{seq}_")]
                     b = theirs.loc[f"{pid}:{seq}", names].to_numpy(float)
                     worst = max(worst, float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))))
-            assert table.frame.shape == ours.shape
+            if table.frame.shape != ours.shape:
+                raise RuntimeError(f"the CLI's table {ours.shape} differs from the in-process one {table.frame.shape}")
             rows.append((workers, 60 * n / t_cli, 60 * n / t_pyr, 60 * n / t_lib, worst))
         print(f"\n{n} cases ({args.size}^3, T2w+CET1, 2 x 107 features, resampled to {SPACING} mm), "
               f"best of {args.repeat}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPU(s)")

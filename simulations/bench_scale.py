@@ -12,7 +12,7 @@ allow exact outcomes, so k-means and survival are the exact protocol. The roll c
 start and the ClientApp actors' imports and first load of each site, so that the phases after it show
 their own cost.
 
-Prints, per site count and phase: the wall time; the query rounds (each query_sites call), their mean and max
+Prints, per site count and phase: the wall time; the query rounds (each Federation.send), their mean and max
 time; the CPU seconds and peak RSS sampled every 0.2 s from ``/proc`` of the driver process (ServerApp,
 SuperLink, the engine's threads and Ray's core) and of the Ray ``ray::*`` workers (the ClientApp actors,
 summed); then the ratios to the first site count. CPU seconds are the figure to compare on a busy machine.
@@ -30,9 +30,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -137,7 +139,7 @@ class MemorySampler(threading.Thread):
                       max(s.n_workers for s in inside), max(s.ray_other_mb for s in inside))
 
 
-# --- timing of phases (the study's log) and rounds (every query_sites call) ----------------------------------
+# --- timing of phases (the study's log) and rounds (every Federation.send) ----------------------------------
 
 @dataclass
 class Timeline:
@@ -160,24 +162,20 @@ class _PhaseLog(logging.Handler):
 
 
 @contextmanager
-def instrumented(timeline: Timeline):
+def instrumented(timeline: Timeline) -> Iterator[Timeline]:
     """Record the start/end of every phase and every query round of the server (restored on exit)."""
-    import server.federation
-    import server.phases  # noqa: F401 - loads every phase module
+    from server.federation import Federation, QueryResult
 
-    original = server.federation.query_sites
+    original = Federation.send
 
-    def timed_query(grid, action, *args, **kwargs):
+    def timed_send(self: Federation, action: str, *args: Any, **kwargs: Any) -> QueryResult:
         start = time.perf_counter()
         try:
-            return original(grid, action, *args, **kwargs)
+            return original(self, action, *args, **kwargs)
         finally:
             timeline.rounds.append((timeline.current, action, start, time.perf_counter()))
 
-    patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("server.") and getattr(m, "query_sites", None) is original]
-    for module in patched:
-        module.query_sites = timed_query  # type: ignore[attr-defined]
+    Federation.send = timed_send  # type: ignore[method-assign]
     handler = _PhaseLog(timeline)
     server_log = logging.getLogger("fedbiopsy.server")
     level = server_log.level
@@ -188,8 +186,7 @@ def instrumented(timeline: Timeline):
     finally:
         server_log.removeHandler(handler)
         server_log.setLevel(level)
-        for module in patched:
-            module.query_sites = original  # type: ignore[attr-defined]
+        Federation.send = original  # type: ignore[method-assign]
 
 
 # --- the simulated sites and the study -----------------------------------------------------------------------

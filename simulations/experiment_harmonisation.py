@@ -7,14 +7,15 @@ strength. Conditions (``experiment.conditions``):
 * ``none``: compact radiomics of the raw images;
 * ``image``: the same after image-level standardisation in each image's foreground (z-score, or Nyúl with the
   standard scale learnt federatedly from the training cases' landmarks, :mod:`common.nyul`);
-* ``combat``: raw-image features harmonised by federated ComBat (:func:`simulations.inprocess.federated_combat`,
+* ``combat``: raw-image features harmonised by federated ComBat (:func:`common.harmonisation.federated_combat`,
   each site one batch, no covariates -- the label is never used);
 * ``both``: image standardisation, then ComBat.
 
 ComBat is fitted on every case of each site (training and held-out alike): it uses no label, so this is
 transductive harmonisation, as a site would run it on its whole cohort before any model is trained. The
 classifier (``experiment.model``) is trained by FedAvg on the training cases and evaluated on the held-out cases
-of each site with the aggregate protocol of :mod:`common.classification.metrics`; every metric is reported per
+of each site by the classifier protocol's driver (:func:`common.classification.protocol.run_classifier` over
+in-memory sites) with the aggregate metrics of :mod:`common.classification.metrics`; every metric is reported per
 condition for the pool (with a bootstrap CI), each site, each vendor and each field strength.
 """
 
@@ -32,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from common.config import StudyConfig
+from common.protocol import Payload
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def experiment_sites(study: StudyConfig, out: Path) -> list[Path]:
 
 
 def _site_features(args: tuple[Path, tuple[str, ...], str, dict | None]) -> pd.DataFrame:
-    from client.training.classifier_features import compact_features
+    from client.classifier.features import compact_features
     from common.validation import load_site
 
     site_dir, sequences, method, nyul = args
@@ -78,25 +80,18 @@ def _site_features(args: tuple[Path, tuple[str, ...], str, dict | None]) -> pd.D
 
 
 def nyul_scale(sites: Sequence[Site], study: StudyConfig) -> dict:
-    """The federated Nyúl standard scale from every site's training cases (site and server steps of common.nyul)."""
-    from client.preprocessing.foreground import foreground_mask, values_in
-    from client.training.classifier_data import site_split
-    from client.training.classifier_features import standardised_images
-    from common.nyul import aggregate_nyul, case_landmarks, site_nyul
+    """The federated Nyúl standard scale from every site's training cases: the classifier's ``classifier_nyul``
+    round (the sites' own step, :func:`client.steps.classifier.nyul_step`) over the sites in memory."""
+    from client.steps.classifier import nyul_step
+    from common.classification.protocol import NYUL
+    from common.classification.protocol import nyul_scale as federated_nyul_scale
+    from common.protocol import InMemoryQuery
 
-    p = study.preprocessing.normalise
-    replies = {}
-    for site in sites:
-        train = set(site_split(site, study).train)
-        cases = []
-        for case in site.cases:
-            if case.patient_id in train:
-                imgs = standardised_images(case, study.sequences, "none")
-                fg = foreground_mask(imgs[study.reference_sequence], case.patient_id)
-                cases.append({s: case_landmarks(values_in(i, fg), p.nyul_percentiles) for s, i in imgs.items()})
-        replies[site.site_id] = site_nyul(site.site_id, cases, study.sequences, p.nyul_percentiles, p.nyul_scale,
-                                          site.config.policy.min_cohort)
-    return aggregate_nyul(replies, study.sequences)
+    def step(site: Site, payload: Payload) -> Payload:
+        return nyul_step(site, study, payload)
+
+    query = InMemoryQuery({s.site_id: s for s in sites}, {NYUL: step})
+    return json.loads(federated_nyul_scale(query, study.sequences))
 
 
 def site_feature_tables(sites: Sequence[Site], study: StudyConfig, method: str, nyul: dict | None = None,
@@ -131,10 +126,12 @@ def _rows(condition: str, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
 def run_harmonisation_experiment(study: StudyConfig, out: Path, site_dirs: Sequence[Path] | None = None
                                  ) -> ExperimentResult:
     """Run every condition of ``study.experiment``; writes table (CSV, Markdown), plot and summary under ``out``."""
-    from client.training.classifier_data import site_labels
+    from client.classifier.data import site_labels
+    from client.classifier.memory import CLASSIFIER_STEPS, feature_site_arrays, memory_sites
+    from common.classification.protocol import run_classifier
+    from common.harmonisation import federated_combat
+    from common.protocol import InMemoryQuery
     from common.validation import load_site
-    from simulations.inprocess import federated_combat
-    from simulations.inprocess_classifier import feature_site_arrays, federated_classifier
 
     e = study.experiment
     out = Path(out)
@@ -166,9 +163,9 @@ def run_harmonisation_experiment(study: StudyConfig, out: Path, site_dirs: Seque
         feats = tables["std" if cond in ("image", "both") else "raw"]
         if cond in ("combat", "both"):
             feats = federated_combat(feats, eb=e.combat_eb, parametric=e.combat_parametric)
-        names = [str(c) for c in next(iter(feats.values())).columns]
         arrays = feature_site_arrays(feats, labels, study.classifier, clinical, attributes)
-        run = federated_classifier(arrays, e.model, study.classifier, min_cohort=min_cohort, feature_names=names)
+        query = InMemoryQuery(memory_sites(arrays, study.classifier, min_cohort=min_cohort), CLASSIFIER_STEPS)
+        run = run_classifier(query, e.model, study.classifier)
         summaries[cond] = run.summary
         rows += _rows(cond, run.summary)
         seconds[cond] = time.perf_counter() - t
@@ -201,7 +198,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], groups: Sequence[str] | No
 def write_report(result: ExperimentResult, study: StudyConfig, out: Path) -> dict[str, str]:
     """The experiment's files: table.csv, table.md, harmonisation.png, summary.json."""
     from common.classification.fairness import gap_table
-    from server.phases.classifier_plots import condition_plot
+    from server.figures.classifier import condition_plot
 
     csv = out / "table.csv"
     result.table().to_csv(csv, index=False, float_format="%.6g")

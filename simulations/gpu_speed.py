@@ -30,10 +30,10 @@ def time_steps(plan: dict, study: Any, volumes: list, device: Any, steps: int, d
     """Steps per second of ``steps`` local steps on ``device`` after a 2-step warm-up."""
     import torch
 
-    from client.training.data import PatchSampler
+    from client.segmentation.data import PatchSampler
+    from client.segmentation.local import StepSettings, run_local_steps
     from client.training.dp import DPPlan
-    from client.training.local import StepSettings, run_local_steps
-    from client.training.networks import build_network
+    from common.segmentation.networks import build_network
 
     cfg = study.segmentation
     net = build_network(plan, seed=0)
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from client.training.data import Volume, zscore
-    from client.training.networks import build_network, count_parameters
+    from client.segmentation.data import Volume, zscore
     from common.config import StudyConfig
+    from common.segmentation.networks import build_network, count_parameters
     from common.segmentation.plan import make_plan
     from simulations.phantoms import simulate_patient
 

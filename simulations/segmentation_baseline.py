@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from client.training.data import PatchSampler, Volume, load_volume, split_cases
+from client.segmentation.data import PatchSampler, Volume, load_volume, split_cases
+from client.segmentation.evaluation import evaluate_volumes
+from client.segmentation.local import StepSettings, run_local_steps
 from client.training.device import pick_device
-from client.training.evaluation import evaluate_volumes
-from client.training.local import StepSettings, run_local_steps
-from client.training.networks import build_network, get_weights, set_weights
-from client.training.task import derive_seed
 from common.config import StudyConfig
+from common.hashing import derive_seed
 from common.segmentation.metrics import summarise_cases
+from common.segmentation.networks import build_network, get_weights, set_weights
 from common.validation import load_site
 
 log = logging.getLogger(__name__)

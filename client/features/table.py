@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from client.features.config import RadiomicsSettings, settings_hash
 from client.features.worker import PRELOAD, CaseJob, CaseResult, extract_case, init_worker
+from common.features.settings import RadiomicsSettings, settings_hash
 from common.sitedata import Case
 
 log = logging.getLogger(__name__)

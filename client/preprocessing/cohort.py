@@ -223,6 +223,16 @@ def median_spacing(cases: Iterable[Case], reference: str) -> tuple[float, float,
     return tuple(float(v) for v in np.median(np.asarray(spacings), axis=0))  # type: ignore[return-value]
 
 
+def _check_plan(plan: PreprocessingPlan, study: StudyConfig) -> None:
+    """A plan given to :func:`preprocess_site` must come from this study's preprocessing settings and sequences."""
+    if plan.settings_hash != settings_hash(study.preprocessing):
+        raise ConfigError("plan", "was built with other preprocessing settings than the study config's",
+                          "pass the study config the plan was built with (or omit --config)")
+    if tuple(plan.sequences) != tuple(study.sequences):
+        raise ConfigError("plan", f"covers sequences {list(plan.sequences)}, the study {list(study.sequences)}",
+                          "use the plan of this study")
+
+
 def preprocess_site(site_dir: Path | str, out_dir: Path | str, study: StudyConfig,
                     plan: PreprocessingPlan | None = None, workers: int = 2,
                     progress: CohortProgress | None = None) -> CohortReport:
@@ -242,12 +252,7 @@ def preprocess_site(site_dir: Path | str, out_dir: Path | str, study: StudyConfi
                           f"add them to the site or run a study over {list(site.config.sequences)}")
     config = study.preprocessing
     if plan is not None:
-        if plan.settings_hash != settings_hash(config):
-            raise ConfigError("plan", "was built with other preprocessing settings than the study config's",
-                              "pass the study config the plan was built with (or omit --config)")
-        if tuple(plan.sequences) != tuple(study.sequences):
-            raise ConfigError("plan", f"covers sequences {list(plan.sequences)}, the study {list(study.sequences)}",
-                              "use the plan of this study")
+        _check_plan(plan, study)
     failed = {cr.patient_id: "; ".join(str(p) for p in cr.problems) for cr in report.cases if not cr.valid}
     for pid, reason in failed.items():
         log.warning("case %s skipped: %s", pid, reason)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from client.steps import (
     classifier,
-    combat,
     features,
     fingerprint,
+    harmonisation,
     inference,
     outcomes,
     preprocessing,
@@ -20,7 +20,7 @@ from client.steps.base import Payload, SiteStep, work_dir
 SITE_STEPS: dict[str, SiteStep] = {
     **preprocessing.STEPS,
     **outcomes.STEPS,
-    **combat.STEPS,
+    **harmonisation.STEPS,
     **reduction.STEPS,
     **fingerprint.STEPS,
     **segmentation.STEPS,

@@ -1,8 +1,9 @@
-"""What a site step is: a query action bound to a study phase and a function over the site's data.
+"""What a site step is: a protocol action bound to a study phase and a function over the site's data.
 
 A step takes the loaded site, the validated study config and the server's payload, and returns the
-aggregate payload to send back. Steps do not import Flower; the ClientApp adapts messages to them.
-Site-side files a step produces (harmonised features, models) go under :func:`work_dir`.
+aggregate payload to send back. Steps do not import Flower; :mod:`client.app` adapts messages to them, with
+the site's policy checked once, before the step runs. Site-side files a step produces (harmonised features,
+models, ledgers) go under :func:`work_dir`.
 """
 
 from __future__ import annotations
@@ -12,18 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import StudyConfig
+from common.protocol import Payload
 from common.sitedata import Site
 
-Payload = dict[str, object]
+
+def _all_cases(site: Site) -> int:
+    return len(site.cases)
 
 
 @dataclass(frozen=True)
 class SiteStep:
-    """A query action: the study phase it belongs to (checked against the site policy), and its function."""
+    """An action: the study phase it belongs to (checked against the site policy), its function, and the
+    number of the site's cases it would use (checked against the policy's ``min_cohort``)."""
 
     phase: str
     run: Callable[[Site, StudyConfig, Payload], Payload]
-    n_cases: Callable[[Site], int] = lambda site: len(site.cases)
+    n_cases: Callable[[Site], int] = _all_cases
 
 
 def work_dir(site: Site) -> Path:
@@ -31,3 +36,6 @@ def work_dir(site: Site) -> Path:
     path = site.root / "derived"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+__all__ = ["Payload", "SiteStep", "work_dir"]

@@ -7,10 +7,12 @@
 * ``evaluate.classifier`` (:func:`evaluate_step`): the held-out aggregates (histograms, bootstrap replicates,
   SHAP sums, Grad-CAM statistics), plus the site's scanner vendor and field strength for the fairness report.
 
-The train and evaluate steps are answered by the ClientApp's ``@app.train("classifier")`` /
-``@app.evaluate("classifier")`` handlers (:mod:`client.classifier_handlers`). The DP ledger of each model is a
-file in the site's ``derived/classifier/`` folder, so it survives a SuperNode restart; it is shared by all the
-study's models, so the epsilon a site reports (and its policy's ``max_epsilon``) is the total over them.
+The driver is :func:`common.classification.protocol.run_classifier`; the replies come from the same functions
+as the in-memory sites' (:mod:`client.classifier.site`). The ClientApp sends ``train.classifier`` and
+``evaluate.classifier`` as Flower train / evaluate messages. The DP ledger is a file in the site's
+``derived/classifier/`` folder, so it survives a SuperNode restart; it is shared by all the study's models, so
+the epsilon a site reports (and its policy's ``max_epsilon``) is the total over them. Every step runs over the
+cases with a tumour mask (:func:`with_tumour`).
 """
 
 from __future__ import annotations
@@ -25,19 +27,19 @@ from typing import cast
 import numpy as np
 import pandas as pd
 
+from client.classifier.data import SplitData, site_split, tumour_crops
+from client.classifier.features import site_feature_table, standardised_images
+from client.classifier.site import evaluate_reply, train_reply
 from client.steps.base import Payload, SiteStep, work_dir
 from client.steps.inference import with_predicted_masks
-from client.training.classifier_data import SplitData, site_split, tumour_crops
-from client.training.classifier_features import site_feature_table, standardised_images
-from common.classification.training import site_crossproduct
+from common.classification.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
+from common.classification.training import site_feature_moments
 from common.config import StudyConfig
 from common.errors import ProtocolError
 from common.nyul import case_landmarks, site_nyul
-from common.pooled_moments import site_moments
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
-WEIGHT_PREFIX = "w/"
 PHASE = "classifier"
 
 
@@ -49,10 +51,10 @@ def classifier_dir(site: Site) -> Path:
 
 
 def feature_frame(site: Site, study: StudyConfig, nyul: Mapping | None = None) -> pd.DataFrame:
-    """The site's feature table for the study's classifier (see :mod:`client.training.classifier_features`)."""
+    """The site's feature table for the study's classifier (see :mod:`client.classifier.features`)."""
     cfg = study.classifier
     if cfg.standardise == "nyul" and cfg.features != "table":
-        from client.training.classifier_features import compact_features, compact_settings_hash
+        from client.classifier.features import compact_features, compact_settings_hash
 
         if not nyul:
             raise ProtocolError(site.site_id, "Nyúl standardisation without the federated standard scale",
@@ -101,9 +103,7 @@ def moments_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     split = site_split(site, study)
     frame = feature_frame(site, study, _nyul(payload))
     x = frame.loc[split.train].to_numpy(np.float64)
-    reply = site_moments(site.site_id, x, site.config.policy.min_cohort)
-    reply["cross"] = site_crossproduct(x)
-    reply["feature_names"] = [str(c) for c in frame.columns]
+    reply = site_feature_moments(site.site_id, x, [str(c) for c in frame.columns], site.config.policy.min_cohort)
     reply["feature_source"] = feature_source(site, study)
     return reply
 
@@ -114,13 +114,10 @@ def _nyul(payload: Payload) -> dict | None:
     return json.loads(str(text)) if text else None
 
 
-def _weights(payload: Payload) -> dict[str, np.ndarray]:
-    return {k[len(WEIGHT_PREFIX):]: np.asarray(v) for k, v in payload.items() if k.startswith(WEIGHT_PREFIX)}
-
-
 def _inputs(site: Site, study: StudyConfig, payload: Payload, split: SplitData, part: str
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
-    """(inputs, labels, crop masks or None, case ids) of the training or held-out part."""
+    """(inputs, labels, crop masks or None, case ids) of the training or held-out part; features raw, in the
+    server's column order (:func:`client.classifier.site.model_inputs` scales them)."""
     ids = split.train if part == "train" else split.test
     y = split.labels.loc[ids].to_numpy()
     kind = str(payload["model"])
@@ -134,9 +131,7 @@ def _inputs(site: Site, study: StudyConfig, payload: Payload, split: SplitData, 
     if missing:
         raise ProtocolError(site.site_id, f"the site has no feature(s) {missing[:3]}",
                             "use the same feature table layout at every site")
-    x = frame.loc[ids, names].to_numpy(np.float64)
-    x = (x - np.asarray(payload["x_mean"])) / np.asarray(payload["x_scale"])
-    return x, y, None, ids
+    return frame.loc[ids, names].to_numpy(np.float64), y, None, ids
 
 
 def _ledger(site: Site, study: StudyConfig) -> Path:
@@ -146,38 +141,28 @@ def _ledger(site: Site, study: StudyConfig) -> Path:
 
 def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """One round of local training from the global weights; the reply holds weights and counts only."""
-    from client.training.classifier_site import site_train
-
     split = site_split(site, study)
     x, y, _, _ = _inputs(site, study, payload, split, "train")
-    kind = str(payload["model"])
     ledger = _ledger(site, study)
     dp_state = json.loads(ledger.read_text()) if ledger.is_file() else None
-    res = site_train(site.site_id, kind, _weights(payload), x, y, study.classifier,
-                     server_round=int(payload.get("round", 0)),  # type: ignore[call-overload]
-                     min_cohort=site.config.policy.min_cohort, max_epsilon=site.config.policy.max_epsilon,
-                     dp_state=dp_state, study_hash=study.hash,
-                     lr=float(payload["lr"]) if payload.get("lr") else None)  # type: ignore[arg-type]
-    if res.dp_state is not None:
-        ledger.write_text(json.dumps(res.dp_state))
-    reply: Payload = {f"{WEIGHT_PREFIX}{k}": v for k, v in res.weights.items()}
-    reply.update(res.metrics)
+    reply, dp_state = train_reply(site.site_id, payload, x, y, study.classifier,
+                                  min_cohort=site.config.policy.min_cohort, max_epsilon=site.config.policy.max_epsilon,
+                                  dp_state=dp_state, study_hash=study.hash)
+    if dp_state is not None:
+        ledger.write_text(json.dumps(dp_state))
     return reply
 
 
 def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """The held-out aggregates of the global model (and Grad-CAM overlays written at the site)."""
-    from client.training.classifier_site import site_evaluate
-
     split = site_split(site, study)
     x, y, masks, ids = _inputs(site, study, payload, split, "test")
     kind = str(payload["model"])
     strata = {a: [str(v) for v in split.clinical.loc[ids, a]] for a in study.classifier.fairness_attributes
               if a in split.clinical.columns}
     overlay = classifier_dir(site) / f"gradcam-{study.hash[:12]}" if kind == "image" else None
-    reply = site_evaluate(site.site_id, kind, _weights(payload), x, y, study.classifier,
-                          min_cohort=site.config.policy.min_cohort, strata=strata, masks=masks, overlay_dir=overlay,
-                          case_ids=ids)
+    reply = evaluate_reply(site.site_id, payload, x, y, study.classifier, min_cohort=site.config.policy.min_cohort,
+                           strata=strata, masks=masks, overlay_dir=overlay, case_ids=ids)
     reply["vendor"] = site.config.scanner.vendor
     reply["field_strength"] = f"{site.config.scanner.field_strength:g}T"
     return reply
@@ -211,8 +196,8 @@ def _n_labelled(site: Site) -> int:
 
 
 STEPS: dict[str, SiteStep] = {
-    "classifier_nyul": SiteStep(PHASE, _on_cases_with_tumour(nyul_step), _n_labelled),
-    "classifier_moments": SiteStep(PHASE, _on_cases_with_tumour(moments_step), _n_labelled),
+    NYUL: SiteStep(PHASE, _on_cases_with_tumour(nyul_step), _n_labelled),
+    MOMENTS: SiteStep(PHASE, _on_cases_with_tumour(moments_step), _n_labelled),
+    TRAIN: SiteStep(PHASE, _on_cases_with_tumour(train_step), _n_labelled),
+    EVALUATE: SiteStep(PHASE, _on_cases_with_tumour(evaluate_step), _n_labelled),
 }
-TRAIN_STEP = SiteStep(PHASE, _on_cases_with_tumour(train_step), _n_labelled)
-EVALUATE_STEP = SiteStep(PHASE, _on_cases_with_tumour(evaluate_step), _n_labelled)

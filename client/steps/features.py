@@ -15,19 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from client.features.config import RadiomicsSettings, load_radiomics_settings, parse_radiomics_settings
 from client.features.table import FeatureTable, extract_cases
-from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.base import SiteStep, work_dir
 from client.steps.inference import with_predicted_masks
 from common.config import StudyConfig
 from common.errors import PolicyError, ProtocolError
+from common.features.protocol import FEATURES, SETTINGS_KEY, SPACING_KEY
+from common.features.settings import RadiomicsSettings, load_radiomics_settings, parse_radiomics_settings
+from common.protocol import Payload
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.csv"
-SETTINGS_KEY = "radiomics_settings"  # payload: the settings as JSON (the server's copy wins over the site's)
-SPACING_KEY = "target_spacing"  # payload: the plan's target spacing (x, y, z mm)
 
 
 def features_path(site: Site) -> Path:
@@ -84,5 +84,5 @@ def _cases_with_masks(site: Site) -> int:
 
 
 STEPS: dict[str, SiteStep] = {
-    "features": SiteStep("features", features_step, _cases_with_masks),
+    FEATURES: SiteStep("features", features_step, _cases_with_masks),
 }

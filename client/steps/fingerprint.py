@@ -8,11 +8,12 @@ import zlib
 import numpy as np
 import SimpleITK as sitk
 
-from client.steps.base import Payload, SiteStep
+from client.steps.base import SiteStep
 from common.config import StudyConfig
-from common.fingerprint import CaseMeasure, case_manifest_hash, site_fingerprint
+from common.fingerprint import FINGERPRINT, CaseMeasure, case_manifest_hash, site_fingerprint
 from common.hashing import sha256_file
 from common.imageio import read_image
+from common.protocol import Payload
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -57,5 +58,5 @@ def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payloa
 
 
 STEPS: dict[str, SiteStep] = {
-    "fingerprint": SiteStep("fingerprint", fingerprint_step, _cases_with_masks),
+    FINGERPRINT: SiteStep("fingerprint", fingerprint_step, _cases_with_masks),
 }

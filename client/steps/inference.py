@@ -1,9 +1,10 @@
-"""Site step of the local segmentation phase: the federated model segments the site's cases without masks.
+"""Site step of the inference phase: the federated model segments the site's cases without masks.
 
-The server sends the final segmentation weights and plan; the site predicts a tumour mask for every valid
-case that has none (sliding-window inference, largest connected component) and writes it to
-``derived/predicted_masks/<patient_id>.nii.gz`` on the reference sequence's grid. The features phase then
-uses these masks for those cases. Only the count of segmented cases goes back.
+The round is :func:`common.segmentation.inference.run_inference`'s: the server sends the final segmentation
+weights and plan; the site predicts a tumour mask for every valid case that has none (sliding-window
+inference, largest connected component) and writes it to ``derived/predicted_masks/<patient_id>.nii.gz`` on
+the reference sequence's grid. The features phase then uses these masks for those cases. Only the count of
+segmented cases goes back.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from scipy import ndimage
 from client.steps.base import Payload, SiteStep, work_dir
 from common.config import StudyConfig
 from common.imageio import read_image, write_image
+from common.protocol import unpack_weights
+from common.segmentation.inference import SEGMENT
+from common.segmentation.protocol import PLAN_KEY
 from common.sitedata import Case, Site
 
 log = logging.getLogger(__name__)
 PREDICTED_DIR = "predicted_masks"
-WEIGHT_PREFIX = "w/"
 MIN_TUMOUR_VOXELS = 10  # a smaller prediction is taken as "no tumour found"
 
 
@@ -56,13 +59,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """Segment the cases without masks with the server's model; reply with counts only."""
-    from client.training.data import load_volume
+    from client.segmentation.data import load_volume
+    from client.segmentation.inference import predict_probability
     from client.training.device import pick_device, set_threads
-    from client.training.inference import predict_probability
-    from client.training.networks import build_network, set_weights
+    from common.segmentation.networks import build_network, set_weights
 
-    plan = json.loads(str(payload["plan_json"]))
-    weights = {k[len(WEIGHT_PREFIX):]: np.asarray(v) for k, v in payload.items() if k.startswith(WEIGHT_PREFIX)}
+    plan = json.loads(str(payload[PLAN_KEY]))
+    weights = unpack_weights(payload)
     set_threads(study.segmentation.threads)
     net = build_network(plan)
     set_weights(net, weights, site.site_id)
@@ -89,4 +92,4 @@ def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) ->
     return {"n_segmented": segmented, "n_empty": empty}
 
 
-STEPS: dict[str, SiteStep] = {"segment_unlabelled": SiteStep("segmentation", segment_unlabelled_step)}
+STEPS: dict[str, SiteStep] = {SEGMENT: SiteStep("segmentation", segment_unlabelled_step)}

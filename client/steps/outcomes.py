@@ -1,4 +1,4 @@
-"""Site steps of the outcomes phase: ``query.kmeans`` and ``query.survival``, aggregates only.
+"""Site steps of the outcomes phase: k-means, survival tables and Cox sums, aggregates only.
 
 The site clusters on its feature table (``derived/signature_scores.csv``, else ``features_harmonised.csv``,
 else ``features.csv``: rows ``patient_id``, numeric columns) and keeps the cluster labels in
@@ -6,26 +6,29 @@ else ``features.csv``: rows ``patient_id``, numeric columns) and keeps the clust
 The site's policy decides how exact a reply may be: with ``exact_outcomes`` false (the default) cluster
 cells and survival cells under ``min_cohort`` are withheld or merged and times are binned.
 
-Each message carries ``op``: kmeans ``moments`` | ``local_centres`` | ``assign`` | ``labels``;
-survival ``table`` | ``cox_moments`` | ``cox``.
+One step per action of :mod:`common.outcomes_site`: each loads the site's data into an
+:class:`~common.outcomes_site.OutcomesCohort` and calls the same site function as the in-memory tests.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 
 from client.steps.base import Payload, SiteStep, work_dir
 from common.config import StudyConfig
-from common.cox import site_cox_sums
-from common.errors import PolicyError, ProtocolError, SiteDataError
-from common.kmeans import assign_labels, inertia, site_cluster_sums, site_local_centres
-from common.pooled_moments import require_cohort, site_moments
+from common.errors import SiteDataError
+from common.outcomes_site import (
+    KMEANS_ACTIONS,
+    OUTCOMES_STEPS,
+    SURVIVAL_ACTIONS,
+    OutcomesCohort,
+    time_bin,
+)
 from common.sitedata import CLINICAL_COLUMNS, Site, read_clinical
-from common.survival import EXACT, Released, released_data, survival_table_payload
 
 log = logging.getLogger(__name__)
 FEATURE_FILES: tuple[str, ...] = ("signature_scores.csv", "features_harmonised.csv", "features.csv")
@@ -62,43 +65,24 @@ def feature_table(site: Site, study: StudyConfig) -> tuple[pd.DataFrame, str]:
     return frame[complete].astype(np.float64), path.name
 
 
-def _min_cell(site: Site) -> int:
+def _policy_cohort(site: Site, **data: object) -> OutcomesCohort:
     policy = site.config.policy
-    return 1 if policy.exact_outcomes else policy.min_cohort
+    return OutcomesCohort(site.site_id, min_cohort=policy.min_cohort,
+                          min_cell=1 if policy.exact_outcomes else policy.min_cohort,
+                          exact=bool(policy.exact_outcomes), **data)  # type: ignore[arg-type]
 
 
-def _standardised(payload: Payload, X: np.ndarray) -> np.ndarray:
-    return (X - np.asarray(payload["mean"], dtype=np.float64)) / np.asarray(payload["scale"], dtype=np.float64)
-
-
-def kmeans_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
-    """One k-means round at the site (see the module docstring for the ops)."""
-    op = str(payload.get("op", ""))
+def kmeans_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
+    """The site's feature table as a cohort; its labels are kept in ``derived/clusters.csv``."""
     frame, source = feature_table(site, study)
-    policy = site.config.policy
-    X = frame.to_numpy()
-    if op == "moments":
-        out = site_moments(site.site_id, X, policy.min_cohort)
-        out.update(features=[str(c) for c in frame.columns], source=source, exact_outcomes=bool(policy.exact_outcomes))
-        return out
-    Z = _standardised(payload, X)
-    if op == "local_centres":
-        seed = (int(payload.get("seed", 0)) + zlib.crc32(site.site_id.encode())) % 2**31  # type: ignore[call-overload]
-        return site_local_centres(site.site_id, Z, int(payload["n_centres"]), _min_cell(site), seed,  # type: ignore[call-overload]
-                                  policy.min_cohort)
-    if op == "assign":
-        previous = payload.get("previous")
-        return site_cluster_sums(site.site_id, Z, np.asarray(payload["centres"]),
-                                 None if previous is None else np.asarray(previous), _min_cell(site), policy.min_cohort)
-    if op == "labels":
-        require_cohort(site.site_id, Z.shape[0], policy.min_cohort)
-        centres = np.asarray(payload["centres"], dtype=np.float64)
-        labels = assign_labels(Z, centres)
+
+    def write_labels(labels: np.ndarray) -> None:
         out_path = work_dir(site) / CLUSTERS_FILE
         pd.DataFrame({"patient_id": frame.index, "cluster": labels}).to_csv(out_path, index=False)
         log.info("site %s: cluster labels of %d patient(s) written to %s", site.site_id, labels.size, out_path)
-        return {"n": int(labels.size), "inertia": inertia(Z, centres, labels)}
-    raise ProtocolError(site.site_id, f"unknown kmeans op {op!r}", "run the same fedbiopsy version at every site")
+
+    return _policy_cohort(site, features=frame.to_numpy(), feature_names=tuple(str(c) for c in frame.columns),
+                          source=source, label_sink=write_labels)
 
 
 def survival_data(site: Site, study: StudyConfig) -> pd.DataFrame:
@@ -119,49 +103,35 @@ def survival_data(site: Site, study: StudyConfig) -> pd.DataFrame:
     return joined
 
 
-def _released(site: Site, study: StudyConfig, payload: Payload) -> Released:
-    mode = str(payload.get("mode", ""))
-    policy = site.config.policy
-    if mode == EXACT and not policy.exact_outcomes:
-        raise PolicyError(site.site_id, "exact_outcomes",
-                          "exact event times were requested; this site allows only binned times with small cells "
-                          "merged")
+def survival_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
+    """The clustered patients' durations, events and labels as a cohort."""
     data = survival_data(site, study)
     cfg = study.outcomes
-    try:
-        return released_data(site.site_id, data[cfg.duration_col], data[cfg.event_col], data["cluster"],
-                             min_cohort=policy.min_cohort,
-                             time_bin_days=None if mode == EXACT else float(payload["time_bin_days"]),  # type: ignore[arg-type]
-                             min_cell=_min_cell(site))
-    except ProtocolError as err:
-        raise ProtocolError(site.site_id, f"clinical.csv {cfg.duration_col}/{cfg.event_col}: {err.problem}",
-                            "correct clinical.csv") from err
+    return _policy_cohort(site, durations=data[cfg.duration_col].to_numpy(), events=data[cfg.event_col].to_numpy(),
+                          labels=data["cluster"].to_numpy(),
+                          survival_source=f"clinical.csv {cfg.duration_col}/{cfg.event_col}")
 
 
-def _dummies(rel: Released, groups: list) -> np.ndarray:
-    return np.stack([(rel.groups == g).astype(np.float64) for g in groups[1:]], axis=1)
+def _kmeans_step(action: str) -> Callable[[Site, StudyConfig, Payload], Payload]:
+    function = OUTCOMES_STEPS[action]
+
+    def run(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+        return function(kmeans_cohort(site, study), payload)
+
+    return run
 
 
-def survival_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
-    """One survival round at the site (see the module docstring for the ops)."""
-    op = str(payload.get("op", ""))
-    rel = _released(site, study, payload)
-    if op == "table":
-        binned = None if str(payload.get("mode")) == EXACT else float(payload["time_bin_days"])  # type: ignore[arg-type]
-        return survival_table_payload(rel, binned, _min_cell(site))
-    groups = [int(g) for g in payload["groups"]]  # type: ignore[attr-defined]
-    X = _dummies(rel, groups)
-    if op == "cox_moments":
-        return site_moments(site.site_id, X, 1)
-    if op == "cox":
-        # Group indicators: every sum is a function of the released per-group table, so no tie-size rule applies.
-        return site_cox_sums(site.site_id, X, rel.times, rel.events, np.asarray(payload["beta"]),
-                             np.asarray(payload["mean"]), np.asarray(payload["scale"]),
-                             np.asarray(payload["event_times"]), min_events_per_time=1)
-    raise ProtocolError(site.site_id, f"unknown survival op {op!r}", "run the same fedbiopsy version at every site")
+def _survival_step(action: str) -> Callable[[Site, StudyConfig, Payload], Payload]:
+    function = OUTCOMES_STEPS[action]
+
+    def run(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+        time_bin(site.site_id, site.config.policy.exact_outcomes, payload)  # refuse exact times before reading data
+        return function(survival_cohort(site, study), payload)
+
+    return run
 
 
 STEPS: dict[str, SiteStep] = {
-    "kmeans": SiteStep("outcomes", kmeans_step),
-    "survival": SiteStep("outcomes", survival_step),
+    **{action: SiteStep("outcomes", _kmeans_step(action)) for action in KMEANS_ACTIONS},
+    **{action: SiteStep("outcomes", _survival_step(action)) for action in SURVIVAL_ACTIONS},
 }

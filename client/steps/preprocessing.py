@@ -20,12 +20,14 @@ from client.preprocessing.cohort import preprocess_site
 from client.preprocessing.foreground import foreground_mask, values_in
 from client.preprocessing.normalise import nyul_case_landmarks
 from client.preprocessing.pipeline import build_pipeline, load_case
-from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.base import SiteStep, work_dir
 from common.config import StudyConfig
 from common.errors import ConfigError, PolicyError, SiteDataError
 from common.imageio import find_image, read_image
 from common.nyul import site_nyul
 from common.plan import parse_plan, write_plan
+from common.preprocessing import APPLY, NYUL_LANDMARKS, PLAN
+from common.protocol import Payload
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -56,12 +58,6 @@ def store_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload
     sha = write_plan(plan, work_dir(site) / PLAN_FILE)
     log.info("site %s: stored the preprocessing plan %s", site.site_id, sha[:12])
     return {"plan_sha256": sha}
-
-
-STEPS: dict[str, SiteStep] = {
-    "nyul_landmarks": SiteStep("preprocessing", nyul_landmarks_step),
-    "preprocessing_plan": SiteStep("preprocessing", store_plan_step),
-}
 
 
 PREPROCESSED_DIR = "preprocessed"
@@ -111,4 +107,8 @@ def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload
     return reply
 
 
-STEPS["preprocessing_apply"] = SiteStep("preprocessing", apply_plan_step)
+STEPS: dict[str, SiteStep] = {
+    NYUL_LANDMARKS: SiteStep("preprocessing", nyul_landmarks_step),
+    PLAN: SiteStep("preprocessing", store_plan_step),
+    APPLY: SiteStep("preprocessing", apply_plan_step),
+}

@@ -10,9 +10,10 @@ import logging
 
 import pandas as pd
 
-from client.steps.base import Payload, SiteStep, work_dir
-from client.steps.combat import count_rows, read_feature_table
+from client.steps.base import SiteStep, work_dir
+from client.steps.harmonisation import count_rows, read_feature_table
 from common.config import ReductionConfig, StudyConfig
+from common.protocol import Payload
 from common.reduction import FEATURESTATS, SCORES, site_feature_stats, site_signature_scores
 from common.sitedata import Site
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from client.features.table import read_feature_table
-from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.base import SiteStep, work_dir
 from common.config import StudyConfig
 from common.errors import PolicyError, SiteDataError
+from common.protocol import Payload
+from common.report import FEATURE_MOMENTS
 from common.sitedata import Site
 
 
@@ -36,4 +38,4 @@ def feature_moments_step(site: Site, study: StudyConfig, payload: Payload) -> Pa
     return reply
 
 
-STEPS: dict[str, SiteStep] = {"feature_moments": SiteStep("harmonisation", feature_moments_step)}
+STEPS: dict[str, SiteStep] = {FEATURE_MOMENTS: SiteStep("harmonisation", feature_moments_step)}

@@ -8,8 +8,9 @@ every other phase.
 from __future__ import annotations
 
 from client.apphash import running_app_hash
-from client.steps.base import Payload, SiteStep
+from client.steps.base import SiteStep
 from common.config import StudyConfig
+from common.protocol import Payload
 from common.sitedata import Site
 
 

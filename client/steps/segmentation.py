@@ -1,20 +1,93 @@
-"""Site step of the segmentation phase: before training, a site says how many cases it trains and evaluates on."""
+"""Site steps of the segmentation phase: the cohort check, one local training round, one held-out evaluation.
+
+The rounds are :func:`common.segmentation.protocol.run_segmentation`'s. A train or evaluate request carries
+the global weights (``w/<name>``), the round number, the proximal mu and the plan (JSON); the work is done by
+:mod:`client.segmentation.task`. With DP, the accountant's history of the study is the site's privacy ledger
+``derived/segmentation/dp-ledger-<study hash>.json``, read before and written after every round, so that it
+survives a SuperNode restart. Replies: the new weights, ``num-examples`` and the round's metrics (with the
+epsilon spent so far), or the held-out summary (aggregates only).
+"""
 
 from __future__ import annotations
 
-from client.steps.base import Payload, SiteStep
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from client.steps.base import Payload, SiteStep, work_dir
 from common.config import StudyConfig
+from common.protocol import pack_weights, unpack_weights
+from common.segmentation.protocol import COHORT, EVALUATE, PLAN_KEY, PROXIMAL_MU_KEY, ROUND_KEY, TRAIN
 from common.sitedata import Site
+
+PHASE = "segmentation"
+
+
+def segmentation_dir(site: Site) -> Path:
+    """The site's folder for the segmentation phase's local files (DP ledger, overlays)."""
+    path = work_dir(site) / "segmentation"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ledger_path(site: Site, study: StudyConfig) -> Path:
+    """The site's DP ledger of the study's segmentation training."""
+    return segmentation_dir(site) / f"dp-ledger-{study.hash[:16]}.json"
+
+
+def read_ledger(site: Site, study: StudyConfig) -> dict | None:
+    """The DP accountant state kept for the study (None before the first private round)."""
+    path = ledger_path(site, study)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_ledger(site: Site, study: StudyConfig, state: Mapping[str, Any]) -> Path:
+    """Keep the DP accountant state (written whole, then moved into place)."""
+    path = ledger_path(site, study)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def n_labelled(site: Site) -> int:
+    """The site's cases with a reference mask (what the policy's ``min_cohort`` is checked against)."""
+    return sum(c.mask is not None for c in site.cases)
 
 
 def cohort_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """Training and held-out case counts (refuses below ``min_cohort``)."""
-    from client.training.task import site_cohort
+    from client.segmentation.task import site_cohort
 
     return dict(site_cohort(site, study))
 
 
+def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """One local training round from the global weights; the new weights, ``num-examples`` and metrics."""
+    from client.segmentation.task import train_round
+
+    plan = json.loads(str(payload[PLAN_KEY]))
+    dp_state = read_ledger(site, study) if study.segmentation.dp.enabled else None
+    out = train_round(site, study, plan, unpack_weights(payload), int(payload.get(ROUND_KEY, 0)),  # type: ignore[call-overload]
+                      proximal_mu=float(payload.get(PROXIMAL_MU_KEY, 0.0)), dp_state=dp_state)  # type: ignore[arg-type]
+    if out.dp_state is not None:
+        write_ledger(site, study, out.dp_state)
+    return {**pack_weights(out.weights), **{k: float(v) for k, v in out.metrics.items()}}
+
+
+def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """The site's held-out metric summary of the global weights (aggregates over >= ``min_cohort`` cases)."""
+    from client.segmentation.task import evaluate_round
+
+    plan = json.loads(str(payload[PLAN_KEY]))
+    summary = evaluate_round(site, study, plan, unpack_weights(payload), int(payload.get(ROUND_KEY, 0)))  # type: ignore[call-overload]
+    return {k: float(v) for k, v in summary.items()}
+
+
 STEPS: dict[str, SiteStep] = {
-    "segmentation_cohort": SiteStep("segmentation", cohort_step, lambda site: sum(c.mask is not None
-                                                                                 for c in site.cases)),
+    COHORT: SiteStep(PHASE, cohort_step, n_labelled),
+    TRAIN: SiteStep(PHASE, train_step, n_labelled),
+    EVALUATE: SiteStep(PHASE, evaluate_step, n_labelled),
 }

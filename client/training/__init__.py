@@ -1,6 +1,6 @@
-"""Local training at a site (Flower-free).
+"""What the site's local training of segmentation and classifier models shares (Flower-free).
 
-Segmentation: data and patch sampling (:mod:`.data`), networks and weight exchange (:mod:`.networks`), the local
-step (:mod:`.local`), DP-SGD (:mod:`.dp`), sliding-window inference and evaluation, and the entry points the
-ClientApp calls (:mod:`.task`: ``site_cohort``, ``train_round``, ``evaluate_round``).
+The torch device and CPU threads (:mod:`.device`), patient-level DP-SGD with its accountant (:mod:`.dp`) and
+PNG overlays that stay at the site (:mod:`.overlays`). The segmentation modules are in
+:mod:`client.segmentation`, the classifier's in their own folder.
 """

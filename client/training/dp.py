@@ -2,8 +2,8 @@
 
 * The noise multiplier is sized once for the whole schedule (``rounds x local steps`` at sampling rate
   ``batch / training cases``) to reach the study's target epsilon, and stays fixed.
-* The accountant's history travels in a JSON-able ``dp_state`` that the ClientApp keeps in the node's
-  ``Context.state``; each round adds its steps and reports the epsilon spent so far.
+* The accountant's history is a JSON-able ``dp_state`` that the site step keeps in the site's ledger file
+  for the study (under ``derived/``); each round adds its steps and reports the epsilon spent so far.
 * Before a round the site projects the epsilon it would reach; past its policy's ``max_epsilon`` it refuses.
 * Opacus attaches its hooks once per *path* to a module; nnU-Net and DynUNet reach some modules by several paths
   (``decoder.encoder``, ``skip_layers``), which multiplies per-sample gradients. :class:`DedupGradSampleHooks`
@@ -116,7 +116,7 @@ class DPPlan:
     history: list[list[float]]
 
     def state(self, study_hash: str) -> dict:
-        """The JSON-able state kept in the node's context between rounds."""
+        """The JSON-able state kept in the site's ledger between rounds."""
         return {"study_hash": study_hash, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "accountant": self.accountant, "delta": self.delta,
                 "history": self.history}

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from common.errors import ProtocolError
-from common.pooled_moments import Moments
+from common.pooled_moments import Moments, site_moments
+from common.protocol import Payload
 from common.segmentation.aggregation import check_update, weighted_mean
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,17 @@ def site_crossproduct(x: np.ndarray) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     centred = arr - arr.mean(axis=0)
     return centred.T @ centred
+
+
+def site_feature_moments(site_id: str, x: np.ndarray, names: list[str], min_cohort: int) -> Payload:
+    """The ``classifier_moments`` reply: moments and centred crossproduct of the training features, their names."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != len(names):
+        raise ProtocolError(site_id, f"{len(names)} feature name(s) for a {arr.shape} feature matrix")
+    reply = site_moments(site_id, arr, min_cohort)
+    reply["cross"] = site_crossproduct(arr)
+    reply["feature_names"] = [str(n) for n in names]
+    return reply
 
 
 def pooled_correlation(replies: Mapping[str, Mapping[str, object]], moments: Moments) -> np.ndarray:

@@ -1,16 +1,31 @@
 """The server half of federated training, as plain numpy: reply validation and the aggregation rules.
 
-The Flower strategies in ``server/strategies.py`` call :func:`check_update` on every reply before
-aggregating; the rules here are the oracle that tests compare the strategies against.
+The driver (:func:`common.segmentation.protocol.run_segmentation`) calls :func:`check_update` on every reply
+and hands the accepted :class:`Update` s to an :data:`Aggregate` (Flower's strategies, ``server/strategies.py``);
+the rules here are the oracle that tests compare those strategies against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 Weights = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Update:
+    """One site's accepted training reply: its new weights and the number of cases they were trained on."""
+
+    site: str
+    weights: Mapping[str, np.ndarray]
+    num_examples: float
+
+
+Aggregate = Callable[[int, Sequence[Update]], dict[str, np.ndarray]]
+"""``aggregate(server_round, updates) -> new global weights`` (the strategy's rule; ``updates`` is never empty)."""
 
 
 def update_norm(new: Weights, reference: Weights) -> float:

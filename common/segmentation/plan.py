@@ -1,7 +1,7 @@
 """One segmentation plan for all sites, made on the server from the aggregated fingerprint.
 
 The plan is a JSON-able dict that travels to every site with each round, so every site builds the same
-network (:func:`client.training.networks.build_network`) and samples the same patch size:
+network (:func:`common.segmentation.networks.build_network`) and samples the same patch size:
 
 ``network`` ("monai" | "nnunet"), ``sequences`` (input channels), ``num_classes`` (2: background, tumour),
 ``patch_size`` and ``batch_size``, ``target_spacing`` and ``median_shape`` (array order z, y, x),

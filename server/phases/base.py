@@ -1,4 +1,4 @@
-"""What every server phase receives: the grid, the study, the connected nodes and earlier phases' outputs."""
+"""What every server phase receives: the federation, the study, the result folder and earlier phases' outputs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.serverapp import Grid
-
 from common.config import StudyConfig
+from server.federation import Federation, FlowerQuery
 
 
 @dataclass
@@ -18,16 +17,26 @@ class PhaseContext:
 
     ``outputs`` holds each finished phase's result by phase name; ``participants`` the sites (and their
     case counts) that contributed to each phase; ``registry`` the model registry when one is attached.
+    A phase reaches the sites only through :meth:`query`.
     """
 
-    grid: Grid
+    federation: Federation
     study: StudyConfig
-    node_ids: list[int]
     result_dir: Path
     outputs: dict[str, Any] = field(default_factory=dict)
     participants: dict[str, dict[str, int]] = field(default_factory=dict)
     registry: Any = None
     run_id: int | None = None
+
+    @property
+    def node_ids(self) -> list[int]:
+        """The nodes connected when the run started."""
+        return self.federation.node_ids
+
+    def query(self, nodes: list[int] | None = None, *, fixed: bool = True, minimum: int | None = None
+              ) -> FlowerQuery:
+        """A protocol query over ``nodes`` (default: the run's nodes); see :class:`server.federation.FlowerQuery`."""
+        return self.federation.query(nodes, fixed=fixed, minimum=minimum)
 
 
 Phase = Callable[[PhaseContext], dict]

@@ -1,29 +1,22 @@
-"""Server step of the fingerprint phase: query every site and merge the replies into the global plan."""
+"""Server step of the fingerprint phase: the merged fingerprint (:func:`common.fingerprint.run_fingerprint`),
+written as ``plan.json``, the lineage root of every later version of the run."""
 
 from __future__ import annotations
 
 import json
 
-from common.fingerprint import aggregate_fingerprints
-from server.federation import query_sites
+from common.fingerprint import run_fingerprint
 from server.phases.base import PhaseContext
 
 
 def run(ctx: PhaseContext) -> dict:
     """Every site's fingerprint, merged into the global fingerprint (and the target spacing)."""
-    result = query_sites(ctx.grid, "fingerprint", ctx.study, node_ids=ctx.node_ids)
-    merged = aggregate_fingerprints(result.replies, ctx.study.sequences)
-    merged["scanners"] = {
-        s: {"vendor": r.get("vendor"), "field_strength": r.get("field_strength")} for s, r in result.replies.items()
-    }
-    merged["refused"] = {str(n): reason for n, reason in result.errors.items()}
-    merged["dropped"] = [str(n) for n in result.dropped]
-    ctx.participants["fingerprint"] = {s: int(r["n_cases"]) for s, r in result.replies.items()}  # type: ignore[call-overload]
-    merged["data_fingerprints"] = {  # the sites' data versions, for the registry: never a patient identifier
-        s: {"manifest_hash": r.get("manifest_hash"), "n_cases": int(r.get("manifest_cases", r["n_cases"]))}  # type: ignore[call-overload]
-        for s, r in result.replies.items()
-    }
-    plan = ctx.result_dir / "plan.json"  # the lineage root: every later version of the run derives from it
+    query = ctx.query()
+    merged = run_fingerprint(query, ctx.study.sequences)
+    merged["refused"] = {str(n): reason for n, reason in query.last.errors.items()}
+    merged["dropped"] = [str(n) for n in query.last.dropped]
+    ctx.participants["fingerprint"] = dict(merged["cases_per_site"])
+    plan = ctx.result_dir / "plan.json"
     plan.write_text(json.dumps(merged, indent=2, sort_keys=True, default=str))
     merged["artifacts"] = [{"kind": "plan", "path": str(plan), "round": None, "metrics": {}}]
     return merged

@@ -1,8 +1,9 @@
 """Server half of the harmonisation phase: federated ComBat, and the fitted model stored for the registry.
 
-The rounds are :func:`common.combat.run_combat`'s; the sites harmonise their own tables. The global model
-(``harmonisation/combat_model.npz``: beta, grand mean, pooled variance, every batch's estimates and the
-design spec) lets new cases of a known site, and a site joining later, be harmonised the same way.
+The rounds are :func:`common.harmonisation.run_harmonisation`'s, over ``ctx.query()`` (a fixed cohort); the
+sites harmonise their own tables. The global model (``harmonisation/combat_model.npz``: beta, grand mean,
+pooled variance, every batch's estimates and the design spec) lets new cases of a known site, and a site
+joining later, be harmonised the same way.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import time
 
 import numpy as np
 
-from common.combat import options_from_config, run_combat
+from common.harmonisation import options_from_config, run_harmonisation
 from common.hashing import sha256_file, sha256_json
 from server.phases.base import PhaseContext
-from server.phases.cohort_query import CohortQuery
 
 MODEL_FILE = "combat_model.npz"
 
@@ -22,9 +22,9 @@ MODEL_FILE = "combat_model.npz"
 def run(ctx: PhaseContext) -> dict:
     """Run federated ComBat over the connected sites; returns the summary and the harmonisation artifact."""
     cfg = ctx.study.harmonisation
-    query = CohortQuery(ctx)
+    query = ctx.query()
     start = time.perf_counter()
-    result = run_combat(query, options_from_config(cfg))
+    result = run_harmonisation(query, options_from_config(cfg))
     wall_s = time.perf_counter() - start
     model, spec = result.model, result.model.spec
     path = model.save(ctx.result_dir / "harmonisation" / MODEL_FILE)

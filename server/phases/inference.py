@@ -1,16 +1,14 @@
-"""Server step of the local segmentation phase: send the final federated model to every site, which segments
-its cases without masks locally (see :mod:`client.steps.inference`); only counts come back."""
+"""Server step of the inference phase: send the final federated model to every site, which segments its cases
+without masks locally (:func:`common.segmentation.inference.run_inference`); only counts come back."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
-
-from client.steps.inference import WEIGHT_PREFIX
 from common.errors import ConfigError
-from server.federation import query_sites
+from common.segmentation.inference import run_inference
 from server.phases.base import PhaseContext
+from server.phases.segmentation import load_weights
 
 
 def run(ctx: PhaseContext) -> dict:
@@ -19,14 +17,12 @@ def run(ctx: PhaseContext) -> dict:
     if not seg:
         raise ConfigError("study config", "the inference phase needs the segmentation phase's model",
                           "list 'segmentation' before 'inference' in phases")
-    with np.load(seg["final_model"], allow_pickle=False) as data:
-        payload: dict[str, object] = {f"{WEIGHT_PREFIX}{k}": data[k] for k in data.files}
     with open(seg["plan"], encoding="utf-8") as fh:
-        payload["plan_json"] = json.dumps(json.load(fh))
-    result = query_sites(ctx.grid, "segment_unlabelled", ctx.study, payload, node_ids=ctx.node_ids)
-    segmented = {s: int(r["n_segmented"]) for s, r in result.replies.items()}  # type: ignore[call-overload]
-    ctx.participants["inference"] = segmented
-    return {"segmented_per_site": segmented,
-            "empty_per_site": {s: int(r["n_empty"]) for s, r in result.replies.items()},  # type: ignore[call-overload]
+        plan = json.load(fh)
+    query = ctx.query()
+    result = run_inference(query, load_weights(seg["final_model"]), plan)
+    ctx.participants["inference"] = dict(result.segmented)
+    return {"segmented_per_site": result.segmented,
+            "empty_per_site": result.empty,
             "model": seg["final_model"],
-            "refused": {str(n): reason for n, reason in result.errors.items()}}
+            "refused": {node.removeprefix("node-"): reason for node, reason in query.refused.items()}}

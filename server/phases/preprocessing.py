@@ -1,27 +1,20 @@
-"""Server step of the preprocessing phase: build the global plan and return it to the sites.
+"""Server step of the preprocessing phase: the global plan built, delivered and its effect measured.
 
 Target spacing: the study's ``preprocessing.resample.target_spacing`` when set, else the fingerprint phase's
-``target_spacing`` (the sites' median spacings, merged). Nyúl landmarks: every site's mean landmarks
-(``query.nyul_landmarks``), averaged into the standard scale (:func:`common.nyul.aggregate_nyul`). The plan
-is written as ``plan.json`` (a "plan"-kind artifact) and sent to the sites (``query.preprocessing_plan``),
-each of which answers with the hash of what it stored.
+``target_spacing`` (the sites' median spacings, merged). The rounds are
+:func:`common.preprocessing.run_preprocessing`'s. The plan is written as ``plan.json`` (a "plan"-kind
+artifact); with ``preprocessing.apply_at_sites`` the before/after histograms are drawn under
+``preprocessing/histograms.png``.
 """
 
 from __future__ import annotations
 
-import logging
-
-import numpy as np
-
-from common.errors import ConfigError, ProtocolError
-from common.hashing import canonical_json
-from common.nyul import aggregate_nyul
-from common.plan import build_plan, write_plan
-from server.federation import query_sites
+from common.errors import ConfigError
+from common.plan import write_plan
+from common.preprocessing import run_preprocessing
+from server.figures.preprocessing import plot_histograms
 from server.phases.base import PhaseContext
-from server.phases.preprocessing_effect import apply_at_sites
 
-log = logging.getLogger("fedbiopsy.server")
 PLAN_FILE = "plan.json"
 
 
@@ -34,37 +27,28 @@ def run(ctx: PhaseContext) -> dict:
         raise ConfigError("study config", "the preprocessing phase needs the target spacing",
                           "list `fingerprint` before `preprocessing` in phases, or set "
                           "preprocessing.resample.target_spacing")
-    x, y, z = (float(s) for s in (configured or fingerprint["target_spacing"]))
-    spacing = (x, y, z)
-    result = query_sites(ctx.grid, "nyul_landmarks", study,
-                         {"target_spacing": np.asarray(spacing, dtype=np.float64)}, node_ids=ctx.node_ids)
-    nyul = aggregate_nyul(result.replies, study.sequences)
-    counts = dict(nyul["cases_per_site"])
-    plan = build_plan(study, spacing, nyul, counts)
+    apply = study.preprocessing.apply_at_sites and "fingerprint" in ctx.outputs
+    query = ctx.query(fixed=False)
+    result = run_preprocessing(query, study, configured or fingerprint["target_spacing"],
+                               fingerprint if apply else None)
     path = ctx.result_dir / PLAN_FILE
-    sha = write_plan(plan, path)
-    plan_json = canonical_json(plan.model_dump(mode="json"))
-    acks = query_sites(ctx.grid, "preprocessing_plan", study, {"plan_json": plan_json},
-                       node_ids=sorted(result.node_of_site.values()))
-    for site, reply in acks.replies.items():
-        if reply.get("plan_sha256") != sha:
-            raise ProtocolError(site, "stored a plan whose hash differs from the server's",
-                                "run the same fedbiopsy version at every site")
-    ctx.participants["preprocessing"] = counts
-    log.info("preprocessing plan %s: spacing %s, Nyúl over %d case(s) at %d site(s)", sha[:12],
-             [round(s, 3) for s in spacing], nyul["n_cases"], len(counts))
+    write_plan(result.plan, path)  # the same canonical JSON the sites stored, so the same sha256
+    ctx.participants["preprocessing"] = result.counts
     effect = None
-    if study.preprocessing.apply_at_sites and "fingerprint" in ctx.outputs:
-        effect = apply_at_sites(ctx, sorted(acks.node_of_site.values()))
+    if result.effect is not None:
+        figure = plot_histograms(result.effect.replies, result.effect.edges,
+                                 ctx.result_dir / "preprocessing" / "histograms.png")
+        effect = {**result.effect.summary(), "figures": {"histograms": str(figure)},
+                  "refused": {str(n): reason for n, reason in query.last.errors.items()}}
     return {
         "effect": effect,
-        "plan": plan.model_dump(mode="json"),
-        "plan_sha256": sha,
-        "delivered_to": sorted(acks.replies),
-        "refused": {str(n): reason for n, reason in {**result.errors, **acks.errors}.items()},
+        "plan": result.plan.model_dump(mode="json"),
+        "plan_sha256": result.plan_sha256,
+        "delivered_to": result.delivered_to,
+        "refused": dict(query.refused),
         "artifacts": [{
             "kind": "plan", "path": str(path), "round": None,
-            "metrics": {site: {"n_cases": float(n)} for site, n in counts.items()},
-            "settings_hash": plan.settings_hash,
+            "metrics": {site: {"n_cases": float(n)} for site, n in result.counts.items()},
+            "settings_hash": result.plan.settings_hash,
         }],
     }

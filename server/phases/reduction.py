@@ -1,8 +1,8 @@
 """Server half of the reduction phase: the image-based signature from pooled feature statistics.
 
-One round of sums and crossproducts (:func:`common.reduction.run_reduction`), then a broadcast of the
-signature so that each site scores its own patients. The signature (kept features, pooled correlations,
-varimax loadings) is stored as ``reduction/signature.npz`` for the registry.
+One round of sums and crossproducts (:func:`common.reduction.run_reduction`, over ``ctx.query()``), then a
+broadcast of the signature so that each site scores its own patients. The signature (kept features, pooled
+correlations, varimax loadings) is stored as ``reduction/signature.npz`` for the registry.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import numpy as np
 from common.hashing import sha256_file, sha256_json
 from common.reduction import run_reduction, settings_from_config
 from server.phases.base import PhaseContext
-from server.phases.cohort_query import CohortQuery
 
 SIGNATURE_FILE = "signature.npz"
 TOP_LOADINGS = 10
@@ -24,7 +23,7 @@ def run(ctx: PhaseContext) -> dict:
     """Run the federated reduction over the connected sites; returns the summary and the signature artifact."""
     cfg = ctx.study.reduction
     settings = settings_from_config(cfg)
-    query = CohortQuery(ctx)
+    query = ctx.query()
     start = time.perf_counter()
     result = run_reduction(query, settings)
     wall_s = time.perf_counter() - start

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from server.federation import query_sites
+from common.report import run_report
 from server.phases.base import PhaseContext
 from server.report import Section, build_report
 from server.report.html import table
@@ -129,8 +129,8 @@ def _harmonisation(ctx: PhaseContext) -> Section:
             f"{harm['options']}; rounds {harm['rounds']}.</p>")
     columns = _shift_features(ctx)
     if columns:
-        result = query_sites(ctx.grid, "feature_moments", ctx.study, {"columns": columns}, node_ids=ctx.node_ids)
-        path, rows = _plot_moments(result.replies, columns, ctx.result_dir / "report" / "features_combat.png")
+        replies = run_report(ctx.query(), columns)
+        path, rows = _plot_moments(replies, columns, ctx.result_dir / "report" / "features_combat.png")
         figures.append((path, "Per-site mean ± SD of features (pooled z-units), before and after ComBat"))
         body += table(rows) + ("<p class='muted'>Between-site spread: SD of the site means in pooled SD units "
                                "(aggregates per site only).</p>")

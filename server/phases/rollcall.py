@@ -12,7 +12,6 @@ import json
 import logging
 import time
 
-from server.federation import query_sites
 from server.phases.base import PhaseContext
 
 log = logging.getLogger(__name__)
@@ -25,9 +24,10 @@ def run(ctx: PhaseContext) -> dict:
     rounds: list[dict] = []
     progress = ctx.result_dir / ROUNDS_FILE
     for rnd in range(1, cfg.rounds + 1):
-        nodes = sorted(ctx.grid.get_node_ids())
+        query = ctx.query(ctx.federation.connected())
         start = time.monotonic()
-        result = query_sites(ctx.grid, "rollcall", ctx.study, {"round": rnd}, node_ids=nodes)
+        query("rollcall", {"round": rnd})
+        result = query.last
         seconds = round(time.monotonic() - start, 3)
         sites = {s: {"node": str(result.node_of_site[s]), "n_cases": int(str(r["n_cases"])),
                      "app_hash": str(r.get("app_hash", ""))} for s, r in sorted(result.replies.items())}

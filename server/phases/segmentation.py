@@ -2,11 +2,12 @@
 
 1. The plan (network, patch and batch size, nnU-Net plans when ``network: nnunet``) comes from the fingerprint
    phase's aggregated output only; it travels to every site with each round.
-2. ``query.segmentation_cohort`` maps nodes to sites and confirms each has enough training and held-out cases.
-3. The initial model is evaluated at every site (round 0), then ``strategy.start`` runs the rounds: train,
-   validate and aggregate, evaluate. Each round's global model is written under ``result_dir/segmentation/``
-   and listed under ``artifacts`` (kind ``segmentation``) with per-site and pooled metrics and, with DP, the
-   epsilon each site has spent.
+2. The rounds are :func:`common.segmentation.protocol.run_segmentation`'s: the cohort check
+   (``segmentation_cohort``), the initial model evaluated at every site (round 0), then train, validate and
+   aggregate (by the study's Flower strategy, :func:`server.strategies.make_aggregate`), evaluate.
+3. Here: each round's global model is written under ``result_dir/segmentation/`` and listed under
+   ``artifacts`` (kind ``segmentation``) with per-site and pooled metrics and, with DP, the epsilon each site
+   has spent.
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from client.app import STUDY_KEY
-from client.segmentation_handlers import PLAN_KEY
 from common.errors import ConfigError
-from common.hashing import sha256_json
+from common.hashing import derive_seed, sha256_json
 from common.segmentation.metrics import headline, unflatten
+from common.segmentation.networks import build_network, count_parameters, get_weights
 from common.segmentation.plan import make_plan
-from server.federation import query_sites
+from common.segmentation.protocol import RoundRecord, run_segmentation
 from server.phases.base import PhaseContext
-from server.strategies import RoundRecords, make_strategy
+from server.strategies import make_aggregate
 
 log = logging.getLogger("fedbiopsy.server")
 
@@ -44,16 +43,16 @@ def load_weights(path: Path | str) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def _round_view(records: RoundRecords, rnd: int, dp: bool) -> dict:
-    sites = {s: unflatten(flat) for s, flat in records.evaluate.get(rnd, {}).items()}
-    view = {"round": rnd, "sites": sites, "pooled": records.pooled.get(rnd, {}),
-            "n_heldout": {s: int(flat.get("num-examples", 0)) for s, flat in records.evaluate.get(rnd, {}).items()}}
-    if rnd > 0:
-        view["train"] = records.train.get(rnd, {})
-        view["rejected"] = records.rejected.get(rnd, [])
+def _round_view(record: RoundRecord, dp: bool) -> dict:
+    view: dict = {"round": record.round, "sites": {s: unflatten(flat) for s, flat in record.evaluate.items()},
+                  "pooled": record.pooled,
+                  "n_heldout": {s: int(flat.get("num-examples", 0)) for s, flat in record.evaluate.items()}}
+    if record.round > 0:
+        view["train"] = record.train
+        view["rejected"] = record.rejected
         if dp:
-            view["epsilon"] = {s: m["epsilon"] for s, m in records.train.get(rnd, {}).items()}
-    view["errors"] = records.errors.get(rnd, [])
+            view["epsilon"] = record.epsilon()
+    view["errors"] = record.errors
     return view
 
 
@@ -66,9 +65,6 @@ def _artifact_metrics(view: dict) -> dict:
 
 def run(ctx: PhaseContext) -> dict:
     """Plan, then federated training rounds; returns per-round metrics, epsilon and the artifacts."""
-    from client.training.networks import build_network, count_parameters, get_weights
-    from client.training.task import derive_seed
-
     study = ctx.study
     cfg = study.segmentation
     fingerprint = ctx.outputs.get("fingerprint")
@@ -82,33 +78,23 @@ def run(ctx: PhaseContext) -> dict:
     plan_path.write_text(json.dumps(plan, indent=1))
     plan_hash = sha256_json(plan)
 
-    cohort = query_sites(ctx.grid, "segmentation_cohort", study, node_ids=ctx.node_ids)
-    site_names = {node: site for site, node in cohort.node_of_site.items()}
     net = build_network(plan, seed=derive_seed(cfg.seed, "initial-model"))
     initial = get_weights(net)
-    log.info("segmentation: %s network, %d parameters, patch %s, batch %d, %d site(s), strategy %s",
-             plan["network"], count_parameters(net), plan["patch_size"], plan["batch_size"], len(cohort.replies),
-             cfg.strategy)
-
+    log.info("segmentation: %s network, %d parameters, patch %s, batch %d, strategy %s", plan["network"],
+             count_parameters(net), plan["patch_size"], plan["batch_size"], cfg.strategy)
+    save_weights(initial, out_dir / "model_round000.npz")
     saved: dict[int, Path] = {}
 
-    def on_aggregate(rnd: int, arrays: ArrayRecord) -> None:
-        saved[rnd] = save_weights({k: v.numpy() for k, v in arrays.items()}, out_dir / f"model_round{rnd:03d}.npz")
+    def on_model(rnd: int, weights: dict[str, np.ndarray]) -> None:
+        saved[rnd] = save_weights(weights, out_dir / f"model_round{rnd:03d}.npz")
 
-    min_nodes = min(study.min_sites, len(cohort.replies))
-    strategy = make_strategy(cfg, min_nodes, site_names, on_aggregate)
-    config = {STUDY_KEY: json.dumps(study.model_dump(mode="json")), PLAN_KEY: json.dumps(plan)}
-    initial_arrays = ArrayRecord({k: Array(v) for k, v in initial.items()})
-    save_weights(initial, out_dir / "model_round000.npz")
-    strategy.evaluate_now(0, initial_arrays, ConfigRecord(dict(config)), ctx.grid, study.round_timeout_s)
-    result = strategy.start(grid=ctx.grid, initial_arrays=initial_arrays, num_rounds=cfg.rounds,
-                            timeout=study.round_timeout_s, train_config=ConfigRecord(dict(config)),
-                            evaluate_config=ConfigRecord(dict(config)))
-    final = {k: v.numpy() for k, v in result.arrays.items()} if result.arrays is not None else initial
-    final_path = save_weights(final, out_dir / "model_final.npz")
+    # a training round goes on when a site fails it (as Flower's strategies do); the cohort needs min_sites
+    query = ctx.query(fixed=False, minimum=1)
+    outcome = run_segmentation(query, plan, initial, cfg, make_aggregate(cfg), min_sites=study.min_sites,
+                               on_model=on_model)
+    final_path = save_weights(outcome.weights, out_dir / "model_final.npz")
 
-    records = strategy.records
-    rounds = [_round_view(records, r, cfg.dp.enabled) for r in range(0, cfg.rounds + 1)]
+    rounds = [_round_view(record, cfg.dp.enabled) for record in outcome.rounds]
     artifacts: list[dict] = [{"kind": "plan", "path": str(plan_path), "round": None, "metrics": {},
                               "settings_hash": plan_hash}]
     for rnd, path in sorted(saved.items()):
@@ -123,7 +109,7 @@ def run(ctx: PhaseContext) -> dict:
 
     initial_dsc = pooled_dsc(rounds[0])
     final_dsc = pooled_dsc(rounds[-1])
-    ctx.participants["segmentation"] = {s: int(r["n_train"]) for s, r in cohort.replies.items()}  # type: ignore[call-overload]
+    ctx.participants["segmentation"] = {s: c["n_train"] for s, c in outcome.cohort.items()}
     epsilon = {}
     if cfg.dp.enabled:
         for view in rounds[1:]:
@@ -136,9 +122,8 @@ def run(ctx: PhaseContext) -> dict:
         "patch_size": plan["patch_size"],
         "batch_size": plan["batch_size"],
         "strategy": cfg.strategy,
-        "cohort": {s: {"n_train": int(r["n_train"]), "n_heldout": int(r["n_heldout"])}  # type: ignore[call-overload]
-                   for s, r in cohort.replies.items()},
-        "refused": {str(n): reason for n, reason in cohort.errors.items()},
+        "cohort": outcome.cohort,
+        "refused": {node.removeprefix("node-"): reason for node, reason in query.refused.items()},
         "rounds": rounds,
         "initial_dsc_median": initial_dsc,
         "final_dsc_median": final_dsc,

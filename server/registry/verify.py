@@ -71,8 +71,8 @@ def verify_registry(s: Session, store: ArtifactStore, expected_head: str | None 
     return VerifyReport(tuple(broken), n_events, n_versions, len(arts), head)
 
 
-def check_records(s: Session, events: list[AuditEvent]) -> list[Broken]:
-    """Each registry row against the latest audit snapshot of it, in log order."""
+def _audit_snapshots(events: list[AuditEvent]) -> dict[str, tuple[int, Any]]:
+    """The latest audit snapshot of each registry row, with the sequence number of its event."""
     snaps: dict[str, tuple[int, Any]] = {}
     for e in events:
         if e.kind in RECORD_EVENTS:
@@ -80,6 +80,11 @@ def check_records(s: Session, events: list[AuditEvent]) -> list[Broken]:
                 snaps[e.subject] = (e.seq, json.loads(e.payload).get("record"))
             except (ValueError, AttributeError):
                 snaps[e.subject] = (e.seq, None)
+    return snaps
+
+
+def _current_rows(s: Session) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every registry row as it is now: subject -> (label, snapshot)."""
     sizes = {sha: size for sha, size in s.execute(select(Artifact.sha256, Artifact.size))}
     current: dict[str, tuple[str, dict[str, Any]]] = {}
     for st in s.execute(select(Study)).scalars():
@@ -90,10 +95,15 @@ def check_records(s: Session, events: list[AuditEvent]) -> list[Broken]:
         current[f"phase:{p.id}"] = (f"phase {p.id} ({p.name} of run {p.run_id})", phase_snapshot(p))
     for v in s.execute(select(ModelVersion)).scalars():
         current[f"version:{v.id}"] = (f"model version v{v.id}", version_snapshot(v, sizes.get(v.artifact_sha256, -1)))
-    broken = []
-    for st in s.execute(select(Study)).scalars():
-        if sha256_text(st.config_json) != st.config_hash:
-            broken.append(Broken(f"study {st.id} ({st.name})", "its stored configuration does not match its hash"))
+    return current
+
+
+def check_records(s: Session, events: list[AuditEvent]) -> list[Broken]:
+    """Each registry row against the latest audit snapshot of it, in log order."""
+    snaps = _audit_snapshots(events)
+    current = _current_rows(s)
+    broken = [Broken(f"study {st.id} ({st.name})", "its stored configuration does not match its hash")
+              for st in s.execute(select(Study)).scalars() if sha256_text(st.config_json) != st.config_hash]
     for subject, (label, snap) in sorted(current.items(), key=lambda kv: snaps.get(kv[0], (10**12, None))[0]):
         if subject not in snaps:
             broken.append(Broken(label, "has no audit event: its event was deleted, or the row was added outside "

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.training.classifier_models import build_feature_model, model_weights
-from client.training.classifier_site import site_train
+from client.classifier.memory import CLASSIFIER_STEPS, SiteArrays, memory_sites
+from client.classifier.site import site_train
 from client.training.dp import epsilon_of
+from common.classification.models import build_feature_model, model_weights
+from common.classification.protocol import run_classifier
 from common.config import ClassifierConfig, ClassifierDPConfig
 from common.errors import PolicyError
-from simulations.inprocess_classifier import SiteArrays, federated_classifier
+from common.protocol import InMemoryQuery
 
 
 def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,8 +30,8 @@ def test_dp_rounds_spend_epsilon_per_site_as_the_accountant_says() -> None:
         x, y = _data(n, i)
         xt, yt = _data(10, 10 + i)
         sites[f"s{i}"] = SiteArrays(x, y, xt, yt)
-    run = federated_classifier(sites, "mlp", cfg)
-    eps = run.summary["epsilon"]
+    run = run_classifier(InMemoryQuery(memory_sites(sites, cfg), CLASSIFIER_STEPS), "mlp", cfg)
+    eps = run.epsilon
     # each site's epsilon is the accountant's for its own sampling rate over 3 rounds x 4 steps
     for site, n in (("s0", 40), ("s1", 24)):
         expected = epsilon_of("rdp", [[1.2, 8 / n, 1]] * 12, 1e-5)

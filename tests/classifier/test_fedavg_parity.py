@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from client.classifier.memory import CLASSIFIER_STEPS, SiteArrays, memory_sites
+from common.classification.protocol import ClassifierRun, run_classifier
 from common.config import ClassifierConfig
-from simulations.inprocess_classifier import SiteArrays, federated_classifier
+from common.protocol import InMemoryQuery
 
 SIZES = (30, 47, 23)
 BETA = np.array([1.2, -0.7, 0.8, 0.0, 0.4])
@@ -22,6 +24,13 @@ def _sites(seed: int = 0) -> dict[str, SiteArrays]:
         xt = rng.normal(0.0, 1.0, (10, BETA.size))
         sites[f"site-{i}"] = SiteArrays(x, y, xt, np.array([0, 1] * 5))
     return sites
+
+
+def federated_classifier(sites: dict[str, SiteArrays], kind: str, cfg: ClassifierConfig,
+                         keep_weights: bool = False) -> ClassifierRun:
+    """The driver the ServerApp runs, over the sites in memory."""
+    return run_classifier(InMemoryQuery(memory_sites(sites, cfg), CLASSIFIER_STEPS), kind, cfg,
+                          keep_weights=keep_weights)
 
 
 def _pooled_gd(x: np.ndarray, y: np.ndarray, lr: float, l2: float, steps: int) -> list[np.ndarray]:
@@ -40,12 +49,12 @@ def _pooled_gd(x: np.ndarray, y: np.ndarray, lr: float, l2: float, steps: int) -
 def test_fedavg_equals_pooled_gradient_descent_iterates() -> None:
     sites = _sites()
     cfg = ClassifierConfig(rounds=25, lr=1.0, l2=0.01, local_steps=1, bootstrap=0, shap=False)
-    run = federated_classifier(sites, "logistic", cfg, keep_history=True)
+    run = federated_classifier(sites, "logistic", cfg, keep_weights=True)
     x = np.vstack([a.x_train for a in sites.values()])
     y = np.concatenate([a.y_train for a in sites.values()])
-    assert run.summary["lr"] == cfg.lr  # below the curvature cap here
+    assert run.lr == cfg.lr  # below the curvature cap here
     oracle = _pooled_gd((x - run.mean) / run.scale, y, cfg.lr, cfg.l2, cfg.rounds)
-    fed = [np.append(h["0.weight"][0], h["0.bias"][0]) for h in run.history]
+    fed = [np.append(h["0.weight"][0], h["0.bias"][0]) for h in run.trajectory]
     assert len(fed) == len(oracle) == cfg.rounds + 1
     err = max(float(np.abs(f - o).max()) for f, o in zip(fed, oracle, strict=True))
     assert err < 1e-10, err

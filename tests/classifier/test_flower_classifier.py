@@ -1,4 +1,4 @@
-"""The classifier phase through Flower's simulation engine: the same numbers as the in-process runner."""
+"""The classifier phase through Flower's simulation engine: the same numbers as the same driver in memory."""
 
 from __future__ import annotations
 
@@ -29,11 +29,13 @@ classifier:
 
 
 def test_classifier_phase_through_flower(tmp_path) -> None:
-    from client.training.classifier_data import site_labels
+    from client.classifier.data import site_labels
+    from client.classifier.memory import CLASSIFIER_STEPS, feature_site_arrays, memory_sites
+    from common.classification.protocol import run_classifier
+    from common.protocol import InMemoryQuery
     from common.validation import load_site
     from simulations.engine import run_simulated_study
     from simulations.harmonisation_sites import simulate_experiment_sites
-    from simulations.inprocess_classifier import feature_site_arrays, federated_classifier
 
     site_dirs = simulate_experiment_sites(tmp_path / "sites", sites=3, patients=18, size=32, seed=3)
     study_path = tmp_path / "study.yaml"
@@ -60,7 +62,7 @@ def test_classifier_phase_through_flower(tmp_path) -> None:
     # the federated mean |SHAP| covers every feature
     assert len(logistic["summary"]["shap"]["features"]) == len(out["feature_names"]) == 30
 
-    # the same site and server functions in process give the same model and the same figures
+    # the same driver over the same site functions in memory gives the same model and the same figures
     sites = [load_site(d) for d in site_dirs]
     feats = {}
     for s in sites:
@@ -69,7 +71,9 @@ def test_classifier_phase_through_flower(tmp_path) -> None:
     labels = {s.site_id: site_labels(s, "label") for s in sites}
     clinical = {s.site_id: s.clinical_frame() for s in sites}
     arrays = feature_site_arrays(feats, labels, study.classifier, clinical)
-    local = federated_classifier(arrays, "logistic", study.classifier, feature_names=out["feature_names"])
+    local = run_classifier(InMemoryQuery(memory_sites(arrays, study.classifier), CLASSIFIER_STEPS), "logistic",
+                           study.classifier)
+    assert local.scaling.names == out["feature_names"]
     with np.load(out["artifacts"][0]["path"]) as saved:
         np.testing.assert_allclose(saved["0.weight"], local.weights["0.weight"], rtol=0, atol=1e-12)
     assert metrics["pooled"]["auc"] == pytest.approx(local.summary["pooled"]["auc"], abs=1e-12)

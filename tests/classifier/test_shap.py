@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.training.classifier_explain import shap_values
-from client.training.classifier_models import build_feature_model, feature_scores
+from client.classifier.explain import shap_values
 from common.classification.explain import merge_shap, site_shap_summary
+from common.classification.models import build_feature_model, feature_scores
 from common.errors import PolicyError
 
 
 def _trained(kind: str, x: np.ndarray, y: np.ndarray) -> object:
-    from client.training.classifier_local import LocalSettings, bce_loss, feature_batches, run_local_steps
+    from client.classifier.local import LocalSettings, bce_loss, feature_batches, run_local_steps
 
     net = build_feature_model(kind, x.shape[1], hidden=8, seed=3)
     run_local_steps(net, feature_batches(x, y), bce_loss(), LocalSettings(steps=60, lr=0.5, l2=0.01))

@@ -7,11 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from common.combat import CombatOptions
-from common.combat_model import CombatDataError
+from common.combat_spec import CombatDataError, CombatOptions
 from common.errors import PolicyError, ProtocolError, SiteDataError
-from simulations.inprocess import federated_combat
-from simulations.inprocess_combat import run_combat_in_process
+from common.harmonisation import federated_combat, run_harmonisation_in_memory
 from simulations.synthetic_features import synthetic_feature_sites
 
 
@@ -74,7 +72,7 @@ def test_batch_with_one_patient_names_the_site() -> None:
 def test_site_below_min_cohort_refuses() -> None:
     features, _ = _sites(sizes=(10, 12, 8))
     with pytest.raises(PolicyError, match=r"site-03.*min_cohort.*8 patient") as err:
-        run_combat_in_process(features, None, CombatOptions(), min_cohort=9)
+        run_harmonisation_in_memory(features, None, CombatOptions(), min_cohort=9)
     assert err.value.rule == "min_cohort"
 
 
@@ -86,7 +84,7 @@ def test_small_covariate_cell_refuses() -> None:
     cov = covariates["site-02"]
     cov.loc[cov.index[:2], "sex"] = "M"
     with pytest.raises(PolicyError, match=r"site-02.*sex=M"):
-        run_combat_in_process(features, covariates, CombatOptions(categorical=("sex",)), min_cohort=5)
+        run_harmonisation_in_memory(features, covariates, CombatOptions(categorical=("sex",)), min_cohort=5)
 
 
 def test_unknown_reference_batch() -> None:

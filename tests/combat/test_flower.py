@@ -7,7 +7,8 @@ import pandas as pd
 
 from common.combat_model import CombatModel
 from common.config import load_study_config
-from common.reduction import Signature, prune_correlated
+from common.reduction_fit import prune_correlated
+from common.reduction_signature import Signature
 from simulations.synthetic_features import synthetic_feature_sites
 from tests.combat.oracle import max_rel_diff, pooled_neurocombat
 

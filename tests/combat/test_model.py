@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from common.combat import CombatOptions
 from common.combat_estimator import ComBat
 from common.combat_model import CombatModel
-from simulations.inprocess_combat import run_combat_in_process
+from common.combat_spec import CombatOptions
+from common.harmonisation import run_harmonisation_in_memory
 from simulations.synthetic_features import synthetic_feature_sites
 from tests.combat.oracle import max_rel_diff, pooled, pooled_neurocombat
 
@@ -32,7 +32,7 @@ def test_federated_model_saved_and_loaded_harmonises_like_the_run(tmp_path) -> N
     features, covariates = synthetic_feature_sites([12, 30, 9, 17], 15, seed=6,
                                                    scanners=[["A", "B"], ["A"], ["C"], ["B"]])
     options = CombatOptions(batch="scanner", parametric=False, **COVS)
-    harmonised, result = run_combat_in_process(features, covariates, options)
+    harmonised, result = run_harmonisation_in_memory(features, covariates, options)
 
     model = CombatModel.load(result.model.save(tmp_path / "combat.npz"))
     estimator = ComBat.from_model(model)
@@ -46,7 +46,7 @@ def test_federated_model_saved_and_loaded_harmonises_like_the_run(tmp_path) -> N
 def test_a_joining_batch_is_treated_as_a_fitted_batch() -> None:
     """Relabel a fitted site as new: its estimates and output are those it got in the fit."""
     features, covariates = synthetic_feature_sites([14, 25, 19], 18, seed=8)
-    harmonised, result = run_combat_in_process(features, covariates, CombatOptions(**COVS))
+    harmonised, result = run_harmonisation_in_memory(features, covariates, CombatOptions(**COVS))
     model = result.model
 
     joined = model.with_new_batches(features["site-03"], ["site-03-again"] * 19, covariates["site-03"])
@@ -64,7 +64,7 @@ def test_a_site_joining_later_equals_pooled_neurocombat_with_a_reference_batch()
     features, _ = synthetic_feature_sites([30, 21], 16, seed=9)
     reference, newcomer = {"site-01": features["site-01"]}, features["site-02"]
 
-    _, result = run_combat_in_process(reference, None, CombatOptions(ref_batch="site-01"))
+    _, result = run_harmonisation_in_memory(reference, None, CombatOptions(ref_batch="site-01"))
     model = result.model.with_new_batches(newcomer, ["site-02"] * len(newcomer))
     estimator = ComBat(batch="_site", ref_batch="site-01").fit(*pooled(reference))
     estimator.add_batches(newcomer, pd.DataFrame({"_site": "site-02"}, index=newcomer.index))
@@ -99,7 +99,7 @@ def test_cli_harmonises_known_and_joining_sites_with_the_stored_model(tmp_path) 
     features = {"site-001": synth["site-01"], "site-002": synth["site-02"]}
     dirs = {s: _site_on_disk(tmp_path, i, t) for i, (s, t) in enumerate(features.items())}
     reference = {"site-001": features["site-001"]}
-    harmonised, result = run_combat_in_process(reference, None, CombatOptions(ref_batch="site-001"))
+    harmonised, result = run_harmonisation_in_memory(reference, None, CombatOptions(ref_batch="site-001"))
     model_path = result.model.save(tmp_path / "combat_model.npz")
 
     runner = CliRunner()

@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.combat import CombatOptions
 from common.combat_estimator import ComBat
-from simulations.inprocess import federated_combat
-from simulations.inprocess_combat import run_combat_in_process
+from common.combat_spec import CombatOptions
+from common.harmonisation import federated_combat, run_harmonisation_in_memory
 from simulations.synthetic_features import synthetic_feature_sites
 from tests.combat.oracle import max_rel_diff, pooled, pooled_neurocombat
 
@@ -74,7 +73,7 @@ def test_federated_model_equals_pooled_state(layout: str, option: str) -> None:
     kwargs = {k: (ref if v == "REF" else v) for k, v in OPTIONS[option].items()}
     options = CombatOptions(batch=batch, **kwargs)
 
-    _, result = run_combat_in_process(features, covariates, options)
+    _, result = run_harmonisation_in_memory(features, covariates, options)
     _, est = pooled_neurocombat(features, covariates, batch=batch, **kwargs)
     table, cov = pooled(features, covariates)
     pooled_fit = ComBat(batch=batch or "_site", **kwargs).fit(table, cov)

@@ -1,6 +1,6 @@
 """No message of the harmonisation and reduction phases holds a per-patient row.
 
-Every message is captured as it travels (encoded to a Flower RecordDict and decoded back), for
+Every message is captured as it travels (through the message codec, :func:`common.protocol.round_trip`), for
 1. two cohort sizes: every array's shape, and every list's length, are the same: nothing scales with n;
    every array axis is a number of features, batches or design columns;
 2. a different cohort with the same aggregates (each site's patients replaced by a reflection that keeps
@@ -15,10 +15,10 @@ import json
 import numpy as np
 import pandas as pd
 
-from client.records import decode, encode
-from common.combat import CombatOptions
-from common.reduction import ReductionSettings
-from simulations.inprocess_combat import run_combat_in_process, run_reduction_in_process
+from common.combat_spec import CombatOptions
+from common.harmonisation import run_harmonisation_in_memory
+from common.protocol import round_trip
+from common.reduction import ReductionSettings, run_reduction_in_memory
 from simulations.synthetic_features import synthetic_feature_sites
 
 P = 11
@@ -30,7 +30,7 @@ MIN_COHORT = 5
 
 def _recorder(log: list):
     def wire(direction: str, action: str, site: str, payload: dict) -> dict:
-        travelled = decode(encode(payload))
+        travelled = round_trip(payload)
         log.append((direction, action, site, travelled))
         return travelled
 
@@ -40,9 +40,9 @@ def _recorder(log: list):
 def _run(features, covariates) -> tuple[list, list, dict]:
     combat_log: list = []
     reduction_log: list = []
-    harmonised, result = run_combat_in_process(features, covariates, OPTIONS, min_cohort=MIN_COHORT,
-                                               wire=_recorder(combat_log))
-    run_reduction_in_process(harmonised, SETTINGS, min_cohort=MIN_COHORT, wire=_recorder(reduction_log))
+    harmonised, result = run_harmonisation_in_memory(features, covariates, OPTIONS, min_cohort=MIN_COHORT,
+                                                     wire=_recorder(combat_log))
+    run_reduction_in_memory(harmonised, SETTINGS, min_cohort=MIN_COHORT, wire=_recorder(reduction_log))
     return combat_log, reduction_log, {"harmonised": harmonised, "model": result.model}
 
 

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from common.errors import PolicyError, ProtocolError
-from common.reduction import ReductionError, ReductionSettings, Signature, prune_correlated
-from simulations.inprocess import federated_feature_reduction
-from simulations.inprocess_combat import run_reduction_in_process
+from common.reduction import federated_feature_reduction, run_reduction_in_memory
+from common.reduction_fit import prune_correlated
+from common.reduction_signature import ReductionError, ReductionSettings, Signature
 from simulations.synthetic_features import synthetic_feature_sites
 
 VAR_T, CORR_T, K = 1e-4, 0.9, 3
@@ -80,7 +80,7 @@ def test_reduction_equals_pooled_computation() -> None:
     np.testing.assert_allclose(signature.noise_variance.to_numpy(), fa.noise_variance_, rtol=1e-8)
 
     # the sites' factor scores are scikit-learn's transform of the pooled standardised data
-    result, scores = run_reduction_in_process(features, signature.settings)
+    result, scores = run_reduction_in_memory(features, signature.settings)
     ours = pd.concat(scores.values()).loc[table.index].to_numpy()
     theirs = fa.transform(z)
     assert np.abs(_match(theirs, ours) - theirs).max() <= 1e-8
@@ -109,6 +109,6 @@ def test_reduction_bad_inputs_name_the_site() -> None:
     with pytest.raises(ProtocolError, match=r"site-04.*feature_0002"):
         federated_feature_reduction(nan, variance_threshold=0, correlation_threshold=0.9, n_factors=2)
     with pytest.raises(PolicyError, match=r"site-01.*min_cohort"):
-        run_reduction_in_process(features, ReductionSettings(), min_cohort=9)
+        run_reduction_in_memory(features, ReductionSettings(), min_cohort=9)
     with pytest.raises(ReductionError, match="n_factors=40"):
         federated_feature_reduction(features, variance_threshold=0, correlation_threshold=0.9, n_factors=40)

@@ -27,8 +27,10 @@ from common.fingerprint import aggregate_fingerprints
 from common.sitedata import load_site_config, write_site_config
 from common.validation import load_site
 from deploy.app import app_hash
-from deploy.local import DeploymentError, LocalFederation, RunOutcome
+from deploy.local import LocalFederation
 from deploy.processes import alive
+from deploy.runs import RunOutcome
+from deploy.supervision import DeploymentError
 from server.registry import Registry, open_registry
 from simulations.synthetic_features import synthetic_feature_sites
 from tests.combat.oracle import max_rel_diff, pooled_neurocombat

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from client.features.config import DEFAULT_SETTINGS, load_radiomics_settings, settings_hash, settings_path
 from common.config import load_study_config
 from common.errors import ConfigError
+from common.features.settings import DEFAULT_SETTINGS, load_radiomics_settings, settings_hash, settings_path
 
 
 def test_default_settings_resolve_per_sequence_with_the_plan_spacing() -> None:

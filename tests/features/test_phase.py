@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.features.config import load_radiomics_settings, settings_hash
 from client.features.table import extract_cases, feature_provenance, read_feature_table
 from common.config import load_study_config
 from common.errors import ProtocolError
-from common.feature_summary import summarise_feature_replies
+from common.features.protocol import summarise_feature_replies
+from common.features.settings import load_radiomics_settings, settings_hash
 from common.validation import load_site
 
 

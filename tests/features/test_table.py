@@ -12,11 +12,11 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from client.features.config import load_radiomics_settings, settings_hash
 from client.features.table import extract_cases, feature_provenance, read_feature_table
 from client.steps.features import SETTINGS_KEY, SPACING_KEY, features_path, features_step
 from common.config import load_study_config
 from common.errors import PolicyError
+from common.features.settings import load_radiomics_settings, settings_hash
 from common.validation import load_site
 
 SPACING = (1.2, 1.2, 1.2)

@@ -1,4 +1,5 @@
-"""Simulated sites with a tumour signature written at each site, for the outcomes tests."""
+"""Simulated sites with a tumour signature written at each site, and a policy editor (in-memory runs of the
+outcomes drivers are in :mod:`tests.outcomes.memory`)."""
 
 from __future__ import annotations
 

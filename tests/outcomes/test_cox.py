@@ -1,4 +1,5 @@
-"""Federated Cox (Efron ties, Newton-Raphson on risk-set sums) equals lifelines' CoxPHFitter().params_."""
+"""Federated Cox (:func:`common.outcomes.run_cox`: Efron ties, Newton-Raphson on risk-set sums) equals lifelines'
+CoxPHFitter().params_."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from lifelines import CoxPHFitter
 
 from common.cox import site_cox_sums
 from common.errors import PolicyError, ProtocolError
-from simulations.inprocess import federated_cox
+from tests.outcomes.memory import cox_from
 
 
 def _frames(n_sites: int, seed: int) -> dict[str, pd.DataFrame]:
@@ -44,7 +45,7 @@ def _lifelines(frames: dict[str, pd.DataFrame]) -> pd.Series:
 @pytest.mark.parametrize(("n_sites", "seed"), [(2, 0), (3, 1), (5, 2), (8, 3)])
 def test_coefficients_equal_lifelines(n_sites: int, seed: int) -> None:
     frames = _frames(n_sites, seed)
-    coef = federated_cox(frames, "os_days", "os_event")
+    coef = cox_from(frames, "os_days", "os_event").coefficients()
     ref = _lifelines(frames)
     assert coef.index.equals(ref.index) and coef.index.name == "covariate" and coef.name == "coef"
     assert np.abs(coef.to_numpy() - ref.to_numpy()).max() < 1e-6
@@ -53,7 +54,7 @@ def test_coefficients_equal_lifelines(n_sites: int, seed: int) -> None:
 
 def test_standard_errors_and_heavy_ties_equal_lifelines() -> None:
     frames = {s: f.assign(os_days=np.ceil(f["os_days"] / 60.0)) for s, f in _frames(4, 5).items()}  # many ties
-    res = federated_cox(frames, "os_days", "os_event", full=True)
+    res = cox_from(frames, "os_days", "os_event")
     pooled = pd.concat([frames[s] for s in sorted(frames)], ignore_index=True)
     ref = CoxPHFitter().fit(pooled, "os_days", "os_event")
     assert np.abs(res.params - ref.params_.to_numpy()).max() < 1e-6
@@ -63,7 +64,7 @@ def test_standard_errors_and_heavy_ties_equal_lifelines() -> None:
 
 def test_binned_mode_equals_lifelines_on_binned_times() -> None:
     frames = _frames(3, 7)
-    coef = federated_cox(frames, "os_days", "os_event", time_bin_days=30.0)
+    coef = cox_from(frames, "os_days", "os_event", time_bin_days=30.0).coefficients()
     binned = {s: f.assign(os_days=np.ceil(f["os_days"] / 30.0) * 30.0) for s, f in frames.items()}
     assert np.abs(coef.to_numpy() - _lifelines(binned).to_numpy()).max() < 1e-6
     assert np.abs(coef.to_numpy() - _lifelines(frames).to_numpy()).max() > 1e-4  # binning changes the estimate
@@ -72,7 +73,7 @@ def test_binned_mode_equals_lifelines_on_binned_times() -> None:
 def test_suppressed_mode_refuses_tie_sums_over_few_events() -> None:
     """Tie sums over fewer than min_cohort events would disclose single patients' covariates."""
     with pytest.raises(PolicyError, match="min_cohort.*tie sums"):
-        federated_cox(_frames(3, 7), "os_days", "os_event", time_bin_days=7.0, suppress=True)
+        cox_from(_frames(3, 7), "os_days", "os_event", time_bin_days=7.0, suppress=True)
     x = np.array([[1.0], [2.0], [3.0], [4.0]])
     reply = site_cox_sums("site-a", x, np.array([5.0, 5, 9, 9]), np.array([1, 1, 1, 0]), np.zeros(1), np.zeros(1),
                           np.ones(1), np.array([5.0, 9.0]))
@@ -87,22 +88,22 @@ def test_bad_inputs_name_the_site() -> None:
     frames = _frames(3, 0)
     neg = dict(frames, **{"site-01": frames["site-01"].assign(os_days=lambda f: f["os_days"] - 10_000)})
     with pytest.raises(ProtocolError, match="site-01.*negative"):
-        federated_cox(neg, "os_days", "os_event")
+        cox_from(neg, "os_days", "os_event")
     odd = dict(frames, **{"site-02": frames["site-02"].assign(os_event=2)})
     with pytest.raises(ProtocolError, match="site-02.*0 .censored. or 1"):
-        federated_cox(odd, "os_days", "os_event")
+        cox_from(odd, "os_days", "os_event")
     renamed = dict(frames, **{"site-00": frames["site-00"].rename(columns={"age": "age_years"})})
     with pytest.raises(ProtocolError, match="site-01.*covariates.*site-00"):
-        federated_cox(renamed, "os_days", "os_event")
+        cox_from(renamed, "os_days", "os_event")
     tiny = dict(frames, **{"site-09": frames["site-00"].iloc[:4]})
     with pytest.raises(PolicyError, match="site-09.*min_cohort"):
-        federated_cox(tiny, "os_days", "os_event")
+        cox_from(tiny, "os_days", "os_event")
 
 
 def test_group_without_events_is_refused_naming_its_sites() -> None:
     """lifelines returns a huge coefficient with a warning; the federated fit refuses and names the sites."""
     frames = {s: f.assign(os_event=np.where(f["subtype"] == 1, 0, f["os_event"])) for s, f in _frames(3, 4).items()}
     with pytest.raises(ProtocolError, match=r"site-00, site-01, site-02.*subtype = 1 has no events"):
-        federated_cox(frames, "os_days", "os_event")
+        cox_from(frames, "os_days", "os_event")
     with pytest.raises(ProtocolError, match="constant"):
-        federated_cox({s: f.assign(subtype=1) for s, f in _frames(2, 4).items()}, "os_days", "os_event")
+        cox_from({s: f.assign(subtype=1) for s, f in _frames(2, 4).items()}, "os_days", "os_event")

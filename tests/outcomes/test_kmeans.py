@@ -1,4 +1,5 @@
-"""Federated k-means equals scikit-learn's Lloyd k-means on the pooled rows, from the same initial centres."""
+"""Federated k-means (:func:`common.outcomes.run_kmeans` over in-memory sites) equals scikit-learn's Lloyd k-means
+on the pooled rows, from the same initial centres."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from sklearn.cluster import KMeans
 
 from common.errors import PolicyError, ProtocolError
 from common.kmeans import site_cluster_sums
-from simulations.inprocess import federated_kmeans
-from simulations.inprocess_outcomes import federated_kmeans_init
+from tests.outcomes.memory import kmeans_from, kmeanspp_centres
 
 
 def _sites(n_sites: int, seed: int, d: int = 3, k_true: int = 3) -> dict[str, np.ndarray]:
@@ -33,7 +33,7 @@ def test_centres_and_labels_equal_sklearn(n_sites: int, k: int, seed: int) -> No
     X = _sites(n_sites, seed)
     pooled = _pooled(X)
     init = pooled[np.random.default_rng(seed).choice(len(pooled), size=k, replace=False)]
-    centres, labels = federated_kmeans(X, k, init)
+    centres, labels = kmeans_from(X, k, init)
     ref = KMeans(n_clusters=k, init=init, n_init=1, algorithm="lloyd").fit(pooled)
     assert np.abs(centres - ref.cluster_centers_).max() < 1e-8
     assert np.array_equal(np.concatenate([labels[s] for s in sorted(X)]), ref.labels_)
@@ -46,7 +46,7 @@ def test_stopping_rules_equal_sklearn(max_iter: int, tol: float) -> None:
     X = _sites(4, 7, k_true=4)
     pooled = _pooled(X)
     init = pooled[:3] + 0.5
-    centres, labels = federated_kmeans(X, 3, init, max_iter=max_iter, tol=tol)
+    centres, labels = kmeans_from(X, 3, init, max_iter=max_iter, tol=tol)
     ref = KMeans(n_clusters=3, init=init, n_init=1, algorithm="lloyd", max_iter=max_iter, tol=tol).fit(pooled)
     assert np.abs(centres - ref.cluster_centers_).max() < 1e-8
     assert np.array_equal(np.concatenate([labels[s] for s in sorted(X)]), ref.labels_)
@@ -54,11 +54,11 @@ def test_stopping_rules_equal_sklearn(max_iter: int, tol: float) -> None:
 
 def test_federated_kmeanspp_is_seeded_and_separates_clusters() -> None:
     X = _sites(4, 11, k_true=3)
-    a = federated_kmeans_init(X, 3, seed=5, min_cell=5)
-    b = federated_kmeans_init(X, 3, seed=5, min_cell=5)
+    a = kmeanspp_centres(X, 3, seed=5, min_cell=5)
+    b = kmeanspp_centres(X, 3, seed=5, min_cell=5)
     assert np.array_equal(a, b)
     assert len({tuple(np.round(c, 9)) for c in a}) == 3
-    centres, _ = federated_kmeans(X, 3, a)
+    centres, _ = kmeans_from(X, 3, a)
     pooled = _pooled(X)
     ref = KMeans(n_clusters=3, n_init=10, random_state=0).fit(pooled)
     assert abs(((pooled[:, None] - centres[None]) ** 2).sum(2).min(1).sum() - ref.inertia_) / ref.inertia_ < 0.05
@@ -74,8 +74,8 @@ def test_small_clusters_are_withheld_and_change_the_centres() -> None:
     assert np.array_equal(exact["counts"], [8.0, 2.0]) and np.allclose(exact["sums"][1], [20.0, 20.0])
     sites = {"a": X, "b": np.vstack([np.ones((6, 2)), np.full((6, 2), 11.0)])}
     init = np.array([[0.0, 0.0], [10.0, 10.0]])
-    c_exact, _ = federated_kmeans(sites, 2, init)
-    c_supp, _ = federated_kmeans(sites, 2, init, min_cell=5)
+    c_exact, _ = kmeans_from(sites, 2, init)
+    c_supp, _ = kmeans_from(sites, 2, init, min_cell=5)
     assert np.allclose(c_exact[1], [(20 + 66) / 8] * 2) and np.allclose(c_supp[1], [11.0, 11.0])
 
 
@@ -84,14 +84,14 @@ def test_bad_inputs_name_the_site() -> None:
     init = _pooled(X)[:2]
     small = dict(X, **{"site-tiny": X["site-00"][:3]})
     with pytest.raises(PolicyError, match="site-tiny.*min_cohort"):
-        federated_kmeans(small, 2, init)
+        kmeans_from(small, 2, init)
     nan = dict(X)
     nan["site-01"] = X["site-01"].copy()
     nan["site-01"][0, 1] = np.nan
     with pytest.raises(ProtocolError, match="site-01.*NaN"):
-        federated_kmeans(nan, 2, init)
+        kmeans_from(nan, 2, init)
     wide = dict(X, **{"site-02": np.hstack([X["site-02"], X["site-02"]])})
     with pytest.raises(ProtocolError, match="site-02"):
-        federated_kmeans(wide, 2, init)
+        kmeans_from(wide, 2, init)
     with pytest.raises(ProtocolError, match="centres"):
-        federated_kmeans(X, 3, init)
+        kmeans_from(X, 3, init)

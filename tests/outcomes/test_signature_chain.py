@@ -13,11 +13,10 @@ import numpy as np
 import pandas as pd
 
 from common.sitedata import read_clinical
-from common.survival import kaplan_meier, median_survival, merge_survival_tables, site_survival_table
-from simulations.inprocess import federated_kmeans, federated_logrank
-from simulations.inprocess_outcomes import federated_kmeans_init
+from common.survival import median_survival
 from simulations.phantoms import simulate_sites
 from simulations.tumour_signature import write_signature_scores
+from tests.outcomes.memory import kmeans_from, kmeanspp_centres, survival_from
 
 
 def test_signature_clusters_separate_survival(tmp_path: Path) -> None:
@@ -30,14 +29,13 @@ def test_signature_clusters_separate_survival(tmp_path: Path) -> None:
         X[site_id] = scores.to_numpy()
         durations[site_id], events[site_id] = clinical["os_days"], clinical["os_event"]
         subtype[site_id] = clinical["label"].to_numpy()
-    init = federated_kmeans_init(X, 2, seed=0, min_cell=5)
-    _, labels = federated_kmeans(X, 2, init, min_cell=5)
+    init = kmeanspp_centres(X, 2, seed=0, min_cell=5)
+    _, labels = kmeans_from(X, 2, init, min_cell=5)
     groups = {s: pd.Series(labels[s]) for s in X}
-    test = federated_logrank(durations, events, groups)
+    survival = survival_from(durations, events, groups)
+    test = survival.logrank
     assert test.p_value < 0.05
     agree = np.mean(np.concatenate([labels[s] == subtype[s] for s in X]))
     assert max(agree, 1 - agree) > 0.85  # the clusters are the tumour subtypes, as the simulation intends
-    table = merge_survival_tables({s: site_survival_table(s, durations[s], events[s], groups[s], min_cohort=5)
-                                   for s in X})
-    medians = [median_survival(kaplan_meier(table, g)) for g in (0, 1)]
+    medians = [median_survival(survival.curves[g]) for g in (0, 1)]
     assert abs(medians[0] - medians[1]) > 100  # days, a clinically visible difference

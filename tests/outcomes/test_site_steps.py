@@ -1,4 +1,4 @@
-"""The outcomes site steps (client/steps/outcomes.py) on simulated sites, without Flower."""
+"""The outcomes site steps (client/steps/outcomes.py) on simulated sites, driven by the common drivers (no Flower)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.steps.outcomes import kmeans_step, survival_step
+from client.steps.outcomes import STEPS
 from common.config import StudyConfig
 from common.errors import PolicyError, ProtocolError, SiteDataError
-from common.kmeans import LloydLoop, random_centres
-from common.pooled_moments import merge_moments
+from common.outcomes import KMeansOptions, run_kmeans
+from common.outcomes_site import KMEANS_LABELS, KMEANS_MOMENTS, SURVIVAL_TABLE
+from common.protocol import InMemoryQuery, Payload, Wire
+from common.sitedata import Site
 from common.survival import merge_survival_tables
 from common.validation import load_site
 from tests.outcomes.conftest import set_policy
@@ -20,21 +22,32 @@ from tests.outcomes.conftest import set_policy
 STUDY = StudyConfig(phases=("outcomes",))
 
 
-def _cluster(sites: list) -> dict:
-    """The server's k-means rounds, driven by hand over the site steps."""
-    first = {s.site_id: kmeans_step(s, STUDY, {"op": "moments"}) for s in sites}
-    moments = merge_moments(first)
-    base = {"mean": moments.mean, "scale": moments.std()}
-    loop = LloydLoop(random_centres(2, np.zeros(len(moments.mean)), np.ones(len(moments.mean)), 3), tol=1e-6)
-    while not loop.update({s.site_id: kmeans_step(s, STUDY, {**base, "op": "assign", **loop.request()})
-                           for s in sites}):
-        pass
-    return {s.site_id: kmeans_step(s, STUDY, {**base, "op": "labels", "centres": loop.centres}) for s in sites}
+def _step(action: str, site: Site, payload: Payload) -> Payload:
+    return STEPS[action].run(site, STUDY, payload)
+
+
+def _site_query(sites: list[Site], wire: Wire | None = None) -> InMemoryQuery:
+    """The client's site steps over loaded sites, as the ClientApp runs them (without the policy gate)."""
+    steps = {action: (lambda site, payload, _a=action: _step(_a, site, payload)) for action in STEPS}
+    return InMemoryQuery({s.site_id: s for s in sites}, steps, wire=wire)
+
+
+def _cluster(sites: list[Site]) -> dict:
+    """The server's k-means rounds (:func:`run_kmeans`) over the site steps; the sites' label-round replies."""
+    final: dict = {}
+
+    def wire(direction: str, action: str, site: str, payload: Payload) -> Payload:
+        if direction == "reply" and action == KMEANS_LABELS:
+            final[site] = payload
+        return payload
+
+    run_kmeans(_site_query(sites, wire), KMeansOptions(k=2, init="random", seed=3, tol=1e-6))
+    return final
 
 
 def test_kmeans_keeps_labels_at_the_site_and_replies_only_aggregates(signature_sites: list[Path]) -> None:
     sites = [load_site(p) for p in signature_sites]
-    reply = kmeans_step(sites[0], STUDY, {"op": "moments"})
+    reply = _step(KMEANS_MOMENTS, sites[0], {})
     assert reply["n"] == 12 and reply["source"] == "signature_scores.csv" and reply["exact_outcomes"] is False
     assert reply["features"] == ["log_volume_ml", "T2w_mean", "T2w_sd", "CET1_mean", "CET1_sd"]
     assert {k for k, v in reply.items() if isinstance(v, np.ndarray)} == {"mean", "m2"}
@@ -49,8 +62,8 @@ def test_survival_table_binned_and_suppressed_by_policy(signature_sites: list[Pa
     set_policy(signature_sites[0], min_cohort=4)
     sites = [load_site(p) for p in signature_sites]
     _cluster(sites)
-    payload = {"op": "table", "mode": "binned", "time_bin_days": 30.0}
-    replies = {s.site_id: survival_step(s, STUDY, payload) for s in sites}
+    payload = {"mode": "binned", "time_bin_days": 30.0}
+    replies = {s.site_id: _step(SURVIVAL_TABLE, s, payload) for s in sites}
     for site in sites:
         reply = replies[site.site_id]
         times = np.asarray(reply["times"])
@@ -64,9 +77,9 @@ def test_survival_table_binned_and_suppressed_by_policy(signature_sites: list[Pa
     suppressed = sum(len(r["suppressed_groups"]) for r in replies.values())
     assert table.n.sum() <= len(clinical) and (suppressed > 0 or table.n.sum() == len(clinical))
     with pytest.raises(PolicyError, match="exact_outcomes"):
-        survival_step(sites[1], STUDY, {"op": "table", "mode": "exact"})
+        _step(SURVIVAL_TABLE, sites[1], {"mode": "exact"})
     set_policy(signature_sites[1], exact_outcomes=True)
-    exact = survival_step(load_site(signature_sites[1]), STUDY, {"op": "table", "mode": "exact"})
+    exact = _step(SURVIVAL_TABLE, load_site(signature_sites[1]), {"mode": "exact"})
     os_days = set(sites[1].clinical_frame()["os_days"].astype(float))
     assert set(np.asarray(exact["times"]).tolist()) == os_days and exact["min_cell"] == 1
 
@@ -74,13 +87,13 @@ def test_survival_table_binned_and_suppressed_by_policy(signature_sites: list[Pa
 def test_site_errors_name_the_site_and_the_file(signature_sites: list[Path]) -> None:
     site = load_site(signature_sites[0])
     with pytest.raises(SiteDataError, match="clusters.csv"):
-        survival_step(site, STUDY, {"op": "table", "mode": "binned", "time_bin_days": 7.0})
+        _step(SURVIVAL_TABLE, site, {"mode": "binned", "time_bin_days": 7.0})
     _cluster([load_site(p) for p in signature_sites])
     clinical = pd.read_csv(signature_sites[0] / "clinical.csv")
     clinical.loc[2, "os_days"] = -5
     clinical.to_csv(signature_sites[0] / "clinical.csv", index=False)
     with pytest.raises(ProtocolError, match="site-001.*clinical.csv.*negative"):
-        survival_step(load_site(signature_sites[0]), STUDY, {"op": "table", "mode": "binned", "time_bin_days": 7.0})
+        _step(SURVIVAL_TABLE, load_site(signature_sites[0]), {"mode": "binned", "time_bin_days": 7.0})
     (signature_sites[1] / "derived" / "signature_scores.csv").unlink()
     with pytest.raises(SiteDataError, match="signature_scores.csv"):
-        kmeans_step(load_site(signature_sites[1]), STUDY, {"op": "moments"})
+        _step(KMEANS_MOMENTS, load_site(signature_sites[1]), {})

@@ -10,7 +10,7 @@ from lifelines.statistics import multivariate_logrank_test
 
 from common.errors import PolicyError, ProtocolError
 from common.survival import kaplan_meier, logrank_test, merge_survival_tables, released_data, site_survival_table
-from simulations.inprocess import federated_kaplan_meier, federated_logrank
+from tests.outcomes.memory import survival_from
 
 
 def _cohort(n_sites: int, seed: int, n_groups: int = 2) -> tuple[dict, dict, dict]:
@@ -36,23 +36,23 @@ def _pool(parts: dict) -> pd.Series:
 @pytest.mark.parametrize(("n_sites", "seed"), [(2, 0), (4, 1), (8, 2)])
 def test_kaplan_meier_equals_lifelines(n_sites: int, seed: int) -> None:
     durations, events, _ = _cohort(n_sites, seed)
-    km = federated_kaplan_meier(durations, events)
+    km = survival_from(durations, events).pooled()
     ref = KaplanMeierFitter().fit(_pool(durations), _pool(events))
-    assert list(km.columns) == ["survival"] and km.index.name == "timeline"
+    assert list(km.columns) == ["survival", "ci_lower", "ci_upper", "at_risk", "observed", "censored"]
+    assert km.index.name == "timeline"
     assert np.array_equal(km.index.to_numpy(), ref.survival_function_.index.to_numpy())
     assert np.abs(km["survival"].to_numpy() - ref.survival_function_.iloc[:, 0].to_numpy()).max() < 1e-12
-    ci = federated_kaplan_meier(durations, events, with_ci=True)
-    assert np.abs(ci[["ci_lower", "ci_upper"]].to_numpy() - ref.confidence_interval_.to_numpy()).max() < 1e-12
-    assert np.array_equal(ci["at_risk"].to_numpy(), ref.event_table["at_risk"].to_numpy())
+    assert np.abs(km[["ci_lower", "ci_upper"]].to_numpy() - ref.confidence_interval_.to_numpy()).max() < 1e-12
+    assert np.array_equal(km["at_risk"].to_numpy(), ref.event_table["at_risk"].to_numpy())
 
 
 def test_kaplan_meier_per_group_and_alpha_equal_lifelines() -> None:
     durations, events, groups = _cohort(3, 9, n_groups=3)
-    replies = {s: site_survival_table(s, durations[s], events[s], groups[s]) for s in durations}
-    table = merge_survival_tables(replies)
+    curves = survival_from(durations, events, groups, min_cohort=1, alpha=0.1).curves
     T, E, G = _pool(durations), _pool(events), _pool(groups)
+    assert sorted(curves) == [0, 1, 2]
     for g in (0, 1, 2):
-        km = kaplan_meier(table, g, alpha=0.1)
+        km = curves[g]
         ref = KaplanMeierFitter(alpha=0.1).fit(T[G == g], E[G == g])
         assert np.abs(km["survival"].to_numpy() - ref.survival_function_.iloc[:, 0].to_numpy()).max() < 1e-12
         assert np.abs(km[["ci_lower", "ci_upper"]].to_numpy() - ref.confidence_interval_.to_numpy()).max() < 1e-12
@@ -61,7 +61,7 @@ def test_kaplan_meier_per_group_and_alpha_equal_lifelines() -> None:
 @pytest.mark.parametrize(("n_sites", "n_groups", "seed"), [(2, 2, 3), (5, 2, 4), (8, 3, 5), (6, 4, 6)])
 def test_logrank_equals_lifelines(n_sites: int, n_groups: int, seed: int) -> None:
     durations, events, groups = _cohort(n_sites, seed, n_groups)
-    test = federated_logrank(durations, events, groups)
+    test = survival_from(durations, events, groups).logrank
     ref = multivariate_logrank_test(_pool(durations), _pool(groups), _pool(events))
     assert abs(test.test_statistic - ref.test_statistic) < 1e-8
     assert abs(test.p_value - ref.p_value) < 1e-10
@@ -71,7 +71,7 @@ def test_logrank_equals_lifelines(n_sites: int, n_groups: int, seed: int) -> Non
 def test_logrank_with_a_group_without_events_still_equals_lifelines() -> None:
     durations, events, groups = _cohort(3, 8)
     events = {s: events[s].where(groups[s] == 0, 0) for s in events}
-    test = federated_logrank(durations, events, groups)
+    test = survival_from(durations, events, groups).logrank
     ref = multivariate_logrank_test(_pool(durations), _pool(groups), _pool(events))
     assert abs(test.test_statistic - ref.test_statistic) < 1e-8 and test.observed[1] == 0
 
@@ -114,7 +114,7 @@ def test_binned_suppressed_mode_changes_times_not_counts() -> None:
     ref = KaplanMeierFitter().fit(T, E)
     assert np.abs(km_binned["survival"].to_numpy() - ref.survival_function_.iloc[:, 0].to_numpy()).max() < 1e-12
     assert abs(logrank_test(binned).test_statistic - multivariate_logrank_test(T, G, E).test_statistic) < 1e-8
-    via_runner = federated_logrank(durations, events, groups, time_bin_days=width, suppress=True)
+    via_runner = survival_from(durations, events, groups, time_bin_days=width, suppress=True).logrank
     assert via_runner.test_statistic == pytest.approx(logrank_test(binned).test_statistic, rel=1e-12)
 
 
@@ -143,7 +143,7 @@ def test_bad_survival_input_names_the_site(durations: list, events: list, match:
     d = dict(good_d, **{"site-bad": pd.Series(durations, dtype=float)})
     e = dict(good_e, **{"site-bad": pd.Series(events, dtype=float)})
     with pytest.raises(ProtocolError, match=f"site-bad.*{match}"):
-        federated_kaplan_meier(d, e)
+        survival_from(d, e)
 
 
 def test_site_below_min_cohort_refuses() -> None:
@@ -152,5 +152,5 @@ def test_site_below_min_cohort_refuses() -> None:
     events["site-tiny"] = pd.Series([1, 0, 1])
     groups["site-tiny"] = pd.Series([0, 1, 0])
     with pytest.raises(PolicyError, match="site-tiny.*min_cohort"):
-        federated_logrank(durations, events, groups)
-    assert len(federated_kaplan_meier(durations, events, min_cohort=3)) > 0
+        survival_from(durations, events, groups)
+    assert len(survival_from(durations, events, min_cohort=3).pooled()) > 0

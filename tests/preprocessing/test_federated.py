@@ -77,6 +77,6 @@ def test_phase_needs_the_fingerprint_target_spacing(tmp_path: Path) -> None:
     from server.phases.base import PhaseContext
     from server.phases.preprocessing import run
 
-    ctx = PhaseContext(grid=None, study=load_study_config(), node_ids=[], result_dir=tmp_path)  # type: ignore[arg-type]
+    ctx = PhaseContext(federation=None, study=load_study_config(), result_dir=tmp_path)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="list `fingerprint` before `preprocessing`"):
         run(ctx)

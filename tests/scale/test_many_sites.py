@@ -2,8 +2,8 @@
 
 24 simulated hospitals (6 patients of 16^3 voxels, tumour features measured from the images) run
 fingerprint -> harmonisation -> reduction -> outcomes through :func:`simulations.engine.run_simulated_study`;
-each phase's result must equal the same protocol with the sites' and the server's steps called in turn in this
-process (:mod:`simulations.inprocess`) on the same data, for every one of the 24 sites.
+each phase's result must equal the same protocol drivers run in this process over in-memory copies of the
+sites' data (:class:`common.protocol.InMemoryQuery`), for every one of the 24 sites.
 """
 
 from __future__ import annotations
@@ -18,18 +18,12 @@ import pytest
 from client.steps.fingerprint import fingerprint_step
 from common.config import load_study_config
 from common.fingerprint import aggregate_fingerprints
-from common.reduction import Signature, settings_from_config
+from common.harmonisation import federated_combat
+from common.reduction import Signature, run_reduction_in_memory, settings_from_config
 from common.validation import load_site
 from simulations.bench_scale import make_sites, study_yaml
 from simulations.engine import run_simulated_study
-from simulations.inprocess import (
-    federated_combat,
-    federated_cox,
-    federated_kaplan_meier,
-    federated_kmeans,
-    federated_logrank,
-)
-from simulations.inprocess_combat import run_reduction_in_process
+from tests.outcomes.memory import cox_from, kmeans_from, survival_from
 
 N_SITES, PATIENTS, MIN_COHORT = 24, 6, 5
 PHASES = ("fingerprint", "harmonisation", "reduction", "outcomes")
@@ -91,8 +85,8 @@ def test_statistics_phases_over_24_sites_equal_in_process(flower_run) -> None:
     assert out["harmonisation"]["n_sites"] == N_SITES and len(out["harmonisation"]["batches"]) == N_SITES
 
     # reduction: the same signature and the same factor scores at every site
-    result, scores = run_reduction_in_process(harmonised, settings_from_config(study.reduction),
-                                              min_cohort=MIN_COHORT)
+    result, scores = run_reduction_in_memory(harmonised, settings_from_config(study.reduction),
+                                             min_cohort=MIN_COHORT)
     signature = Signature.load(out["reduction"]["signature"])
     assert signature.kept == result.signature.kept == out["reduction"]["kept"]
     np.testing.assert_allclose(signature.loadings.to_numpy(), result.signature.loadings.to_numpy(), atol=1e-8)
@@ -104,8 +98,8 @@ def test_statistics_phases_over_24_sites_equal_in_process(flower_run) -> None:
     pooled = pd.concat(scores.values())
     mean, sd = pooled.mean().to_numpy(), pooled.std(ddof=0).to_numpy()
     Z = {s: (scores[s].to_numpy() - mean) / sd for s in ids}
-    centres, labels = federated_kmeans(Z, 2, np.array(INIT), max_iter=study.outcomes.max_iter, tol=study.outcomes.tol,
-                                       min_cohort=MIN_COHORT)
+    centres, labels = kmeans_from(Z, 2, np.array(INIT), max_iter=study.outcomes.max_iter, tol=study.outcomes.tol,
+                                  min_cohort=MIN_COHORT)
     km = out["outcomes"]["kmeans"]
     assert km["converged"] and km["n_patients"] == N_SITES * PATIENTS
     assert min(g["n"] for g in out["outcomes"]["groups"].values()) >= 20  # two real clusters, over many sites
@@ -123,12 +117,12 @@ def test_statistics_phases_over_24_sites_equal_in_process(flower_run) -> None:
                                   if a["path"].endswith(".json"))).read_text())
     for g in (0, 1):
         members = {s: groups[s] == g for s in ids if (groups[s] == g).any()}  # sites with patients in g
-        curve = federated_kaplan_meier({s: durations[s][m] for s, m in members.items()},
-                                       {s: events[s][m] for s, m in members.items()}, min_cohort=1)
+        curve = survival_from({s: durations[s][m] for s, m in members.items()},
+                              {s: events[s][m] for s, m in members.items()}, min_cohort=1).pooled()
         np.testing.assert_allclose(detail["groups"][f"cluster_{g}"]["timeline"], curve.index.to_numpy())
         np.testing.assert_allclose(detail["groups"][f"cluster_{g}"]["survival"], curve["survival"].to_numpy(),
                                    atol=1e-12)
-    test = federated_logrank(durations, events, groups, min_cohort=MIN_COHORT)
+    test = survival_from(durations, events, groups, min_cohort=MIN_COHORT).logrank
     assert out["outcomes"]["logrank"]["test_statistic"] == pytest.approx(test.test_statistic, rel=1e-10)
-    cox = federated_cox(frames, "T", "E", min_cohort=MIN_COHORT)
+    cox = cox_from(frames, "T", "E", min_cohort=MIN_COHORT).coefficients()
     assert out["outcomes"]["cox"]["covariates"]["cluster_1"]["coef"] == pytest.approx(cox["cluster_1"], abs=1e-8)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from common.config import StudyConfig
+from common.protocol import InMemoryQuery, SiteFunction
+
+if TYPE_CHECKING:
+    from client.steps.base import SiteStep
 
 
 def tiny_segmentation(**overrides: object) -> dict:
@@ -49,3 +54,17 @@ def seg_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     for d in dirs:
         set_policy(d, min_cohort=3)
     return dirs
+
+
+def site_query(site_dirs: list[Path], study: StudyConfig) -> InMemoryQuery:
+    """The segmentation site steps of these sites, in this process (what the ClientApp runs, minus Flower)."""
+    from client.steps.inference import STEPS as INFERENCE_STEPS
+    from client.steps.segmentation import STEPS
+    from common.validation import load_site
+
+    sites = {site.site_id: site for site in map(load_site, site_dirs)}
+
+    def bind(step: SiteStep) -> SiteFunction:
+        return lambda site, payload: step.run(site, study, payload)
+
+    return InMemoryQuery(sites, {action: bind(step) for action, step in {**STEPS, **INFERENCE_STEPS}.items()})

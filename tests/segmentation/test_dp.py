@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from common.config import StudyConfig
 from common.errors import PolicyError
@@ -24,9 +22,9 @@ FINGERPRINT = {"n_cases": 12, "spacing_median": [1.0, 1.0, 1.2], "shape_median":
 def test_opacus_per_sample_gradients_match_torch_func(network: str) -> None:
     import torch
 
+    from client.segmentation.local import make_loss, one_hot
     from client.training.dp import max_relative_error, per_sample_grads_func, per_sample_grads_opacus
-    from client.training.local import make_loss, one_hot
-    from client.training.networks import build_network
+    from common.segmentation.networks import build_network
     from common.segmentation.plan import make_plan
 
     extra = {"nnunet_base_features": 4, "nnunet_max_features": 16} if network == "nnunet" else {}
@@ -60,9 +58,9 @@ def dp_study() -> StudyConfig:
 
 
 def test_epsilon_grows_with_rounds_and_the_site_stops_at_its_budget(dp_site: Path) -> None:
+    from client.segmentation.task import train_round
     from client.training.dp import epsilon_of
-    from client.training.networks import build_network, get_weights
-    from client.training.task import train_round
+    from common.segmentation.networks import build_network, get_weights
     from common.segmentation.plan import make_plan
     from common.validation import load_site
 
@@ -91,39 +89,30 @@ def test_epsilon_grows_with_rounds_and_the_site_stops_at_its_budget(dp_site: Pat
     assert "privacy budget exhausted" in str(refused.value) and f"{eps[1]:.3f}" in str(refused.value)
 
 
-def _train_message(study: StudyConfig, plan: dict, weights: dict, rnd: int) -> Message:
-    from client.app import STUDY_KEY
-    from client.segmentation_handlers import PLAN_KEY
-
-    meta = Metadata(run_id=1, message_id=f"m{rnd}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                    group_id=str(rnd), created_at=time.time(), ttl=600.0, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-                          "config": ConfigRecord({STUDY_KEY: json.dumps(study.model_dump(mode="json")),
-                                                  PLAN_KEY: json.dumps(plan), "server-round": rnd})})
-    return Message(metadata=meta, content=content)
-
-
-def test_the_clientapp_keeps_the_accountant_in_the_node_state(dp_site: Path) -> None:
-    from client.segmentation_handlers import DP_STATE_KEY, train_handler
-    from client.training.networks import build_network, get_weights
+def test_the_site_step_keeps_the_accountant_in_its_ledger(dp_site: Path) -> None:
+    from client.steps.segmentation import STEPS, ledger_path
+    from common.protocol import round_trip, unpack_weights
+    from common.segmentation.networks import build_network, get_weights
     from common.segmentation.plan import make_plan
+    from common.segmentation.protocol import TRAIN, model_request
+    from common.validation import load_site
 
     study = dp_study()
     plan = make_plan(FINGERPRINT, study)
     weights = get_weights(build_network(plan, seed=0))
     set_policy(dp_site, min_cohort=3, max_epsilon=100.0)
-    context = Context(run_id=1, node_id=5, node_config={"data-path": str(dp_site)}, state=RecordDict(), run_config={})
+    step = STEPS[TRAIN]
     eps = []
     for rnd in (1, 2):
-        reply = train_handler(_train_message(study, plan, weights, rnd), context)
-        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-        assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
-        metrics = reply.content.metric_records["metrics"]
-        assert metrics["num-examples"] == 5
-        eps.append(metrics["epsilon"])
-        state = json.loads(str(context.state.config_records[DP_STATE_KEY]["json"]))
+        site = load_site(dp_site)  # loaded afresh each round: the ledger survives a SuperNode restart
+        request = round_trip(model_request(weights, rnd, json.dumps(plan)))
+        reply = round_trip(step.run(site, study, request))  # what travels back: packed weights and scalars
+        assert set(unpack_weights(reply)) == set(weights)
+        assert reply["num-examples"] == 5
+        eps.append(reply["epsilon"])
+        state = json.loads(ledger_path(site, study).read_text())
         assert state["history"][-1][2] == 2 * rnd  # the steps of every round so far
     assert eps[0] < eps[1]
     set_policy(dp_site, min_cohort=3, max_epsilon=eps[1] * 1.01)
-    refused = train_handler(_train_message(study, plan, weights, 3), context)
-    assert refused.has_error() and "max_epsilon" in refused.error.reason
+    with pytest.raises(PolicyError, match="max_epsilon"):
+        step.run(load_site(dp_site), study, round_trip(model_request(weights, 3, json.dumps(plan))))

@@ -17,8 +17,8 @@ AGGREGATE = {"n_cases": 16, "spacing_median": [1.1, 1.1, 1.25], "shape_median": 
 
 
 def test_fedprox_term_keeps_the_local_model_near_the_global_one(seg_sites: list[Path]) -> None:
-    from client.training.networks import build_network, get_weights
-    from client.training.task import train_round
+    from client.segmentation.task import train_round
+    from common.segmentation.networks import build_network, get_weights
     from common.segmentation.plan import make_plan
     from common.validation import load_site
 
@@ -35,8 +35,8 @@ def test_fedprox_term_keeps_the_local_model_near_the_global_one(seg_sites: list[
 
 
 def test_a_round_with_the_nnunet_network_changes_its_weights(seg_sites: list[Path]) -> None:
-    from client.training.networks import build_network, get_weights
-    from client.training.task import evaluate_round, train_round
+    from client.segmentation.task import evaluate_round, train_round
+    from common.segmentation.networks import build_network, get_weights
     from common.segmentation.plan import make_plan
     from common.validation import load_site
 

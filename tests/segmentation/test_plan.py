@@ -40,7 +40,7 @@ def test_nnunet_plan_from_the_aggregate_matches_planning_on_pooled_cases() -> No
 
 @pytest.mark.parametrize("seg", [TINY_NNUNET, {"network": "monai"}])
 def test_every_site_builds_the_same_network_and_only_parameters_travel(seg: dict) -> None:
-    from client.training.networks import build_network, get_weights, set_weights
+    from common.segmentation.networks import build_network, get_weights, set_weights
 
     plan = make_plan(AGGREGATE, StudyConfig(segmentation=seg))
     server, site = build_network(plan, seed=1), build_network(plan, seed=2)

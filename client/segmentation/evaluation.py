@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from client.training.data import Volume
-from client.training.inference import predict_probability
+from client.segmentation.data import Volume
+from client.segmentation.inference import predict_probability
 from client.training.overlays import save_overlay
 from common.segmentation.metrics import case_metrics
 

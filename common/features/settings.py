@@ -1,6 +1,6 @@
 """The study's radiomics settings: a versioned YAML, resolved per sequence against the plan, and hashed.
 
-A settings file (see ``settings/default.yaml``) holds pyradiomics settings shared by all sequences, per-sequence
+A settings file (see ``settings_files/default.yaml``) holds pyradiomics settings shared by all sequences, per-sequence
 overrides (the fixed bin width of each sequence), the label, image types and feature classes. ``plan`` as
 ``resampledPixelSpacing`` stands for the fingerprint plan's target spacing, known only when the study runs;
 :meth:`RadiomicsSettings.resolve` fills it in and :func:`settings_hash` hashes the result, so that the registry
@@ -24,7 +24,7 @@ from common.hashing import sha256_json
 
 log = logging.getLogger(__name__)
 
-SETTINGS_DIR = Path(__file__).with_name("settings")
+SETTINGS_DIR = Path(__file__).with_name("settings_files")
 DEFAULT_SETTINGS = SETTINGS_DIR / "default.yaml"
 PLAN = "plan"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from client.training.data import PatchSampler
+from client.segmentation.data import PatchSampler
 from client.training.device import autocast
 from client.training.dp import PrivateStep
 

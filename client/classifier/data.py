@@ -93,7 +93,7 @@ def crop_centred(volume: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.nd
 
 def tumour_crops(cases: Sequence[Case], sequences: Sequence[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Crops of every case (N, C, S, S, S), each channel z-scored over its whole image, and their masks."""
-    from client.training.data import load_volume
+    from client.segmentation.data import load_volume
 
     crops, masks = [], []
     for case in cases:

@@ -1,4 +1,4 @@
-"""Server step of the features phase: the sites' feature-table counts, checked to come from one settings hash.
+"""The features protocol: the sites' feature-table counts, checked to come from one settings hash.
 
 Feature tables never leave the sites; each site replies with counts and the sha256 of the radiomics settings it
 resolved. Tables are comparable across sites (and usable by harmonisation and reduction) only when every site
@@ -7,10 +7,18 @@ used the same settings, so a site with another hash is an error, not a warning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from common.errors import ProtocolError
+from common.features.settings import RadiomicsSettings
+from common.protocol import Payload, Query
 
+FEATURES = "features"  # the one round: each site extracts and keeps its table, and answers counts
+SETTINGS_KEY = "radiomics_settings"  # payload: the settings as JSON (the server's copy wins over the site's)
+SPACING_KEY = "target_spacing"  # payload: the plan's target spacing (x, y, z mm)
 REPLY_FIELDS: tuple[str, ...] = ("n_cases", "n_features", "n_failed", "settings_hash")
 
 
@@ -41,3 +49,16 @@ def summarise_feature_replies(replies: Mapping[str, Mapping[str, object]]) -> di
         "cases_per_site": cases,
         "failed_per_site": {s: int(replies[s]["n_failed"]) for s in sites},  # type: ignore[call-overload]
     }
+
+
+def features_request(settings: RadiomicsSettings, spacing: Sequence[float] | None) -> Payload:
+    """The request of the features round: the settings as JSON and, when known, the target spacing."""
+    payload: Payload = {SETTINGS_KEY: json.dumps(settings.model_dump(mode="json"))}
+    if spacing is not None:
+        payload[SPACING_KEY] = np.asarray(spacing, dtype=np.float64)
+    return payload
+
+
+def run_features(query: Query, settings: RadiomicsSettings, spacing: Sequence[float] | None = None) -> dict:
+    """Drive the features round: every site extracts and keeps its table; the summary of counts and the hash."""
+    return summarise_feature_replies(query(FEATURES, features_request(settings, spacing)))

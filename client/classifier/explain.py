@@ -8,9 +8,10 @@ SHAP values of a case sum to its model output minus the base value (SHAP's local
 check. Only per-feature sums of |SHAP| leave the site (:func:`common.classification.explain.site_shap_summary`).
 
 Grad-CAM (``monai.visualize.GradCAM``): for each crop, the map of the predicted class at ``layer``, upsampled to
-the crop's shape and normalised to [0, 1]. What leaves the site: how often the map peaks inside the tumour, the
-share of the map's mass inside the tumour, and the tumour's share of the crop (the chance level). Overlays are
-written to the site's ``derived/`` folder, never sent.
+the crop's shape and scaled to [0, 1] with its peak at 1 (not MONAI's default scaling, which flips the map).
+What leaves the site: how often the map peaks inside the tumour, the share of the map's mass inside the
+tumour, and the tumour's share of the crop (the chance level). Overlays are written to the site's
+``derived/`` folder, never sent.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def shap_values(kind: str, net: Any, x: np.ndarray, background: np.ndarray, nsam
         warnings.simplefilter("ignore", PendingDeprecationWarning)
         import shap
 
-    from client.training.classifier_models import feature_scores
+    from common.classification.models import feature_scores
 
     x = np.asarray(x, dtype=np.float64)
     bg = np.atleast_2d(np.asarray(background, dtype=np.float64))
@@ -59,18 +60,39 @@ def shap_values(kind: str, net: Any, x: np.ndarray, background: np.ndarray, nsam
     raise ValueError(f"no SHAP explainer for model {kind!r}")
 
 
+def unit_range(maps: np.ndarray) -> np.ndarray:
+    """Each map (first axis: cases) scaled to [0, 1] with its largest value at 1; a constant map becomes 0."""
+    m = np.asarray(maps, dtype=np.float64)
+    if m.size == 0:
+        return m
+    axes = tuple(range(1, m.ndim))
+    lo = m.min(axis=axes, keepdims=True)
+    span = m.max(axis=axes, keepdims=True) - lo
+    return np.where(span > 0, (m - lo) / np.where(span > 0, span, 1.0), 0.0)
+
+
+def _upsampled_only(maps: Any) -> Any:
+    """Grad-CAM's post-processing: none (MONAI's default maps (min, max) to (1, 0), flipping the map)."""
+    return maps
+
+
 def grad_cam(net: Any, crops: np.ndarray, layer: str) -> np.ndarray:
-    """Grad-CAM maps of the predicted class, (N, S, S, S) in [0, 1], the crops' spatial shape."""
+    """Grad-CAM maps of the predicted class, (N, S, S, S) in [0, 1] with 1 at each map's most relevant voxel.
+
+    The map at ``layer`` is upsampled (trilinear) to the crop's shape and scaled by :func:`unit_range`.
+    MONAI's own post-processing is left out on purpose: it maps the largest value to 0 (documented, "this
+    will flip magnitudes"), so that its peak is the *least* relevant voxel.
+    """
     import torch
     from monai.visualize import GradCAM
 
     net.eval()
-    cam = GradCAM(nn_module=net, target_layers=layer)
+    cam = GradCAM(nn_module=net, target_layers=layer, postprocessing=_upsampled_only)
     maps = []
     for i in range(len(crops)):
         x = torch.as_tensor(np.asarray(crops[i:i + 1], dtype=np.float32))
-        maps.append(cam(x).detach().numpy()[0, 0])
-    return np.stack(maps).astype(np.float64) if maps else np.zeros((0,) + tuple(crops.shape[2:]))
+        maps.append(cam(x).detach().numpy()[0, 0].astype(np.float64))
+    return unit_range(np.stack(maps)) if maps else np.zeros((0,) + tuple(crops.shape[2:]))
 
 
 def cam_in_tumour(maps: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,5 +1,8 @@
 """The segmentation network of a plan, and its weights as plain named numpy arrays.
 
+The server builds it for the initial weights, every site for training, evaluation and inference; torch, MONAI
+and nnU-Net are imported only when a network is built.
+
 Only parameters and buffers travel, each once under its first name (``named_parameters`` / ``named_buffers``
 de-duplicate): an nnU-Net ``state_dict`` repeats the encoder under ``decoder.encoder`` and is ~3x larger.
 """

@@ -1,8 +1,9 @@
-"""The site half of the classifier protocol over arrays (Flower-free), shared by the ClientApp and the
-in-process runner: one training round, and one evaluation that returns aggregates only.
+"""The site half of the classifier protocol over arrays (Flower-free): one training round, and one evaluation
+that returns aggregates only. The Flower site steps (:mod:`client.steps.classifier`) and the in-memory sites
+(:mod:`client.classifier.memory`) both call :func:`train_reply` and :func:`evaluate_reply`.
 
-The features passed here are already standardised by the pooled mean and SD (sent by the server); crops are
-the image model's inputs. Replies hold weights, counts, histograms and per-feature sums -- never a case.
+Feature inputs arrive raw and are standardised here by the pooled mean and SD the server sends; crops are the
+image model's inputs. Replies hold weights, counts, histograms and per-feature sums -- never a case.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from client.training.classifier_local import (
+from client.classifier.local import (
     LocalSettings,
     bce_loss,
     ce_loss,
@@ -23,23 +24,25 @@ from client.training.classifier_local import (
     feature_batches,
     run_local_steps,
 )
-from client.training.classifier_models import (
+from client.training.device import set_threads
+from client.training.dp import plan_round
+from common.classification.explain import site_shap_summary
+from common.classification.metrics import site_evaluation
+from common.classification.models import (
     build_model,
     feature_scores,
     image_scores,
     load_weights,
     model_weights,
+    rounds_of,
 )
-from client.training.device import set_threads
-from client.training.dp import plan_round
-from client.training.task import derive_seed
-from common.classification.explain import site_shap_summary
-from common.classification.metrics import site_evaluation
+from common.classification.training import standardise
 from common.config import ClassifierConfig
-from common.errors import PolicyError
+from common.errors import PolicyError, ProtocolError
+from common.hashing import derive_seed
+from common.protocol import Payload, pack_weights, unpack_weights
 
 log = logging.getLogger(__name__)
-Payload = dict[str, object]
 
 
 @dataclass
@@ -59,11 +62,6 @@ def local_settings(kind: str, cfg: ClassifierConfig, seed: int, lr: float | None
                              optimizer="adam", seed=seed)
     return LocalSettings(steps=cfg.local_steps, lr=lr or cfg.lr, l2=cfg.l2,
                          batch_size=cfg.dp.batch_size if cfg.dp.enabled else None, optimizer="sgd", seed=seed)
-
-
-def rounds_of(kind: str, cfg: ClassifierConfig) -> int:
-    """FedAvg rounds of a model kind."""
-    return cfg.image_rounds if kind == "image" else cfg.rounds
 
 
 def site_train(site_id: str, kind: str, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
@@ -138,7 +136,7 @@ def site_evaluate(site_id: str, kind: str, weights: Mapping[str, np.ndarray], x:
             reply.update(_prefixed(f"stratum/{attr}/{level}/", part))
     reply["suppressed"] = suppressed
     if kind in ("logistic", "mlp") and cfg.shap:
-        from client.training.classifier_explain import shap_values
+        from client.classifier.explain import shap_values
 
         values, base, _ = shap_values(kind, net, x, np.zeros((1, x.shape[1])), cfg.shap_nsamples, seed)
         reply.update(site_shap_summary(site_id, values, min_cohort))
@@ -150,7 +148,7 @@ def site_evaluate(site_id: str, kind: str, weights: Mapping[str, np.ndarray], x:
 
 def _gradcam_summary(net: Any, crops: np.ndarray, masks: np.ndarray, cfg: ClassifierConfig,
                      overlay_dir: Path | None, case_ids: Sequence[str] | None, scores: np.ndarray) -> Payload:
-    from client.training.classifier_explain import cam_in_tumour, grad_cam, save_gradcam_overlay
+    from client.classifier.explain import cam_in_tumour, grad_cam, save_gradcam_overlay
 
     maps = grad_cam(net, crops, cfg.gradcam_layer)
     stats = cam_in_tumour(maps, masks)
@@ -162,3 +160,39 @@ def _gradcam_summary(net: Any, crops: np.ndarray, masks: np.ndarray, cfg: Classi
     return {"gradcam_n": int(len(crops)), "gradcam_peak_sum": float(stats["peak_in_tumour"].sum()),
             "gradcam_mass_sum": float(stats["mass_in_tumour"].sum()),
             "gradcam_chance_sum": float(stats["tumour_share"].sum())}
+
+
+def model_inputs(site_id: str, payload: Mapping[str, object], x: np.ndarray) -> np.ndarray:
+    """The model's inputs: crops as they are; features (columns in the server's order) standardised by the
+    pooled mean and SD of the payload."""
+    if str(payload["model"]) == "image":
+        return x
+    mean, scale = np.asarray(payload["x_mean"]), np.asarray(payload["x_scale"])
+    if mean.shape != (x.shape[1],) or scale.shape != (x.shape[1],):
+        raise ProtocolError(site_id, f"the pooled scaling has {mean.size} feature(s), the site {x.shape[1]}",
+                            "use the same feature table layout at every site")
+    return standardise(x, mean, scale)
+
+
+def train_reply(site_id: str, payload: Mapping[str, object], x: np.ndarray, y: np.ndarray, cfg: ClassifierConfig,
+                *, min_cohort: int, max_epsilon: float = float("inf"), dp_state: dict | None = None,
+                study_hash: str = "") -> tuple[Payload, dict | None]:
+    """A ``train.classifier`` reply (new weights, case count, DP figures) and the site's DP ledger after it."""
+    lr = payload.get("lr")
+    res = site_train(site_id, str(payload["model"]), unpack_weights(payload), model_inputs(site_id, payload, x), y,
+                     cfg, server_round=int(payload.get("round", 0)),  # type: ignore[call-overload]
+                     min_cohort=min_cohort, max_epsilon=max_epsilon, dp_state=dp_state, study_hash=study_hash,
+                     lr=float(lr) if lr else None)  # type: ignore[arg-type]
+    reply = pack_weights(res.weights)
+    reply.update(res.metrics)
+    return reply, res.dp_state
+
+
+def evaluate_reply(site_id: str, payload: Mapping[str, object], x: np.ndarray, y: np.ndarray,
+                   cfg: ClassifierConfig, *, min_cohort: int, strata: Mapping[str, Sequence[str]] | None = None,
+                   masks: np.ndarray | None = None, overlay_dir: Path | None = None,
+                   case_ids: Sequence[str] | None = None) -> Payload:
+    """An ``evaluate.classifier`` reply: the held-out aggregates of the payload's model (:func:`site_evaluate`)."""
+    return site_evaluate(site_id, str(payload["model"]), unpack_weights(payload), model_inputs(site_id, payload, x),
+                         y, cfg, min_cohort=min_cohort, strata=strata, masks=masks, overlay_dir=overlay_dir,
+                         case_ids=case_ids)

@@ -1,8 +1,8 @@
-"""Site steps of the harmonisation phase: federated ComBat over the site's feature table.
+"""Site steps of the harmonisation protocol: federated ComBat over the site's feature table.
 
 Reads ``work_dir(site)/<harmonisation.features_file>`` (index ``patient_id``, numeric feature columns) and
 the covariates named in the study's ``harmonisation`` section from ``clinical.csv``; the last round writes
-``work_dir(site)/<harmonisation.output_file>``. Replies are the aggregates of :mod:`common.combat`.
+``work_dir(site)/<harmonisation.output_file>``. Replies are the aggregates of :mod:`common.harmonisation_site`.
 """
 
 from __future__ import annotations
@@ -13,25 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from client.steps.base import Payload, SiteStep, work_dir
-from common.combat import (
-    APPLY,
-    BATCH,
-    FIT,
-    SUMMARY,
-    VAR,
-    SiteCohort,
-    make_cohort,
-    options_from_config,
-    site_apply,
-    site_batch,
-    site_fit,
-    site_summary,
-    site_var,
-)
+from client.steps.base import SiteStep, work_dir
 from common.combat_model import CombatModel
 from common.config import HarmonisationConfig, StudyConfig
 from common.errors import SiteDataError
+from common.harmonisation import APPLY, BATCH, FIT, SUMMARY, VAR, options_from_config
+from common.harmonisation_site import SiteCohort, make_cohort, site_apply, site_batch, site_fit, site_summary, site_var
+from common.protocol import Payload
 from common.sitedata import Site, read_clinical
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""The classifiers' networks and their weights as named numpy arrays.
+"""The classifiers' networks and their weights as named numpy arrays, built alike by the server (initial
+weights) and the sites (local training, evaluation).
 
 * ``logistic``: one linear layer on the standardised features (float64, so that FedAvg parity tests can go to
   1e-10);
@@ -16,9 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from common.config import ClassifierConfig
 from common.errors import ProtocolError
 
 FEATURE_MODELS: tuple[str, ...] = ("logistic", "mlp")
+
+
+def rounds_of(kind: str, cfg: ClassifierConfig) -> int:
+    """FedAvg rounds of a model kind."""
+    return cfg.image_rounds if kind == "image" else cfg.rounds
 
 
 def build_feature_model(kind: str, n_features: int, hidden: int = 16, seed: int = 0) -> Any:
@@ -51,14 +58,15 @@ def build_image_model(in_channels: int, channels: Sequence[int] = (8, 16, 32, 64
     import torch
     from monai.networks.nets import ResNet
 
-    torch.manual_seed(seed)
-    return ResNet(block="basic", layers=[1] * len(channels), block_inplanes=list(channels), spatial_dims=3,
-                  n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, num_classes=2,
-                  act=("relu", {"inplace": False}), norm=("instance", {"affine": True}))
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's random state
+        torch.manual_seed(seed)
+        return ResNet(block="basic", layers=[1] * len(channels), block_inplanes=list(channels), spatial_dims=3,
+                      n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True,
+                      num_classes=2, act=("relu", {"inplace": False}), norm=("instance", {"affine": True}))
 
 
-def build_model(kind: str, n_features: int, study_cfg: Any, n_channels: int = 2) -> Any:
-    """The study's model of ``kind`` (``study_cfg`` is a :class:`common.config.ClassifierConfig`)."""
+def build_model(kind: str, n_features: int, study_cfg: ClassifierConfig, n_channels: int = 2) -> Any:
+    """The study's model of ``kind``: ``n_features`` inputs (feature models) or ``n_channels`` (image)."""
     if kind == "image":
         return build_image_model(n_channels, study_cfg.image_channels, study_cfg.seed)
     return build_feature_model(kind, n_features, study_cfg.mlp_hidden, study_cfg.seed)

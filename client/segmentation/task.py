@@ -1,12 +1,11 @@
 """The site's segmentation entry points, Flower-free: cohort check, one training round, one evaluation.
 
-The ClientApp (``client/segmentation_handlers.py``) adapts Flower messages to these functions; the centralised
-baseline and the tests call them directly.
+The site steps (:mod:`client.steps.segmentation`) call these functions with the server's payload; the
+centralised baseline and the tests call them directly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -16,25 +15,21 @@ from typing import Any
 
 import numpy as np
 
+from client.segmentation.data import PatchSampler, load_volume, split_cases
+from client.segmentation.evaluation import evaluate_volumes
+from client.segmentation.local import StepSettings, run_local_steps
 from client.steps.base import work_dir
-from client.training.data import PatchSampler, load_volume, split_cases
 from client.training.device import pick_device, set_threads
 from client.training.dp import plan_round
-from client.training.evaluation import evaluate_volumes
-from client.training.local import StepSettings, run_local_steps
-from client.training.networks import build_network, get_weights, set_weights
 from common.config import StudyConfig
 from common.errors import PolicyError
+from common.hashing import derive_seed
 from common.segmentation.aggregation import update_norm
 from common.segmentation.metrics import site_summary
+from common.segmentation.networks import build_network, get_weights, set_weights
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 31-bit seed from any parts (study seed, site id, round...)."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
 def site_cohort(site: Site, study: StudyConfig) -> dict[str, int]:

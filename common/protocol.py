@@ -1,0 +1,149 @@
+"""What every federated protocol shares: the payload, the query, the message keys and a Flower-free codec.
+
+A protocol is its site step(s), its server step(s) and one driver ``run(query, ...)``. The driver only ever
+calls ``query(action, payload) -> {site_id: reply}``; what carries the messages is the query's business:
+
+* :class:`server.federation.FlowerQuery` sends Flower messages to SuperNodes (simulation or deployment);
+* :class:`InMemoryQuery` calls each in-memory site's function in turn (tests, benchmarks, simulations),
+  passing every payload through the same codec as the wire so that only wire-safe values travel.
+
+An *action* names one round of one protocol. ``train.<name>`` and ``evaluate.<name>`` actions are sent as
+Flower messages of that type (weights in, weights or metrics out); every other action ``a`` as ``query.a``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from common.errors import ProtocolError
+
+Payload = dict[str, object]
+"""A flat dict of named numpy arrays and scalars (int, float, str, bool, lists of those)."""
+
+STUDY_KEY = "study-config-json"  # every message carries the study config it belongs to (as JSON)
+SITE_ID_KEY = "site_id"  # every reply names the site that sent it
+WEIGHT_PREFIX = "w/"  # model weights travel as arrays named ``w/<parameter>``
+NUM_EXAMPLES_KEY = "num-examples"  # a training reply's case count
+ARRAYS_KEY = "arrays"  # the message's ArrayRecord: every array of the payload
+CONFIG_KEY = "config"  # the message's ConfigRecord: every scalar and list of the payload
+
+ERROR_POLICY = 403  # the site's policy refuses the request
+ERROR_DATA = 422  # the site's data (or the request) cannot be used as they are
+ERROR_INTERNAL = 500  # the site step failed
+
+_CATEGORIES = ("train", "evaluate")
+
+
+class Query(Protocol):
+    """``query(action, payload) -> {site_id: reply}``: one round of a protocol at every site of the cohort.
+
+    ``failures`` holds, after each round, the sites (or nodes) whose answer was an error, with the reason; a
+    query that tolerates none raises instead, and a protocol that sums over rounds must use such a query.
+    """
+
+    failures: dict[str, str]
+
+    def __call__(self, action: str, payload: Mapping[str, object]) -> dict[str, Payload]:
+        """Send ``payload`` for ``action`` to every site; valid replies by site id."""
+        ...
+
+
+def message_type(action: str) -> str:
+    """The Flower message type of an action: ``train.x``/``evaluate.x`` as they are, ``query.<action>`` else."""
+    category, _, name = action.partition(".")
+    if category in _CATEGORIES and name:
+        return action
+    if "." in action:
+        raise ValueError(f"action {action!r}: only train.<name> and evaluate.<name> may hold a dot")
+    return f"query.{action}"
+
+
+def pack_weights(weights: Mapping[str, np.ndarray]) -> Payload:
+    """Model weights as payload entries ``w/<name>``."""
+    return {f"{WEIGHT_PREFIX}{k}": np.asarray(v) for k, v in weights.items()}
+
+
+def unpack_weights(payload: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """The ``w/<name>`` entries of a payload as model weights."""
+    return {k[len(WEIGHT_PREFIX):]: np.asarray(v) for k, v in payload.items() if k.startswith(WEIGHT_PREFIX)}
+
+
+def to_wire(payload: Mapping[str, object]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """Split a payload into its arrays and its scalars/lists, the two records of a message."""
+    arrays: dict[str, np.ndarray] = {}
+    config: dict[str, object] = {}
+    for key, value in payload.items():
+        if not isinstance(key, str):
+            raise ValueError(f"payload key {key!r} is not a string")
+        if isinstance(value, np.ndarray):
+            arrays[key] = np.ascontiguousarray(value)
+        elif isinstance(value, np.generic):
+            config[key] = value.item()
+        elif isinstance(value, (list, tuple)):
+            config[key] = [v.item() if isinstance(v, np.generic) else v for v in value]
+        elif isinstance(value, (bool, int, float, str, bytes)):
+            config[key] = value
+        else:
+            raise ValueError(f"payload entry {key!r} of type {type(value).__name__} cannot travel in a message")
+    return arrays, config
+
+
+def from_wire(arrays: Mapping[str, np.ndarray], config: Mapping[str, object]) -> Payload:
+    """The payload that :func:`to_wire` split."""
+    out: Payload = {k: np.asarray(v) for k, v in arrays.items()}
+    out.update(config)
+    return out
+
+
+def round_trip(payload: Mapping[str, object]) -> Payload:
+    """``payload`` through the codec, as the receiving side sees it (arrays copied, tuples as lists)."""
+    arrays, config = to_wire(payload)
+    return from_wire({k: v.copy() for k, v in arrays.items()}, {k: list(v) if isinstance(v, list) else v
+                                                                 for k, v in config.items()})
+
+
+Wire = Callable[[str, str, str, Payload], Payload]
+"""``wire(direction, action, site, payload) -> payload`` sees (and may replace) every message of a
+:class:`InMemoryQuery`; direction is ``"request"`` (server to site) or ``"reply"``."""
+
+SiteFunction = Callable[[Any, Payload], Payload]
+"""One round at one in-memory site: ``function(site_state, request) -> reply``."""
+
+
+class InMemoryQuery:
+    """A :class:`Query` over sites held in this process: ``steps[action](sites[site], payload)`` for each site.
+
+    The cohort is fixed (every site answers every round, as the Flower cohort query requires), sites are
+    asked in sorted order, and every request and reply goes through the message codec. ``actions`` lists the
+    rounds in the order they were asked.
+    """
+
+    def __init__(self, sites: Mapping[str, Any], steps: Mapping[str, SiteFunction], *,
+                 wire: Wire | None = None) -> None:
+        if not sites:
+            raise ProtocolError("(none)", "no site data given")
+        self.sites = dict(sites)
+        self.steps = dict(steps)
+        self.wire = wire
+        self.actions: list[str] = []
+        self.failures: dict[str, str] = {}
+
+    def __call__(self, action: str, payload: Mapping[str, object]) -> dict[str, Payload]:
+        """Run ``action`` at every site; replies by site id."""
+        if action not in self.steps:
+            raise ProtocolError("(server)", f"no site step answers {action!r}",
+                                f"use one of {sorted(self.steps)}")
+        self.actions.append(action)
+        replies: dict[str, Payload] = {}
+        for site in sorted(self.sites):
+            request = round_trip(payload)
+            if self.wire is not None:
+                request = self.wire("request", action, site, request)
+            reply = round_trip(self.steps[action](self.sites[site], request))
+            if self.wire is not None:
+                reply = self.wire("reply", action, site, reply)
+            replies[site] = reply
+        return replies

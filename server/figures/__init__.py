@@ -1,0 +1,1 @@
+"""Figures the server draws from aggregates: one module per phase that plots."""
