@@ -160,13 +160,14 @@ class NormalisationConfig(_Frozen):
         return v
 
 
-PREPROCESSING_STEPS: tuple[str, ...] = ("denoise", "bias", "register", "resample", "normalise")
+PreprocessingStep = Literal["denoise", "bias", "register", "resample", "normalise"]
+PREPROCESSING_STEPS: tuple[PreprocessingStep, ...] = ("denoise", "bias", "register", "resample", "normalise")
 
 
 class PreprocessingConfig(_Frozen):
     """Site preprocessing: which steps run, in which order (normalisation last), and each step's settings."""
 
-    steps: tuple[Literal["denoise", "bias", "register", "resample", "normalise"], ...] = PREPROCESSING_STEPS
+    steps: tuple[PreprocessingStep, ...] = PREPROCESSING_STEPS
     denoise: DenoiseConfig = DenoiseConfig()
     bias: BiasFieldConfig = BiasFieldConfig()
     registration: RegistrationConfig = RegistrationConfig()  # settings of the `register` step
@@ -300,7 +301,7 @@ class ClassifierConfig(_Frozen):
     rounds: int = Field(100, ge=1)
     local_steps: int = Field(1, ge=1)
     lr: float = Field(0.5, gt=0)  # feature models: the largest step; with auto_lr capped at 1 / curvature bound
-    auto_lr: bool = True  # cap lr by the pooled feature correlation (common.classification.training.step_size)
+    auto_lr: bool = True  # cap lr by the pooled feature correlation (common.classifier.training.step_size)
     l2: float = Field(1e-2, ge=0)  # penalty (l2 / 2) ||w||^2 on the weights (not the biases)
     mlp_hidden: int = Field(16, ge=1)
     image_rounds: int = Field(5, ge=1)
@@ -309,7 +310,7 @@ class ClassifierConfig(_Frozen):
     image_batch_size: int = Field(4, ge=1)
     crop_size: int = Field(16, ge=8)
     image_channels: tuple[int, ...] = (8, 16, 32, 64)
-    gradcam_layer: str = "layer3"
+    gradcam_layer: str = "layer1"  # full resolution: its maps localise (tests/classifier/test_image_gradcam.py)
     gradcam_overlays: int = Field(3, ge=0)  # PNGs written at the site (never sent)
     score_bins: int = Field(20, ge=2)  # shared histogram bins of the scores (even: 0.5 is an edge)
     calibration_bins: int = Field(10, ge=1)

@@ -87,9 +87,9 @@ def aggregate_fingerprints(replies: Mapping[str, Mapping[str, object]], sequence
         "n_sites": len(sites),
         "n_cases": total,
         "cases_per_site": counts,
-        "spacing_mean": (sum(_field(s, replies[s], "spacing_sum") for s in sites) / total).tolist(),
+        "spacing_mean": (np.sum([_field(s, replies[s], "spacing_sum") for s in sites], axis=0) / total).tolist(),
         "spacing_median": (w @ np.stack([_field(s, replies[s], "spacing_median") for s in sites])).tolist(),
-        "shape_mean": (sum(_field(s, replies[s], "shape_sum") for s in sites) / total).tolist(),
+        "shape_mean": (np.sum([_field(s, replies[s], "shape_sum") for s in sites], axis=0) / total).tolist(),
         "shape_median": (w @ np.stack([_field(s, replies[s], "shape_median") for s in sites])).tolist(),
         "intensity": {},
     }

@@ -103,7 +103,7 @@ def _nonfinite_voxels(path: Path, image: sitk.Image) -> int:
     if path.name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
-        array = np.asanyarray(nib.load(str(path)).dataobj)
+        array = np.asanyarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]
     else:
         array = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(array.dtype, np.floating):

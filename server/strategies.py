@@ -50,7 +50,7 @@ def train_reply(update: Update, server_round: int, index: int = 0) -> Message:
     meta = Metadata(run_id=0, message_id=f"{update.site}-{server_round}", src_node_id=index + 1, dst_node_id=0,
                     reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=0.0,
                     message_type=MessageType.TRAIN)
-    return Message(metadata=meta, content=RecordDict({"arrays": arrays, "metrics": metrics}))
+    return Message(metadata=meta, content=RecordDict({"arrays": arrays, "metrics": metrics}))  # type: ignore[call-overload]
 
 
 def make_aggregate(cfg: SegmentationConfig) -> Aggregate:

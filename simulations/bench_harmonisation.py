@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         w(f"  {cond:7s} AUC {auc:.3f}  accuracy {result.pooled(cond, 'accuracy'):.3f}  "
           f"gain {auc - base_auc:+.3f}  ratio {auc / base_auc:.2f}\n")
     w("\nworst-group gaps (field strength):\n")
-    for cond, summary in result.summaries.items():
+    for name, summary in result.summaries.items():
         gaps = summary["fairness"].get("field_strength", {}).get("worst_group_gap", {})
-        w(f"  {cond:7s} " + "  ".join(f"{m} {g['gap']:.3f} (worst {g['worst']})" for m, g in gaps.items()
+        w(f"  {name:7s} " + "  ".join(f"{m} {g['gap']:.3f} (worst {g['worst']})" for m, g in gaps.items()
                                       if m in ("auc", "accuracy")) + "\n")
     w("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()) + f", total {total:.1f}\n")
     w(f"files: {result.files}\n")

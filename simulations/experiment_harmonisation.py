@@ -14,8 +14,8 @@ strength. Conditions (``experiment.conditions``):
 ComBat is fitted on every case of each site (training and held-out alike): it uses no label, so this is
 transductive harmonisation, as a site would run it on its whole cohort before any model is trained. The
 classifier (``experiment.model``) is trained by FedAvg on the training cases and evaluated on the held-out cases
-of each site by the classifier protocol's driver (:func:`common.classification.protocol.run_classifier` over
-in-memory sites) with the aggregate metrics of :mod:`common.classification.metrics`; every metric is reported per
+of each site by the classifier protocol's driver (:func:`common.classifier.protocol.run_classifier` over
+in-memory sites) with the aggregate metrics of :mod:`common.classifier.metrics`; every metric is reported per
 condition for the pool (with a bootstrap CI), each site, each vendor and each field strength.
 """
 
@@ -83,8 +83,8 @@ def nyul_scale(sites: Sequence[Site], study: StudyConfig) -> dict:
     """The federated Nyúl standard scale from every site's training cases: the classifier's ``classifier_nyul``
     round (the sites' own step, :func:`client.steps.classifier.nyul_step`) over the sites in memory."""
     from client.steps.classifier import nyul_step
-    from common.classification.protocol import NYUL
-    from common.classification.protocol import nyul_scale as federated_nyul_scale
+    from common.classifier.protocol import NYUL
+    from common.classifier.protocol import nyul_scale as federated_nyul_scale
     from common.protocol import InMemoryQuery
 
     def step(site: Site, payload: Payload) -> Payload:
@@ -128,7 +128,7 @@ def run_harmonisation_experiment(study: StudyConfig, out: Path, site_dirs: Seque
     """Run every condition of ``study.experiment``; writes table (CSV, Markdown), plot and summary under ``out``."""
     from client.classifier.data import site_labels
     from client.classifier.memory import CLASSIFIER_STEPS, feature_site_arrays, memory_sites
-    from common.classification.protocol import run_classifier
+    from common.classifier.protocol import run_classifier
     from common.harmonisation import federated_combat
     from common.protocol import InMemoryQuery
     from common.validation import load_site
@@ -197,7 +197,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], groups: Sequence[str] | No
 
 def write_report(result: ExperimentResult, study: StudyConfig, out: Path) -> dict[str, str]:
     """The experiment's files: table.csv, table.md, harmonisation.png, summary.json."""
-    from common.classification.fairness import gap_table
+    from common.classifier.fairness import gap_table
     from server.figures.classifier import condition_plot
 
     csv = out / "table.csv"

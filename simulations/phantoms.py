@@ -13,6 +13,7 @@ content does not depend on how many other sites or patients are generated.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,7 +288,7 @@ def simulate_sites(out_dir: Path | str, sites: int = 3, patients: int | list[int
         raise ValueError(f"got {len(counts)} patient counts for {sites} sites; give one count or one per site")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    iterator = range(sites)
+    iterator: Iterable[int] = range(sites)
     if progress:
         from rich.progress import track
 

@@ -1,7 +1,8 @@
 """A site's classification data: labels, the deterministic train / held-out split, features and tumour crops.
 
 The split is stratified by label and depends only on the patient ids and the study seed, so a site, the
-in-process runner and any rerun agree on the held-out cases. Everything here stays at the site.
+in-memory sites (:mod:`client.classifier.memory`) and any rerun agree on the held-out cases. Everything here
+stays at the site.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ vector in the standardised space every site shares -- so that every site explain
 and the base value is the same everywhere. The logistic model is explained by ``shap.LinearExplainer`` in
 logit space (exact: ``w * (x - mean)``), the MLP by ``shap.KernelExplainer`` on its probability. In both, the
 SHAP values of a case sum to its model output minus the base value (SHAP's local accuracy), which the tests
-check. Only per-feature sums of |SHAP| leave the site (:func:`common.classification.explain.site_shap_summary`).
+check. Only per-feature sums of |SHAP| leave the site (:func:`common.classifier.explain.site_shap_summary`).
 
 Grad-CAM (``monai.visualize.GradCAM``): for each crop, the map of the predicted class at ``layer``, upsampled to
 the crop's shape and scaled to [0, 1] with its peak at 1 (not MONAI's default scaling, which flips the map).
@@ -38,7 +38,7 @@ def shap_values(kind: str, net: Any, x: np.ndarray, background: np.ndarray, nsam
         warnings.simplefilter("ignore", PendingDeprecationWarning)
         import shap
 
-    from common.classification.models import feature_scores
+    from common.classifier.models import feature_scores
 
     x = np.asarray(x, dtype=np.float64)
     bg = np.atleast_2d(np.asarray(background, dtype=np.float64))

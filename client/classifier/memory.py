@@ -21,8 +21,8 @@ import pandas as pd
 
 from client.classifier.data import stratified_split
 from client.classifier.site import evaluate_reply, train_reply
-from common.classification.protocol import EVALUATE, MOMENTS, TRAIN
-from common.classification.training import site_feature_moments
+from common.classifier.protocol import EVALUATE, MOMENTS, TRAIN
+from common.classifier.training import site_feature_moments
 from common.config import ClassifierConfig
 from common.protocol import Payload, SiteFunction
 

@@ -26,9 +26,9 @@ from client.classifier.local import (
 )
 from client.training.device import set_threads
 from client.training.dp import plan_round
-from common.classification.explain import site_shap_summary
-from common.classification.metrics import site_evaluation
-from common.classification.models import (
+from common.classifier.explain import site_shap_summary
+from common.classifier.metrics import site_evaluation
+from common.classifier.models import (
     build_model,
     feature_scores,
     image_scores,
@@ -36,7 +36,7 @@ from common.classification.models import (
     model_weights,
     rounds_of,
 )
-from common.classification.training import standardise
+from common.classifier.training import standardise
 from common.config import ClassifierConfig
 from common.errors import PolicyError, ProtocolError
 from common.hashing import derive_seed

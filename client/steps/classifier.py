@@ -7,7 +7,7 @@
 * ``evaluate.classifier`` (:func:`evaluate_step`): the held-out aggregates (histograms, bootstrap replicates,
   SHAP sums, Grad-CAM statistics), plus the site's scanner vendor and field strength for the fairness report.
 
-The driver is :func:`common.classification.protocol.run_classifier`; the replies come from the same functions
+The driver is :func:`common.classifier.protocol.run_classifier`; the replies come from the same functions
 as the in-memory sites' (:mod:`client.classifier.site`). The ClientApp sends ``train.classifier`` and
 ``evaluate.classifier`` as Flower train / evaluate messages. The DP ledger is a file in the site's
 ``derived/classifier/`` folder, so it survives a SuperNode restart; it is shared by all the study's models, so
@@ -32,8 +32,8 @@ from client.classifier.features import site_feature_table, standardised_images
 from client.classifier.site import evaluate_reply, train_reply
 from client.steps.base import Payload, SiteStep, work_dir
 from client.steps.inference import with_predicted_masks
-from common.classification.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
-from common.classification.training import site_feature_moments
+from common.classifier.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
+from common.classifier.training import site_feature_moments
 from common.config import StudyConfig
 from common.errors import ProtocolError
 from common.nyul import case_landmarks, site_nyul

@@ -1,13 +1,13 @@
-"""Server half of the classifier phase: the rounds of :func:`common.classification.protocol.run_classifier`,
+"""Server half of the classifier phase: the rounds of :func:`common.classifier.protocol.run_classifier`,
 then the files, plots and artifacts.
 
 1. (``classifier.standardise: nyul`` with compact features) ``classifier_nyul``: the federated Nyúl scale.
 2. (feature models) ``classifier_moments``: every site's feature names (must agree) and moments of its
    training features; the pooled mean and SD standardise the features at every site.
 3. For each model of ``classifier.models``: ``rounds`` of ``train.classifier`` (the global weights, the scaling,
-   the round), replies checked and averaged (:func:`common.classification.training.fedavg_round`); then one
+   the round), replies checked and averaged (:func:`common.classifier.training.fedavg_round`); then one
    ``evaluate.classifier`` round whose replies are histograms, bootstrap replicates, SHAP sums and Grad-CAM
-   statistics (:mod:`common.classification.evaluation`). A site that fails a round is listed in its history.
+   statistics (:mod:`common.classifier.evaluation`). A site that fails a round is listed in its history.
 4. Written under ``result_dir/classifier/``: each model's weights (``.npz``) and scaling (``.json``),
    ``summary.json``, ``metrics.csv`` (every metric per site / vendor / field strength / stratum / pool with CIs),
    ``fairness.md`` (worst-group gaps), ``comparison.md`` (model to model), reliability / AUC / SHAP plots.
@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from common.classification.evaluation import registry_metrics
-from common.classification.explain import compare_models
-from common.classification.fairness import gap_table
-from common.classification.metrics import METRICS
-from common.classification.models import rounds_of
-from common.classification.protocol import (
+from common.classifier.evaluation import registry_metrics
+from common.classifier.explain import compare_models
+from common.classifier.fairness import gap_table
+from common.classifier.metrics import METRICS
+from common.classifier.models import rounds_of
+from common.classifier.protocol import (
     ClassifierRun,
     FeatureScaling,
     feature_scaling,

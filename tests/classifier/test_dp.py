@@ -8,8 +8,8 @@ import pytest
 from client.classifier.memory import CLASSIFIER_STEPS, SiteArrays, memory_sites
 from client.classifier.site import site_train
 from client.training.dp import epsilon_of
-from common.classification.models import build_feature_model, model_weights
-from common.classification.protocol import run_classifier
+from common.classifier.models import build_feature_model, model_weights
+from common.classifier.protocol import run_classifier
 from common.config import ClassifierConfig, ClassifierDPConfig
 from common.errors import PolicyError
 from common.protocol import InMemoryQuery

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from client.classifier.memory import CLASSIFIER_STEPS, SiteArrays, memory_sites
-from common.classification.protocol import ClassifierRun, run_classifier
+from common.classifier.protocol import ClassifierRun, run_classifier
 from common.config import ClassifierConfig
 from common.protocol import InMemoryQuery
 
@@ -93,7 +93,7 @@ def test_several_local_steps_drift_from_pooled_fit_but_stay_close() -> None:
 
 @pytest.mark.parametrize("n_bad", [1])
 def test_a_site_with_non_finite_weights_is_rejected(n_bad: int) -> None:
-    from common.classification.training import fedavg_round
+    from common.classifier.training import fedavg_round
 
     g = {"w": np.zeros(3)}
     updates = {"a": ({"w": np.ones(3)}, 10.0), "b": ({"w": np.array([np.nan, 0, 0])}, 5.0),
@@ -104,7 +104,7 @@ def test_a_site_with_non_finite_weights_is_rejected(n_bad: int) -> None:
 
 
 def test_pooled_correlation_from_site_aggregates_and_step_size_cap() -> None:
-    from common.classification.training import pooled_correlation, site_crossproduct, step_size
+    from common.classifier.training import pooled_correlation, site_crossproduct, step_size
     from common.pooled_moments import merge_moments, site_moments
 
     rng = np.random.default_rng(4)

@@ -31,7 +31,7 @@ classifier:
 def test_classifier_phase_through_flower(tmp_path) -> None:
     from client.classifier.data import site_labels
     from client.classifier.memory import CLASSIFIER_STEPS, feature_site_arrays, memory_sites
-    from common.classification.protocol import run_classifier
+    from common.classifier.protocol import run_classifier
     from common.protocol import InMemoryQuery
     from common.validation import load_site
     from simulations.engine import run_simulated_study

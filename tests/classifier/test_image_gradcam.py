@@ -3,9 +3,9 @@
 Machine independence: the phantoms and the initial weights are seeded, torch runs one thread with
 deterministic algorithms, and no assertion needs the exact floats of a kernel. A different CPU (its SIMD
 kernels, its BLAS) still trains a slightly different model, so every bound below leaves a margin measured
-over data and initialisation seeds 0-4 and over other float kernels (``ATEN_CPU_CAPABILITY=default``); see
-MEASURED. The model is first checked to have learnt the subtype, then its Grad-CAM to localise the tumour by
-margins that a map peaking at random (chance) or a flipped map would miss.
+over data and initialisation seeds and over other float kernels (see WORST_MEASURED). The model is first
+checked to have learnt the subtype, then its Grad-CAM to localise the tumour by margins that a map peaking at
+random (chance) or a flipped map would miss.
 
 The Grad-CAM maps used to be flipped: MONAI's default post-processing maps (min, max) to (1, 0), so the
 "peak" was the least relevant voxel; at ``layer3`` (a 3^3 map for 12^3 crops) that minimum landed in the
@@ -21,22 +21,19 @@ import numpy as np
 import pytest
 
 CROP = 12
-PATIENTS, TRAIN = 14, 8  # per site: 8 training crops, 6 held out
+PATIENTS, TRAIN = 24, 8  # per site: 8 training crops, 16 held out; Grad-CAM over all 72 crops
 MIN_ACCURACY = 0.75  # of the trained model on every crop it explains (chance 0.5)
-HIT_FACTOR = 2.0  # Grad-CAM peaks in the tumour at least twice as often as a random peak (and binomial p < 0.01)
-MASS_FACTOR = 1.0  # and more of the map's mass inside the tumour than the tumour's share of the crop
-MEASURED = {
-    # seed: (accuracy on all 42 crops, peaks in the tumour of 42, chance, mean mass share in the tumour)
-    "avx2": {0: (0.857, 20, 0.119, 0.236), 1: (1.0, 37, 0.114, 0.517), 2: (0.905, 14, 0.133, 0.200),
-             3: (1.0, 30, 0.114, 0.328), 4: (1.0, 17, 0.111, 0.169)},
-    "default": {0: (1.0, 21, 0.119, 0.208), 1: (0.976, 33, 0.114, 0.438), 2: (0.976, 14, 0.133, 0.240),
-                3: (1.0, 25, 0.114, 0.222), 4: (1.0, 17, 0.111, 0.138)},
-}
-"""Grad-CAM at layer1 for data and initialisation seeds 0-4 (3 sites x 14 phantoms, 10 rounds x 8 Adam steps),
-with torch's AVX2 kernels and with its plain C++ ones (``ATEN_CPU_CAPABILITY=default``). Worst cases: 2.5 x
-chance in peaks (seed 2, p = 7e-4), 1.24 x chance in mass (seed 4), accuracy 0.86 -- against the bounds 2.0 x,
-1.0 x and 0.75. The test runs seed 0. Before the fix (flipped maps at layer3, 3 x 10 phantoms) the same seeds
-gave 8, 5, 0, 9, 0 peaks of 30 against chance 0.10-0.13: three of five below the old test's bound."""
+HIT_FACTOR = 1.5  # Grad-CAM peaks in the tumour at least 1.5 x as often as a random peak would ...
+MAX_P = 0.01  # ... and the binomial test against chance says so at p < 0.01
+MASS_FACTOR = 1.1  # the maps hold at least 1.1 x the tumour's share of the crop in the tumour
+WORST_MEASURED = {"accuracy": 0.847, "held_out_auc": 0.986, "hit_ratio": 2.25, "p": 3.4e-4, "mass_ratio": 1.30}
+"""The worst of 20 trained models: data and initialisation seeds 0-4, each trained with torch's AVX2 kernels,
+its plain C++ kernels (``ATEN_CPU_CAPABILITY=default``), without oneDNN convolutions
+(``torch.backends.mkldnn.enabled = False``) and on 2 threads -- stand-ins for another machine's float kernels.
+Peaks in the tumour ranged over 2.25-7.8 x chance (seed 0, the test's: 2.25-4.05 x), mass 1.30-4.6 x; the
+flipped maps peaked in the tumour 0-2 times in 72 (chance about 8), mass at most 0.97 x chance. Before the
+fix (flipped maps at layer3, 3 x 10 phantoms, 30 crops) seeds 0-4 gave 8, 5, 0, 9, 0 peaks in the tumour
+against chance 0.10-0.13."""
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +51,10 @@ def deterministic_torch() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, deterministic_torch: None) -> dict:
-    """3 phantom sites x 14 patients (32^3; the two subtypes differ inside the tumour), trained by FedAvg."""
+    """3 phantom sites x 24 patients (32^3; the two subtypes differ inside the tumour), trained by FedAvg."""
     from client.classifier.data import site_labels, tumour_crops
     from client.classifier.memory import CLASSIFIER_STEPS, SiteArrays, memory_sites
-    from common.classification.protocol import run_classifier
+    from common.classifier.protocol import run_classifier
     from common.config import ClassifierConfig
     from common.protocol import InMemoryQuery
     from common.validation import load_site
@@ -84,7 +81,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, deterministic_torch: None)
 
 
 def _net(trained: dict) -> object:
-    from common.classification.models import build_image_model, load_weights
+    from common.classifier.models import build_image_model, load_weights
 
     net = build_image_model(2, trained["cfg"].image_channels)
     load_weights(net, trained["run"].weights)
@@ -103,7 +100,7 @@ def _localises(maps: np.ndarray, masks: np.ndarray) -> tuple[bool, dict[str, flo
     hits = int(stats["peak_in_tumour"].sum())
     mass = float(stats["mass_in_tumour"].mean())
     p = float(binomtest(hits, n, chance, alternative="greater").pvalue)
-    ok = hits / n >= HIT_FACTOR * chance and p < 0.01 and mass >= MASS_FACTOR * chance
+    ok = hits / n >= HIT_FACTOR * chance and p < MAX_P and mass >= MASS_FACTOR * chance
     return ok, {"hits": hits, "n": n, "chance": chance, "mass": mass, "p": p}
 
 
@@ -114,7 +111,7 @@ def test_image_classifier_learns_the_subtype(trained: dict) -> None:
 
 def test_gradcam_maps_have_input_shape_and_peak_in_tumour_above_chance(trained: dict) -> None:
     from client.classifier.explain import grad_cam
-    from common.classification.models import image_scores
+    from common.classifier.models import image_scores
 
     cfg, crops, masks, labels = trained["cfg"], trained["crops"], trained["masks"], trained["labels"]
     net = _net(trained)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from common.classification.evaluation import summarise_evaluation
-from common.classification.fairness import worst_group_gap
-from common.classification.metrics import (
+from common.classifier.evaluation import summarise_evaluation
+from common.classifier.fairness import worst_group_gap
+from common.classifier.metrics import (
     ScoreSummary,
     bin_index,
     confusion,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from client.classifier.explain import shap_values
-from common.classification.explain import merge_shap, site_shap_summary
-from common.classification.models import build_feature_model, feature_scores
+from common.classifier.explain import merge_shap, site_shap_summary
+from common.classifier.models import build_feature_model, feature_scores
 from common.errors import PolicyError
 
 

@@ -27,7 +27,7 @@ def _case_dims(reply: dict) -> set[int]:
 def test_no_reply_of_the_classifier_phase_holds_a_case_level_row(site_dirs) -> None:
     from client.classifier.data import site_split
     from client.steps.classifier import evaluate_step, moments_step, nyul_step, train_step
-    from common.classification.models import build_feature_model, model_weights
+    from common.classifier.models import build_feature_model, model_weights
     from common.validation import load_site
 
     study = load_study_config(None, **STUDY)

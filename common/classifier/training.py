@@ -63,7 +63,7 @@ def pooled_correlation(replies: Mapping[str, Mapping[str, object]], moments: Mom
             raise ProtocolError(site, f"its feature crossproduct is not a finite {p} x {p} matrix",
                                 "run the same fedbiopsy version at every site")
         d = np.asarray(r["mean"], dtype=np.float64) - moments.mean
-        cross += c + float(r["n"]) * np.outer(d, d)  # type: ignore[arg-type]
+        cross = cross + c + float(r["n"]) * np.outer(d, d)  # type: ignore[arg-type, operator]
     sd = np.sqrt(np.diag(cross))
     sd = np.where(sd > 0, sd, 1.0)
     return cross / np.outer(sd, sd)

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.classification.evaluation import summarise_evaluation
-from common.classification.models import build_model, model_weights, rounds_of
-from common.classification.training import fedavg_round, pooled_correlation, scaling, step_size
+from common.classifier.evaluation import summarise_evaluation
+from common.classifier.models import build_model, model_weights, rounds_of
+from common.classifier.training import fedavg_round, pooled_correlation, scaling, step_size
 from common.config import ClassifierConfig
 from common.errors import ProtocolError
 from common.nyul import aggregate_nyul

@@ -70,7 +70,7 @@ def top_features(shap: Mapping[str, Any], k: int = 5) -> list[tuple[str, float]]
 def compare_models(models: Mapping[str, Mapping[str, Any]], k: int = 3) -> list[dict[str, Any]]:
     """One row per model: pooled AUC, accuracy, mean confidence, and its most relevant features or regions.
 
-    ``models[name]`` holds ``pooled`` metrics (from :func:`common.classification.metrics.metrics_of`) and either
+    ``models[name]`` holds ``pooled`` metrics (from :func:`common.classifier.metrics.metrics_of`) and either
     ``shap`` (from :func:`merge_shap`) or ``relevance`` (a mapping of named regions to a relevance share, e.g. the
     Grad-CAM mass inside the tumour).
     """

@@ -2,7 +2,7 @@
 with the worst-group gap, so that a model that works for one scanner only is visible.
 
 Groups of sites (vendor, field strength) pool their sites' aggregates exactly as the overall pool does
-(:func:`common.classification.metrics.pool`); patient strata (e.g. sex) are evaluated by each site for each
+(:func:`common.classifier.metrics.pool`); patient strata (e.g. sex) are evaluated by each site for each
 level holding at least ``min_cohort`` of its held-out cases and pooled across sites level by level.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.classification.metrics import METRICS, SiteAggregates, pool, with_ci
+from common.classifier.metrics import METRICS, SiteAggregates, pool, with_ci
 
 LOWER_IS_BETTER = frozenset({"brier"})
 

@@ -1,7 +1,7 @@
 """The server step of the classifier evaluation: sites' aggregates in, every reported figure out.
 
 Per site, pooled, per group (site, vendor, field strength) and per patient stratum: AUC, accuracy, sensitivity,
-specificity, Brier score with bootstrap CIs (see :mod:`common.classification.metrics` for what is exact and
+specificity, Brier score with bootstrap CIs (see :mod:`common.classifier.metrics` for what is exact and
 why), reliability diagrams, worst-group gaps, the federated mean |SHAP| per feature and the Grad-CAM summary.
 """
 
@@ -11,9 +11,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from common.classification.explain import merge_shap
-from common.classification.fairness import fairness_report
-from common.classification.metrics import SiteAggregates, finite, parse_site_evaluation, pool, reliability, with_ci
+from common.classifier.explain import merge_shap
+from common.classifier.fairness import fairness_report
+from common.classifier.metrics import SiteAggregates, finite, parse_site_evaluation, pool, reliability, with_ci
 from common.errors import ProtocolError
 
 STRATUM = "stratum/"
