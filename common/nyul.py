@@ -17,9 +17,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from common.errors import PolicyError, ProtocolError
+from common.protocol import Payload
 from common.replies import reply_field
-
-Payload = dict[str, object]
 
 
 def case_landmarks(foreground: np.ndarray, percentiles: Sequence[float]) -> np.ndarray:

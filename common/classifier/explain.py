@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import PolicyError, ProtocolError
-
-Payload = dict[str, object]
+from common.protocol import Payload
 
 
 def site_shap_summary(site_id: str, shap_values: np.ndarray, min_cohort: int) -> Payload:

@@ -45,10 +45,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import PolicyError, ProtocolError
+from common.protocol import Payload
 
 METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "brier")
 """The metrics reported for every site, group and the pool (each with a bootstrap CI)."""
-Payload = dict[str, object]
 
 
 def check_bins(bins: int) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 
 from common.config import ClassifierConfig
 from common.errors import ProtocolError
+from common.weights import load_named_arrays, named_arrays
 
 FEATURE_MODELS: tuple[str, ...] = ("logistic", "mlp")
 
@@ -74,28 +75,12 @@ def build_model(kind: str, n_features: int, study_cfg: ClassifierConfig, n_chann
 
 def model_weights(net: Any) -> dict[str, np.ndarray]:
     """Parameters and floating buffers as numpy copies, in the model's own precision."""
-    out = {n: p.detach().cpu().numpy().copy() for n, p in net.named_parameters()}
-    out.update((n, b.detach().cpu().numpy().copy()) for n, b in net.named_buffers() if b.is_floating_point())
-    return out
+    return named_arrays(net)
 
 
 def load_weights(net: Any, weights: Mapping[str, np.ndarray], site_id: str = "(local)") -> None:
     """Copy named arrays into the model; names and shapes must match."""
-    import torch
-
-    own = dict(net.named_parameters())
-    own.update((n, b) for n, b in net.named_buffers() if b.is_floating_point())
-    if set(own) != set(weights):
-        missing, extra = sorted(set(own) - set(weights))[:3], sorted(set(weights) - set(own))[:3]
-        raise ProtocolError(site_id, f"classifier weights do not fit the model (missing {missing}, unexpected {extra})",
-                            "run the same study config and fedbiopsy version everywhere")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            value = np.asarray(weights[name])
-            if tuple(value.shape) != tuple(tensor.shape):
-                raise ProtocolError(site_id, f"classifier weight {name!r} has shape {value.shape}, expected "
-                                             f"{tuple(tensor.shape)}", "run the same study config everywhere")
-            tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(tensor.dtype))
+    load_named_arrays(net, weights, site_id, "run the same study config and fedbiopsy version everywhere")
 
 
 def feature_scores(net: Any, x: np.ndarray) -> np.ndarray:

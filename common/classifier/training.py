@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from common.errors import ProtocolError
-from common.pooled_moments import Moments, site_moments
+from common.pooled_moments import Moments, merge_crossproducts, site_moments
 from common.protocol import Payload
 from common.segmentation.aggregation import check_update, weighted_mean
 
@@ -55,15 +55,15 @@ def site_feature_moments(site_id: str, x: np.ndarray, names: list[str], min_coho
 def pooled_correlation(replies: Mapping[str, Mapping[str, object]], moments: Moments) -> np.ndarray:
     """The pooled correlation matrix of the features from the sites' moments and centred crossproducts (exact)."""
     p = moments.mean.size
-    cross = np.zeros((p, p))
+    parts = []
     for site in sorted(replies):
         r = replies[site]
         c = np.asarray(r["cross"], dtype=np.float64)
         if c.shape != (p, p) or not np.all(np.isfinite(c)):
             raise ProtocolError(site, f"its feature crossproduct is not a finite {p} x {p} matrix",
                                 "run the same fedbiopsy version at every site")
-        d = np.asarray(r["mean"], dtype=np.float64) - moments.mean
-        cross = cross + c + float(r["n"]) * np.outer(d, d)  # type: ignore[arg-type, operator]
+        parts.append((int(r["n"]), np.asarray(r["mean"], dtype=np.float64), c))  # type: ignore[call-overload]
+    _, _, cross = merge_crossproducts(parts)
     sd = np.sqrt(np.diag(cross))
     sd = np.where(sd > 0, sd, 1.0)
     return cross / np.outer(sd, sd)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import ProtocolError
+from common.weights import load_named_arrays, named_arrays
 
 
 def build_network(plan: Mapping[str, Any], seed: int | None = None) -> Any:
@@ -41,31 +42,12 @@ def build_network(plan: Mapping[str, Any], seed: int | None = None) -> Any:
 
 def get_weights(net: Any) -> dict[str, np.ndarray]:
     """The network's parameters and buffers, each once, as float32 numpy arrays (CPU copies)."""
-    out = {name: p.detach().cpu().numpy().astype(np.float32, copy=True) for name, p in net.named_parameters()}
-    for name, b in net.named_buffers():
-        if b.is_floating_point():
-            out[name] = b.detach().cpu().numpy().astype(np.float32, copy=True)
-    return out
+    return named_arrays(net, np.float32)
 
 
 def set_weights(net: Any, weights: Mapping[str, np.ndarray], site_id: str = "(local)") -> None:
     """Copy ``weights`` (from :func:`get_weights`) into the network; names and shapes must match exactly."""
-    import torch
-
-    own = dict(net.named_parameters())
-    own.update((n, b) for n, b in net.named_buffers() if b.is_floating_point())
-    missing = sorted(set(own) - set(weights))
-    extra = sorted(set(weights) - set(own))
-    if missing or extra:
-        raise ProtocolError(site_id, f"global weights do not fit the plan's network (missing {missing[:3]}, "
-                                     f"unexpected {extra[:3]})", "run the same plan and fedbiopsy version everywhere")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            value = np.asarray(weights[name])
-            if tuple(value.shape) != tuple(tensor.shape):
-                raise ProtocolError(site_id, f"weight {name!r} has shape {value.shape}, network has "
-                                             f"{tuple(tensor.shape)}", "run the same plan everywhere")
-            tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(tensor.dtype))
+    load_named_arrays(net, weights, site_id, "run the same plan and fedbiopsy version everywhere")
 
 
 def count_parameters(net: Any) -> int:
