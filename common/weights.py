@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,3 +44,16 @@ def load_named_arrays(net: Any, weights: Mapping[str, np.ndarray], site_id: str,
                 raise ProtocolError(site_id, f"weight {name!r} has shape {value.shape}, the model "
                                              f"{tuple(tensor.shape)}", fix)
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(tensor.dtype))
+
+
+def save_weights(weights: Mapping[str, np.ndarray], path: Path) -> Path:
+    """Weights as an ``.npz`` (no pickle), keyed by parameter name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **weights)  # type: ignore[arg-type]
+    return path
+
+
+def load_weights(path: Path | str) -> dict[str, np.ndarray]:
+    """Weights written by :func:`save_weights` (no pickle is ever loaded)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

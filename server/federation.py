@@ -140,6 +140,7 @@ class FlowerQuery:
         self.node_of_site: dict[str, int] = {}
         self.refused: dict[str, str] = {}  # first round: node label -> reason (refusal, error, no reply)
         self.failures: dict[str, str] = {}  # last round: site/node -> reason
+        self.errors: dict[int, str] = {}  # every round: node -> the reason of its last error reply
         self.last = QueryResult()
         self.actions: list[str] = []
         self.seconds: dict[str, float] = {}  # wall time of each action's rounds (send, site steps, receive)
@@ -159,6 +160,7 @@ class FlowerQuery:
         site_of = {node: site for site, node in self.node_of_site.items()}
         self.failures = {site_of.get(n, f"node-{n}"): reason for n, reason in result.errors.items()}
         self.failures.update({site_of.get(n, f"node-{n}"): "no reply within the round timeout" for n in result.dropped})
+        self.errors.update(result.errors)
         self.last = result
         self.actions.append(action)
         self.seconds[action] = self.seconds.get(action, 0.0) + time.perf_counter() - start

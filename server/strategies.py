@@ -44,7 +44,13 @@ def make_flower_strategy(cfg: SegmentationConfig) -> Strategy:
 
 
 def train_reply(update: Update, server_round: int, index: int = 0) -> Message:
-    """An accepted update as the train reply Message a Flower strategy aggregates."""
+    """An accepted update as the train reply Message a Flower strategy aggregates.
+
+    Written against Flower 1.42's ``Message(metadata=..., content=...)`` constructor: the strategies'
+    ``aggregate_train`` read only the content (one ArrayRecord, one MetricRecord with ``num-examples``) and
+    ``has_error()``; ``tests/segmentation/test_strategies.py`` pins the result to the weighted mean, the median
+    and the trimmed mean.
+    """
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in update.weights.items()})
     metrics = MetricRecord({NUM_EXAMPLES_KEY: float(update.num_examples)})
     meta = Metadata(run_id=0, message_id=f"{update.site}-{server_round}", src_node_id=index + 1, dst_node_id=0,

@@ -1,1 +1,2 @@
-"""Simulated hospitals, in-process protocol runners, Flower simulation runs and benchmarks."""
+"""Simulated hospitals, Flower simulation runs and benchmarks (protocols run in process through the drivers of
+``common/`` with :class:`common.protocol.InMemoryQuery`)."""

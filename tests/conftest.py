@@ -12,7 +12,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 # One thread count on every machine (set before numpy/torch load their kernels): a reduction split over a
 # machine-dependent number of threads sums in a machine-dependent order.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, "2")
+    os.environ[_var] = "2"
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,29 @@ def test_no_in_process_copies_of_round_loops() -> None:
     assert not copies, f"in-process round loops beside the drivers in common/: {copies}"
 
 
+def _round_loops(source: str) -> list[int]:
+    """Lines of loops that call a query (``query(action, payload)``, ``query_sites(...)``): a protocol's rounds."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.For, ast.While)):
+            calls = [c for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
+            if any("query" in c.func.id for c in calls):  # type: ignore[union-attr]
+                lines.append(node.lineno)
+    return lines
+
+
+def test_rounds_are_driven_only_by_the_drivers_in_common() -> None:
+    loops = {_rel(p): found for p in _modules() if not _rel(p).startswith("common/")
+             if (found := _round_loops(p.read_text(encoding="utf-8")))}
+    assert not loops, f"round loops outside the protocol drivers of common/: {loops}"
+
+
+def test_the_round_loop_check_finds_a_loop() -> None:
+    source = "def run(ctx):\n    query = ctx.query()\n    for rnd in range(3):\n        query('kmeans_assign', {})\n"
+    assert _round_loops(source) == [3]
+    assert _round_loops("def run(ctx):\n    query = ctx.query()\n    query('fingerprint', {})\n") == []
+
+
 def _violations(path: Path, root: Path = ROOT) -> list[str]:
     rel = path.relative_to(root).as_posix()
     package = rel.split("/")[0]

@@ -15,7 +15,7 @@ from client.steps import (
     rollcall,
     segmentation,
 )
-from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.base import SiteStep, work_dir
 
 SITE_STEPS: dict[str, SiteStep] = {
     **preprocessing.STEPS,
@@ -31,4 +31,4 @@ SITE_STEPS: dict[str, SiteStep] = {
     **inference.STEPS,
 }
 
-__all__ = ["SITE_STEPS", "Payload", "SiteStep", "work_dir"]
+__all__ = ["SITE_STEPS", "SiteStep", "work_dir"]

@@ -38,4 +38,4 @@ def work_dir(site: Site) -> Path:
     return path
 
 
-__all__ = ["Payload", "SiteStep", "work_dir"]
+__all__ = ["SiteStep", "work_dir"]

@@ -30,13 +30,15 @@ import pandas as pd
 from client.classifier.data import SplitData, site_split, tumour_crops
 from client.classifier.features import site_feature_table, standardised_images
 from client.classifier.site import evaluate_reply, train_reply
-from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.base import SiteStep, work_dir
 from client.steps.inference import with_predicted_masks
+from client.training.dp import read_ledger, write_ledger
 from common.classifier.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
 from common.classifier.training import site_feature_moments
 from common.config import StudyConfig
 from common.errors import ProtocolError
 from common.nyul import case_landmarks, site_nyul
+from common.protocol import Payload
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -144,12 +146,12 @@ def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     split = site_split(site, study)
     x, y, _, _ = _inputs(site, study, payload, split, "train")
     ledger = _ledger(site, study)
-    dp_state = json.loads(ledger.read_text()) if ledger.is_file() else None
+    dp_state = read_ledger(ledger)
     reply, dp_state = train_reply(site.site_id, payload, x, y, study.classifier,
                                   min_cohort=site.config.policy.min_cohort, max_epsilon=site.config.policy.max_epsilon,
                                   dp_state=dp_state, study_hash=study.hash)
     if dp_state is not None:
-        ledger.write_text(json.dumps(dp_state))
+        write_ledger(ledger, dp_state)
     return reply
 
 

@@ -18,10 +18,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.base import SiteStep, work_dir
 from common.config import StudyConfig
 from common.imageio import read_image, write_image
-from common.protocol import unpack_weights
+from common.protocol import Payload, unpack_weights
 from common.segmentation.inference import SEGMENT
 from common.segmentation.protocol import PLAN_KEY
 from common.sitedata import Case, Site

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.base import SiteStep, work_dir
 from common.config import StudyConfig
 from common.errors import SiteDataError
 from common.outcomes_site import (
@@ -28,6 +28,7 @@ from common.outcomes_site import (
     OutcomesCohort,
     time_bin,
 )
+from common.protocol import Payload
 from common.sitedata import CLINICAL_COLUMNS, Site, read_clinical
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from client.apphash import running_app_hash
 from client.steps.base import SiteStep
 from common.config import StudyConfig
 from common.protocol import Payload
+from common.rollcall import ROLLCALL
 from common.sitedata import Site
 
 
@@ -21,5 +22,5 @@ def rollcall_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
 
 
 STEPS: dict[str, SiteStep] = {
-    "rollcall": SiteStep("rollcall", rollcall_step),
+    ROLLCALL: SiteStep("rollcall", rollcall_step),
 }

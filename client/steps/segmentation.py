@@ -11,14 +11,12 @@ epsilon spent so far), or the held-out summary (aggregates only).
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from client.steps.base import Payload, SiteStep, work_dir
+from client.steps.base import SiteStep, work_dir
+from client.training.dp import read_ledger, write_ledger
 from common.config import StudyConfig
-from common.protocol import pack_weights, unpack_weights
+from common.protocol import Payload, pack_weights, unpack_weights
 from common.segmentation.protocol import COHORT, EVALUATE, PLAN_KEY, PROXIMAL_MU_KEY, ROUND_KEY, TRAIN
 from common.sitedata import Site
 
@@ -35,21 +33,6 @@ def segmentation_dir(site: Site) -> Path:
 def ledger_path(site: Site, study: StudyConfig) -> Path:
     """The site's DP ledger of the study's segmentation training."""
     return segmentation_dir(site) / f"dp-ledger-{study.hash[:16]}.json"
-
-
-def read_ledger(site: Site, study: StudyConfig) -> dict | None:
-    """The DP accountant state kept for the study (None before the first private round)."""
-    path = ledger_path(site, study)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def write_ledger(site: Site, study: StudyConfig, state: Mapping[str, Any]) -> Path:
-    """Keep the DP accountant state (written whole, then moved into place)."""
-    path = ledger_path(site, study)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def n_labelled(site: Site) -> int:
@@ -69,11 +52,11 @@ def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     from client.segmentation.task import train_round
 
     plan = json.loads(str(payload[PLAN_KEY]))
-    dp_state = read_ledger(site, study) if study.segmentation.dp.enabled else None
+    dp_state = read_ledger(ledger_path(site, study)) if study.segmentation.dp.enabled else None
     out = train_round(site, study, plan, unpack_weights(payload), int(payload.get(ROUND_KEY, 0)),  # type: ignore[call-overload]
                       proximal_mu=float(payload.get(PROXIMAL_MU_KEY, 0.0)), dp_state=dp_state)  # type: ignore[arg-type]
     if out.dp_state is not None:
-        write_ledger(site, study, out.dp_state)
+        write_ledger(ledger_path(site, study), out.dp_state)
     return {**pack_weights(out.weights), **{k: float(v) for k, v in out.metrics.items()}}
 
 

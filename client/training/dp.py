@@ -15,11 +15,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common.errors import PolicyError
@@ -228,3 +231,17 @@ def max_relative_error(got: dict[str, Any], ref: dict[str, Any]) -> float:
             return math.inf
         worst = max(worst, float((got[key] - r).abs().max()) / max(float(r.abs().max()), floor))
     return worst
+
+
+def read_ledger(path: Path) -> dict | None:
+    """A site's DP accountant state for one study (None before its first private round)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_ledger(path: Path, state: dict) -> Path:
+    """Keep a site's DP accountant state: written whole, then moved into place (a crash leaves the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -39,7 +39,7 @@ list of scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,11 +56,6 @@ def check_bins(bins: int) -> int:
     if bins < 2 or bins % 2:
         raise ValueError(f"score bins must be an even number >= 2 (0.5 must be an edge), got {bins}")
     return bins
-
-
-def score_edges(bins: int) -> np.ndarray:
-    """The shared bin edges of [0, 1]; ``bins`` must be even so that 0.5 is an edge."""
-    return np.linspace(0.0, 1.0, check_bins(bins) + 1)
 
 
 def bin_index(scores: np.ndarray, bins: int) -> np.ndarray:
@@ -265,8 +260,3 @@ def pool(aggs: Iterable[SiteAggregates]) -> SiteAggregates:
 def finite(metrics: Mapping[str, float]) -> dict[str, float]:
     """The finite entries only (registry metrics and JSON have no NaN)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-
-
-def binned_scores(scores: Sequence[float], bins: int) -> np.ndarray:
-    """Scores replaced by their bin index (what the histograms' AUC is the exact AUC of)."""
-    return bin_index(np.asarray(scores, dtype=np.float64), bins).astype(np.float64)

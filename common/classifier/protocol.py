@@ -2,7 +2,7 @@
 
 :func:`run_classifier` is the one driver; the Flower phase (:mod:`server.phases.classifier`) calls it with the
 Flower query, tests and the harmonisation experiment with :class:`common.protocol.InMemoryQuery` over
-in-memory sites (:data:`client.classifier.memory.CLASSIFIER_STEPS`). Rounds, by action:
+in-memory sites (the hospital side provides their step functions). Rounds, by action:
 
 ====================  ==================================================  ==========================================
 action                a site sends (aggregates only)                      the server computes

@@ -20,6 +20,6 @@ def run(ctx: PhaseContext) -> dict:
     (ctx.result_dir / "radiomics_settings.json").write_text(json.dumps(resolved, indent=2))
     summary["settings"] = resolved
     summary["target_spacing"] = list(spacing) if spacing is not None else None
-    summary["refused"] = dict(query.refused)
+    summary["refused"] = {str(n): reason for n, reason in query.errors.items()}
     ctx.participants["features"] = dict(summary["cases_per_site"])
     return summary

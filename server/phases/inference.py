@@ -7,8 +7,8 @@ import json
 
 from common.errors import ConfigError
 from common.segmentation.inference import run_inference
+from common.weights import load_weights
 from server.phases.base import PhaseContext
-from server.phases.segmentation import load_weights
 
 
 def run(ctx: PhaseContext) -> dict:

@@ -45,7 +45,7 @@ def run(ctx: PhaseContext) -> dict:
         "plan": result.plan.model_dump(mode="json"),
         "plan_sha256": result.plan_sha256,
         "delivered_to": result.delivered_to,
-        "refused": dict(query.refused),
+        "refused": {str(n): reason for n, reason in query.errors.items()},
         "artifacts": [{
             "kind": "plan", "path": str(path), "round": None,
             "metrics": {site: {"n_cases": float(n)} for site, n in result.counts.items()},

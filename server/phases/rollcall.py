@@ -1,4 +1,4 @@
-"""Server step of the roll call: ``study.rollcall.rounds`` rounds, each asking every connected site to answer.
+"""Server step of the roll call (:func:`common.rollcall.run_rollcall`): ``study.rollcall.rounds`` rounds.
 
 Each round asks the nodes connected *at that round* (so a site that dropped out and came back is asked
 again), completes with the sites that answered within ``study.round_timeout_s`` as long as at least
@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from typing import cast
 
+from common.protocol import Payload, Query
+from common.rollcall import run_rollcall
+from server.federation import FlowerQuery
 from server.phases.base import PhaseContext
 
 log = logging.getLogger(__name__)
@@ -23,15 +26,12 @@ def run(ctx: PhaseContext) -> dict:
     cfg = ctx.study.rollcall
     rounds: list[dict] = []
     progress = ctx.result_dir / ROUNDS_FILE
-    for rnd in range(1, cfg.rounds + 1):
-        query = ctx.query(ctx.federation.connected())
-        start = time.monotonic()
-        query("rollcall", {"round": rnd})
-        result = query.last
-        seconds = round(time.monotonic() - start, 3)
+
+    def record_round(rnd: int, query: Query, replies: dict[str, Payload], seconds: float) -> None:
+        result = cast(FlowerQuery, query).last
         sites = {s: {"node": str(result.node_of_site[s]), "n_cases": int(str(r["n_cases"])),
-                     "app_hash": str(r.get("app_hash", ""))} for s, r in sorted(result.replies.items())}
-        record = {"round": rnd, "seconds": seconds, "sites": sites,
+                     "app_hash": str(r.get("app_hash", ""))} for s, r in sorted(replies.items())}
+        record = {"round": rnd, "seconds": round(seconds, 3), "sites": sites,
                   "refused": {str(n): reason for n, reason in result.errors.items()},
                   "dropped": [str(n) for n in result.dropped]}
         rounds.append(record)
@@ -39,8 +39,8 @@ def run(ctx: PhaseContext) -> dict:
             fh.write(json.dumps(record) + "\n")
         log.info("rollcall round %d/%d: %d site(s) answered in %.1fs (%s), %d refused, %d dropped", rnd, cfg.rounds,
                  len(sites), seconds, ", ".join(sites), len(result.errors), len(result.dropped))
-        if rnd < cfg.rounds and cfg.pause_s:
-            time.sleep(cfg.pause_s)
+
+    run_rollcall(lambda: ctx.query(ctx.federation.connected()), cfg.rounds, record_round, cfg.pause_s)
     last = rounds[-1]["sites"]
     ctx.participants["rollcall"] = {s: v["n_cases"] for s, v in last.items()}
     return {

@@ -24,23 +24,11 @@ from common.segmentation.metrics import headline, unflatten
 from common.segmentation.networks import build_network, count_parameters, get_weights
 from common.segmentation.plan import make_plan
 from common.segmentation.protocol import RoundRecord, run_segmentation
+from common.weights import save_weights
 from server.phases.base import PhaseContext
 from server.strategies import make_aggregate
 
 log = logging.getLogger("fedbiopsy.server")
-
-
-def save_weights(weights: dict[str, np.ndarray], path: Path) -> Path:
-    """Weights as an ``.npz`` (no pickle), keyed by parameter name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **weights)  # type: ignore[arg-type]
-    return path
-
-
-def load_weights(path: Path | str) -> dict[str, np.ndarray]:
-    """Weights written by :func:`save_weights`."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
 
 
 def _round_view(record: RoundRecord, dp: bool) -> dict:
@@ -89,7 +77,7 @@ def run(ctx: PhaseContext) -> dict:
         saved[rnd] = save_weights(weights, out_dir / f"model_round{rnd:03d}.npz")
 
     # a training round goes on when a site fails it (as Flower's strategies do); the cohort needs min_sites
-    query = ctx.query(fixed=False, minimum=1)
+    query = ctx.query(fixed=False, minimum=0)  # the driver checks min_sites; an empty round keeps the model
     outcome = run_segmentation(query, plan, initial, cfg, make_aggregate(cfg), min_sites=study.min_sites,
                                on_model=on_model)
     final_path = save_weights(outcome.weights, out_dir / "model_final.npz")

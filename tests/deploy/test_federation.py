@@ -33,7 +33,7 @@ from deploy.runs import RunOutcome
 from deploy.supervision import DeploymentError
 from server.registry import Registry, open_registry
 from simulations.synthetic_features import synthetic_feature_sites
-from tests.combat.oracle import max_rel_diff, pooled_neurocombat
+from tests.harmonisation.oracle import max_rel_diff, pooled_neurocombat
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SITE_A, SITE_B = "site-001", "site-002"

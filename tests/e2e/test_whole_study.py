@@ -18,7 +18,7 @@ from common.config import load_study_config
 from server.phases.report import SECTIONS
 from server.registry import open_registry
 from simulations.phantoms import simulate_sites
-from tests.combat.oracle import max_rel_diff, pooled_neurocombat
+from tests.harmonisation.oracle import max_rel_diff, pooled_neurocombat
 
 STUDY = """
 name: golden-e2e

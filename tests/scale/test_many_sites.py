@@ -1,4 +1,4 @@
-"""The statistics phases over many tiny virtual sites in Flower's simulation engine equal the in-process runners.
+"""The statistics phases over many tiny virtual sites in Flower's simulation engine equal the drivers in memory.
 
 24 simulated hospitals (6 patients of 16^3 voxels, tumour features measured from the images) run
 fingerprint -> harmonisation -> reduction -> outcomes through :func:`simulations.engine.run_simulated_study`;
@@ -56,7 +56,7 @@ def flower_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], di
     return sites, summary, study
 
 
-def test_statistics_phases_over_24_sites_equal_in_process(flower_run) -> None:
+def test_statistics_phases_over_24_sites_equal_the_drivers_in_memory(flower_run) -> None:
     sites, summary, study = flower_run
     out = summary["outputs"]
     ids = [load_site(d).site_id for d in sites]

@@ -116,3 +116,42 @@ def test_the_site_step_keeps_the_accountant_in_its_ledger(dp_site: Path) -> None
     set_policy(dp_site, min_cohort=3, max_epsilon=eps[1] * 1.01)
     with pytest.raises(PolicyError, match="max_epsilon"):
         step.run(load_site(dp_site), study, round_trip(model_request(weights, 3, json.dumps(plan))))
+
+
+def test_an_exhausted_budget_comes_back_through_the_clientapp_as_a_logged_policy_refusal(dp_site: Path) -> None:
+    """The one site handler: a ``train.segmentation`` message past ``max_epsilon`` is answered with a policy error
+    reply naming the rule, and the refusal is written to the site's own log."""
+    import time
+
+    from flwr.app import Context, Message, Metadata, RecordDict
+
+    from client.app import encode, handle
+    from client.policy import REFUSAL_LOG
+    from client.steps import SITE_STEPS
+    from common.protocol import ERROR_POLICY, STUDY_KEY
+    from common.segmentation.networks import build_network, get_weights
+    from common.segmentation.plan import make_plan
+    from common.segmentation.protocol import TRAIN, model_request
+
+    study = dp_study()
+    plan = make_plan(FINGERPRINT, study)
+    weights = get_weights(build_network(plan, seed=0))
+    context = Context(run_id=1, node_id=5, node_config={"data-path": str(dp_site)}, state=RecordDict(), run_config={})
+
+    def message(rnd: int) -> Message:
+        meta = Metadata(run_id=1, message_id=f"m{rnd}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+                        group_id=str(rnd), created_at=time.time(), ttl=600.0, message_type=TRAIN)
+        body = {**model_request(weights, rnd, json.dumps(plan)), STUDY_KEY: json.dumps(study.model_dump(mode="json"))}
+        return Message(metadata=meta, content=encode(body))
+
+    set_policy(dp_site, min_cohort=3, max_epsilon=100.0)
+    first = handle(SITE_STEPS[TRAIN], message(1), context)
+    assert not first.has_error(), first.error.reason if first.has_error() else ""
+    epsilon = float(first.content.config_records["config"]["epsilon"])
+    assert epsilon > 0
+    set_policy(dp_site, min_cohort=3, max_epsilon=epsilon * 1.01)
+    refused = handle(SITE_STEPS[TRAIN], message(2), context)
+    assert refused.has_error() and refused.error.code == ERROR_POLICY
+    assert "policy rule 'max_epsilon'" in refused.error.reason
+    log = [json.loads(line) for line in (dp_site / REFUSAL_LOG).read_text().splitlines()]
+    assert [(e["rule"], e["message_type"]) for e in log] == [("max_epsilon", TRAIN)]

@@ -10,7 +10,7 @@ from common.config import load_study_config
 from common.reduction_fit import prune_correlated
 from common.reduction_signature import Signature
 from simulations.synthetic_features import synthetic_feature_sites
-from tests.combat.oracle import max_rel_diff, pooled_neurocombat
+from tests.harmonisation.oracle import max_rel_diff, pooled_neurocombat
 
 P = 8
 SCANNER = {"site-001": "X", "site-002": "Y", "site-003": "X"}  # scanner X spans two sites: all five rounds run

@@ -10,7 +10,7 @@ from common.combat_model import CombatModel
 from common.combat_spec import CombatOptions
 from common.harmonisation import run_harmonisation_in_memory
 from simulations.synthetic_features import synthetic_feature_sites
-from tests.combat.oracle import max_rel_diff, pooled, pooled_neurocombat
+from tests.harmonisation.oracle import max_rel_diff, pooled, pooled_neurocombat
 
 COVS = {"categorical": ("sex",), "continuous": ("age",)}
 

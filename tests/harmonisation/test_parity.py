@@ -10,7 +10,7 @@ from common.combat_estimator import ComBat
 from common.combat_spec import CombatOptions
 from common.harmonisation import federated_combat, run_harmonisation_in_memory
 from simulations.synthetic_features import synthetic_feature_sites
-from tests.combat.oracle import max_rel_diff, pooled, pooled_neurocombat
+from tests.harmonisation.oracle import max_rel_diff, pooled, pooled_neurocombat
 
 N_FEATURES = 25
 TOL = 1e-8  # relative to each feature's pooled sd
