@@ -41,7 +41,7 @@ def _study(args: argparse.Namespace, dp: bool):  # noqa: ANN202 - StudyConfig, i
 def _federated(args: argparse.Namespace, site_dirs: list[Path], out: Path, dp: bool) -> tuple[dict, dict, float]:
     import yaml
 
-    from server.phases.segmentation import load_weights
+    from common.weights import load_weights
     from simulations.engine import run_simulated_study
 
     study = _study(args, dp)
