@@ -15,29 +15,35 @@ from typing import Any
 import numpy as np
 
 from common.errors import ProtocolError
+from common.segmentation.network_schema import io_channels, monai_unet_kwargs
 from common.weights import load_named_arrays, named_arrays
 
 
 def build_network(plan: Mapping[str, Any], seed: int | None = None) -> Any:
-    """The plan's network (MONAI UNet or nnU-Net from plans), freshly initialised (seeded when given)."""
+    """The plan's network (MONAI UNet or nnU-Net from plans), freshly initialised (seeded when given).
+
+    The plan comes from the server: only allowed architectures with checked numbers are built
+    (:mod:`common.segmentation.network_schema`), never a class the plan names.
+    """
     import torch
 
     if seed is not None:
         torch.manual_seed(seed)
-    in_ch = len(plan["sequences"])
-    n_cls = int(plan["num_classes"])
-    if plan["network"] == "nnunet":
+    in_ch, n_cls = io_channels(plan)
+    if plan.get("network") == "nnunet":
         from common.segmentation.nnunet_adapter import build_nnunet_network
 
-        return build_nnunet_network(plan["nnunet"]["plans"], in_ch, n_cls)
-    if plan["network"] == "monai":
+        nnunet = plan.get("nnunet")
+        return build_nnunet_network(nnunet.get("plans") if isinstance(nnunet, Mapping) else None,  # type: ignore[arg-type]
+                                    in_ch, n_cls)
+    if plan.get("network") == "monai":
         from monai.networks.nets import UNet
 
-        m = plan["monai"]
-        return UNet(spatial_dims=3, in_channels=in_ch, out_channels=n_cls, channels=tuple(m["channels"]),
-                    strides=tuple(m["strides"]), num_res_units=int(m["num_res_units"]),
+        m = monai_unet_kwargs(plan.get("monai"))  # type: ignore[arg-type]
+        return UNet(spatial_dims=3, in_channels=in_ch, out_channels=n_cls, channels=m["channels"],
+                    strides=m["strides"], num_res_units=m["num_res_units"],
                     act=("leakyrelu", {"negative_slope": 0.01, "inplace": False}), norm=("instance", {"affine": True}))
-    raise ProtocolError("(plan)", f"unknown network {plan['network']!r}", "use 'monai' or 'nnunet'")
+    raise ProtocolError("(plan)", "network is neither 'monai' nor 'nnunet'", "use 'monai' or 'nnunet'")
 
 
 def get_weights(net: Any) -> dict[str, np.ndarray]:

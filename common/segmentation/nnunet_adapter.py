@@ -16,11 +16,12 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 DATASET_NAME = "Dataset999_FedBiopsy"
@@ -139,17 +140,24 @@ def plan_nnunet(fingerprint: dict, sequences: Sequence[str], n_cases: int, base_
 
 
 def build_nnunet_network(plans: Mapping[str, Any], in_channels: int, num_classes: int) -> Any:
-    """The 3d_fullres network of ``plans`` via ``get_network_from_plans`` (no deep supervision).
+    """The 3d_fullres network of ``plans``, built as nnU-Net's ``get_network_from_plans`` builds it (no deep
+    supervision), but only from an allowed architecture with checked hyper-parameters
+    (:func:`common.segmentation.network_schema.nnunet_arch_kwargs`): nothing the plan names is imported.
 
     The decoder's deep-supervision heads other than the last are frozen: without deep supervision they get no
     gradient, which Opacus would reject.
     """
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from common.segmentation.network_schema import nnunet_arch_kwargs
 
-    arch = plans["configurations"][CONFIGURATION]["architecture"]
-    net = get_network_from_plans(arch["network_class_name"], deepcopy(arch["arch_kwargs"]),
-                                 tuple(arch["_kw_requires_import"]), in_channels, num_classes,
-                                 allow_init=True, deep_supervision=False)
+    configurations = plans.get("configurations") if isinstance(plans, Mapping) else None
+    conf = configurations.get(CONFIGURATION) if isinstance(configurations, Mapping) else None
+    if not isinstance(conf, Mapping) or not isinstance(conf.get("architecture"), Mapping):
+        raise ProtocolError("(plan)", f"the nnU-Net plans have no {CONFIGURATION} architecture",
+                            "use the plan the fingerprint phase of this fedbiopsy version makes")
+    cls, kwargs = nnunet_arch_kwargs(conf["architecture"])
+    net = cls(input_channels=in_channels, num_classes=num_classes, deep_supervision=False, **kwargs)
+    if hasattr(net, "initialize"):
+        net.apply(net.initialize)  # nnU-Net's own initialisation, as get_network_from_plans(allow_init=True)
     seg_layers = getattr(getattr(net, "decoder", None), "seg_layers", None)
     if seg_layers is not None:
         for layer in list(seg_layers)[:-1]:
