@@ -58,6 +58,7 @@ class FeatureScaling:
     lr: float
     nyul_json: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # each site's feature source (table name, compact)
+    counts: dict[str, int] = field(default_factory=dict)  # each site's training cases (the moments' n)
 
     def payload(self) -> Payload:
         """The entries every training and evaluation message of a feature model carries."""
@@ -124,11 +125,13 @@ def feature_scaling(query: Query, cfg: ClassifierConfig, nyul_json: str = "") ->
     moments = merge_moments(replies)
     mean, scale = scaling(moments)
     lr = step_size(pooled_correlation(replies, moments), cfg.l2, cfg.lr) if cfg.auto_lr else cfg.lr
-    return FeatureScaling(names, mean, scale, float(lr), nyul_json, sources)
+    counts = {s: int(r["n"]) for s, r in replies.items()}  # type: ignore[call-overload]
+    return FeatureScaling(names, mean, scale, float(lr), nyul_json, sources, counts)
 
 
 def _train(query: Query, kind: str, cfg: ClassifierConfig, base: Payload, weights: dict[str, np.ndarray],
-           minimum: int, keep_weights: bool) -> tuple[dict[str, np.ndarray], ClassifierRun]:
+           minimum: int, keep_weights: bool, bounds: Mapping[str, int] | None = None
+           ) -> tuple[dict[str, np.ndarray], ClassifierRun]:
     """``rounds_of(kind)`` FedAvg rounds; the run holds the history (its summary is filled in later)."""
     run = ClassifierRun(kind, weights, {}, [], {}, {}, {}, {}, trajectory=[weights] if keep_weights else [])
     rounds = rounds_of(kind, cfg)
@@ -141,7 +144,8 @@ def _train(query: Query, kind: str, cfg: ClassifierConfig, base: Payload, weight
             run.n_train[site] = int(n)
             if float(r.get("dp", 0.0)):  # type: ignore[arg-type]
                 run.epsilon[site] = float(r["epsilon"])  # type: ignore[arg-type]
-        weights, rejected = fedavg_round(weights, updates, cfg.max_update_norm, minimum=minimum)
+        weights, rejected = fedavg_round(weights, updates, cfg.max_update_norm, minimum=minimum,
+                                         bounds=None if bounds is None else {s: float(n) for s, n in bounds.items()})
         loss = {s: float(r.get("train-loss", np.nan)) for s, r in replies.items()}  # type: ignore[arg-type]
         run.history.append({"round": rnd, "train_loss": loss, "rejected": rejected,
                             "errors": dict(query.failures)})
@@ -155,13 +159,15 @@ def _train(query: Query, kind: str, cfg: ClassifierConfig, base: Payload, weight
 
 def run_classifier(query: Query, kind: str, cfg: ClassifierConfig, *, features: FeatureScaling | None = None,
                    sequences: Sequence[str] = (), n_channels: int = 2, minimum: int = 1,
-                   keep_weights: bool = False) -> ClassifierRun:
+                   keep_weights: bool = False, case_counts: Mapping[str, int] | None = None) -> ClassifierRun:
     """Train model ``kind`` by FedAvg over the query's sites and evaluate it there.
 
     Feature models need the pooled scaling: pass ``features`` (from :func:`feature_scaling`, shared by every
     model of a study), else its rounds run first (with the Nyúl round over ``sequences`` when
     :func:`uses_nyul`). The image model has ``n_channels`` input channels (the study's sequences). A round
-    needs at least ``minimum`` acceptable updates.
+    needs at least ``minimum`` acceptable updates. A site's ``num-examples`` may not exceed the training cases
+    it reported in the moments round (feature models) or its ``case_counts`` entry (the image model; e.g. the
+    fingerprint's case counts); without either, counts are not bounded.
     """
     base: Payload = {"model": kind}
     n_features = 0
@@ -173,7 +179,8 @@ def run_classifier(query: Query, kind: str, cfg: ClassifierConfig, *, features: 
     else:
         features = None
     init = model_weights(build_model(kind, n_features, cfg, n_channels=n_channels))
-    weights, run = _train(query, kind, cfg, base, init, minimum, keep_weights)
+    bounds = features.counts if features is not None and features.counts else case_counts
+    weights, run = _train(query, kind, cfg, base, init, minimum, keep_weights, bounds)
     replies = query(EVALUATE, {**base, **pack_weights(weights)})
     attrs = {s: {a: str(r.pop(a)) for a in SITE_ATTRIBUTES if a in r} for s, r in replies.items()}
     run.summary = summarise_evaluation(replies, attrs, bins=cfg.score_bins, calibration_bins=cfg.calibration_bins,

@@ -81,15 +81,23 @@ def step_size(correlation: np.ndarray, l2: float, lr_max: float) -> float:
 
 
 def fedavg_round(global_weights: Weights, updates: Mapping[str, tuple[Weights, float]], max_norm: float,
-                 minimum: int = 1) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                 minimum: int = 1, bounds: Mapping[str, float] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The new global weights from the sites' (weights, case count), and the rejected sites with the reason.
 
-    Arrays keep the global model's dtype. Raises when fewer than ``minimum`` updates are acceptable.
+    Arrays keep the global model's dtype. ``bounds``: the cases each site reported earlier in the study; an
+    update claiming more (a site weighting itself over the others), or from a site without a bound, is
+    rejected. Raises when fewer than ``minimum`` updates are acceptable.
     """
     accepted, counts, rejected = [], [], {}
     for site in sorted(updates):
         weights, n = updates[site]
-        reason = check_update(weights, global_weights, max_norm, n)
+        if bounds is not None and site not in bounds:
+            reason: str | None = "the site reported no case count earlier in the study"
+        elif bounds is not None and float(n) > bounds[site]:
+            reason = "num-examples exceeds the cases the site reported earlier in the study"
+        else:
+            reason = check_update(weights, global_weights, max_norm, n)
         if reason is not None:
             rejected[site] = reason
             log.warning("classifier update of site %s rejected: %s", site, reason)

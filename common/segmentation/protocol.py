@@ -85,11 +85,18 @@ def scalars(reply: Mapping[str, object]) -> dict[str, float]:
             if not k.startswith(WEIGHT_PREFIX) and isinstance(v, (int, float, np.number))}
 
 
-def reply_problem(reply: Mapping[str, object], reference: Mapping[str, np.ndarray], max_norm: float) -> str | None:
-    """Why a train reply cannot be aggregated (None when it can)."""
+def reply_problem(reply: Mapping[str, object], reference: Mapping[str, np.ndarray], max_norm: float,
+                  bound: float | None = None) -> str | None:
+    """Why a train reply cannot be aggregated (None when it can).
+
+    ``bound``: the training cases the site reported in the cohort round; a larger ``num-examples`` (a site
+    weighting itself over the others in FedAvg) is rejected.
+    """
     count = reply.get(NUM_EXAMPLES_KEY)
     if isinstance(count, bool) or not isinstance(count, (int, float, np.number)):
         return f"the reply lacks a scalar {NUM_EXAMPLES_KEY!r}"
+    if bound is not None and float(count) > bound:
+        return f"{NUM_EXAMPLES_KEY} exceeds the training cases the site reported in the cohort round"
     bad = sorted(k for k, v in scalars(reply).items() if not math.isfinite(v))
     if bad:
         return f"metric(s) {bad} are not finite"
@@ -101,12 +108,19 @@ def reply_problem(reply: Mapping[str, object], reference: Mapping[str, np.ndarra
 
 
 def screen_updates(record: RoundRecord, replies: Mapping[str, Payload], reference: Mapping[str, np.ndarray],
-                   max_norm: float) -> list[Update]:
-    """The replies that may be aggregated; the others are rejected, logged and recorded with their site."""
+                   max_norm: float, bounds: Mapping[str, float] | None = None) -> list[Update]:
+    """The replies that may be aggregated; the others are rejected, logged and recorded with their site.
+
+    With ``bounds`` (training cases by site, from the cohort round) a site outside it, or claiming more
+    cases than it reported, is rejected.
+    """
     kept: list[Update] = []
     for site in sorted(replies):
         reply = replies[site]
-        problem = reply_problem(reply, reference, max_norm)
+        if bounds is not None and site not in bounds:
+            problem: str | None = "the site is not in the cohort of this training"
+        else:
+            problem = reply_problem(reply, reference, max_norm, None if bounds is None else bounds[site])
         if problem is not None:
             record.rejected.append({"site": site, "reason": problem})
             log.warning("round %d: rejected the update of site %s: %s", record.round, site, problem)
@@ -136,12 +150,13 @@ def evaluate_model(query: Query, record: RoundRecord, weights: Mapping[str, np.n
 
 
 def train_round(query: Query, record: RoundRecord, weights: dict[str, np.ndarray], plan_json: str,
-                cfg: SegmentationConfig, aggregate: Aggregate) -> dict[str, np.ndarray]:
+                cfg: SegmentationConfig, aggregate: Aggregate,
+                bounds: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
     """One training round: local training at every site, screening, aggregation; the new global model."""
     mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
     replies = query(TRAIN, model_request(weights, record.round, plan_json, mu))
     _record_failures(record, query, TRAIN)
-    kept = screen_updates(record, replies, weights, cfg.max_update_norm)
+    kept = screen_updates(record, replies, weights, cfg.max_update_norm, bounds)
     if not kept:
         log.warning("round %d: no valid update; the global model stays as it was", record.round)
         return weights
@@ -171,6 +186,7 @@ def run_segmentation(query: Query, plan: Mapping[str, Any], initial_weights: Map
     """
     replies = query(COHORT, {})
     cohort = check_cohort(replies, query.failures, min_sites)
+    bounds = {site: float(c["n_train"]) for site, c in cohort.items()}  # FedAvg weights bounded by these
     plan_json = json.dumps(plan)
     weights = {k: np.asarray(v) for k, v in initial_weights.items()}
     start = RoundRecord(0)
@@ -179,7 +195,7 @@ def run_segmentation(query: Query, plan: Mapping[str, Any], initial_weights: Map
     every = max(1, int(cfg.evaluate_every))
     for rnd in range(1, cfg.rounds + 1):
         record = RoundRecord(rnd)
-        weights = train_round(query, record, weights, plan_json, cfg, aggregate)
+        weights = train_round(query, record, weights, plan_json, cfg, aggregate, bounds)
         if record.aggregated and on_model is not None:
             on_model(rnd, weights)
         if rnd % every == 0 or rnd == cfg.rounds:

@@ -116,9 +116,12 @@ def run(ctx: PhaseContext) -> dict:
     runs: dict[str, ClassifierRun] = {}
     rows: list[dict] = []
     spent: dict[str, float] = {}  # each site's cumulative epsilon (its ledger composes every model)
+    # the image model's num-examples bound: each site's valid cases, as its fingerprint reply counted them
+    cases = {s: int(v["n_cases"]) for s, v in (ctx.outputs.get("fingerprint") or {}).get("data_fingerprints",
+                                                                                          {}).items()}
     for kind in cfg.models:
         res = run_classifier(ctx.query(nodes, fixed=False), kind, cfg, features=features,
-                             n_channels=len(study.sequences), minimum=study.min_sites)
+                             n_channels=len(study.sequences), minimum=study.min_sites, case_counts=cases or None)
         runs[kind] = res
         summary = res.summary
         model_file, plots = _model_files(out, res, rounds_of(kind, cfg), settings_hash)

@@ -118,3 +118,30 @@ def test_pooled_correlation_from_site_aggregates_and_step_size_cap() -> None:
     lr = step_size(corr, 0.01, 2.0)
     assert lr == pytest.approx(1.0 / (0.25 * np.linalg.eigvalsh(corr).max() + 0.01)) and lr < 0.7
     assert step_size(np.eye(3), 0.0, 2.0) == 2.0
+
+
+def test_a_site_claiming_1e9_examples_cannot_take_over_the_classifier() -> None:
+    """A site inflating num-examples would own FedAvg; its count is bounded by the training cases it reported
+    in the moments round, so its update is rejected and the model is the honest sites' FedAvg."""
+    sites = _sites()
+    cfg = ClassifierConfig(rounds=3, lr=1.0, l2=0.01, local_steps=1, bootstrap=0, shap=False)
+
+    def inflate(direction: str, action: str, site: str, payload: dict) -> dict:
+        if direction == "reply" and action == "train.classifier" and site == "site-2":
+            payload["num-examples"] = 1e9
+        return payload
+
+    attacked = run_classifier(InMemoryQuery(memory_sites(sites, cfg), CLASSIFIER_STEPS, wire=inflate), "logistic",
+                              cfg)
+    assert all(h["rejected"].keys() == {"site-2"} for h in attacked.history)
+    assert all("exceeds the cases" in h["rejected"]["site-2"] for h in attacked.history)
+    # unguarded, the same reply takes the model over: FedAvg of the claimed counts is site-2's update
+    from common.classifier.training import fedavg_round
+
+    w0 = {k: np.zeros_like(v) for k, v in attacked.weights.items()}
+    honest, evil = {k: np.ones_like(v) for k, v in w0.items()}, {k: np.full_like(v, 0.5) for k, v in w0.items()}
+    taken, _ = fedavg_round(w0, {"site-0": (honest, 30.0), "site-2": (evil, 1e9)}, max_norm=1e6)
+    assert all(np.allclose(taken[k], evil[k], atol=1e-6) for k in w0)
+    guarded, rejected = fedavg_round(w0, {"site-0": (honest, 30.0), "site-2": (evil, 1e9)}, max_norm=1e6,
+                                     bounds={"site-0": 30.0, "site-2": 23.0})
+    assert set(rejected) == {"site-2"} and all(np.array_equal(guarded[k], honest[k]) for k in w0)

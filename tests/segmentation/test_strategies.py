@@ -145,3 +145,25 @@ def test_check_update_bound_is_on_the_update_not_the_weights() -> None:
     ref = {"w": np.full(4, 100.0)}
     assert check_update({"w": np.full(4, 101.0)}, ref, max_norm=2.5) is None  # norm 2
     assert "exceeds" in check_update({"w": np.full(4, 102.0)}, ref, max_norm=2.5)  # norm 4
+
+
+def test_a_site_claiming_1e9_examples_cannot_take_over_fedavg() -> None:
+    """Issue 21's takeover: FedAvg alone hands the global model to a site that claims 1e9 training cases; the
+    driver bounds num-examples by the cases the site reported in the cohort round and rejects the update."""
+    cfg = SegmentationConfig(strategy="fedavg", rounds=1)
+    unguarded = make_aggregate(cfg)(1, [Update("site-A", A, 1), Update("site-B", B, 3), Update("site-C", C, 1e9)])
+    assert all(np.allclose(unguarded[k], C[k], rtol=0, atol=1e-5) for k in C)  # the attack works on FedAvg
+
+    def inflate(direction: str, action: str, site: str, payload: dict) -> dict:
+        if direction == "reply" and action == TRAIN and site == "site-C":
+            payload["num-examples"] = 1e9
+        return payload
+
+    sites = {"site-A": (A, 1), "site-B": (B, 3), "site-C": (C, 2)}
+    query = InMemoryQuery(sites, {COHORT: FakeSites.cohort, TRAIN: FakeSites.train, EVALUATE: FakeSites.evaluate},
+                          wire=inflate)
+    run = run_segmentation(query, {"network": "fake"}, GLOBAL, cfg, make_aggregate(cfg))
+    expected = weighted_mean([A, B], [1, 3])
+    assert all(np.array_equal(run.weights[k], expected[k]) for k in expected)
+    assert [(r["site"], "exceeds the training cases" in r["reason"]) for r in run.rounds[1].rejected] == \
+        [("site-C", True)]
