@@ -31,6 +31,11 @@ class SiteStep:
     n_cases: Callable[[Site], int] = _all_cases
 
 
+def cases_with_masks(site: Site) -> int:
+    """The site's cases with a radiologist's tumour mask (what mask-based steps check ``min_cohort`` against)."""
+    return sum(c.mask is not None for c in site.cases)
+
+
 def work_dir(site: Site) -> Path:
     """The site's folder for derived data (features, harmonised tables, local models); never leaves the site."""
     path = site.root / "derived"
@@ -38,4 +43,4 @@ def work_dir(site: Site) -> Path:
     return path
 
 
-__all__ = ["SiteStep", "work_dir"]
+__all__ = ["SiteStep", "cases_with_masks", "work_dir"]

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import SimpleITK as sitk
 
-from client.steps.base import SiteStep
+from client.steps.base import SiteStep, cases_with_masks
 from common.config import StudyConfig
 from common.fingerprint import FINGERPRINT, CaseMeasure, case_manifest_hash, site_fingerprint
 from common.hashing import sha256_file
@@ -17,10 +17,6 @@ from common.protocol import Payload
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
-
-
-def _cases_with_masks(site: Site) -> int:
-    return sum(c.mask is not None for c in site.cases)
 
 
 def manifest_hash(site: Site) -> str:
@@ -58,5 +54,5 @@ def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payloa
 
 
 STEPS: dict[str, SiteStep] = {
-    FINGERPRINT: SiteStep("fingerprint", fingerprint_step, _cases_with_masks),
+    FINGERPRINT: SiteStep("fingerprint", fingerprint_step, cases_with_masks),
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from client.steps.base import SiteStep, work_dir
+from client.steps.base import SiteStep, cases_with_masks, work_dir
 from client.training.dp import read_ledger, write_ledger
 from common.config import StudyConfig
 from common.protocol import Payload, pack_weights, unpack_weights
@@ -33,11 +33,6 @@ def segmentation_dir(site: Site) -> Path:
 def ledger_path(site: Site, study: StudyConfig) -> Path:
     """The site's DP ledger of the study's segmentation training."""
     return segmentation_dir(site) / f"dp-ledger-{study.hash[:16]}.json"
-
-
-def n_labelled(site: Site) -> int:
-    """The site's cases with a reference mask (what the policy's ``min_cohort`` is checked against)."""
-    return sum(c.mask is not None for c in site.cases)
 
 
 def cohort_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
@@ -70,7 +65,7 @@ def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
 
 
 STEPS: dict[str, SiteStep] = {
-    COHORT: SiteStep(PHASE, cohort_step, n_labelled),
-    TRAIN: SiteStep(PHASE, train_step, n_labelled),
-    EVALUATE: SiteStep(PHASE, evaluate_step, n_labelled),
+    COHORT: SiteStep(PHASE, cohort_step, cases_with_masks),
+    TRAIN: SiteStep(PHASE, train_step, cases_with_masks),
+    EVALUATE: SiteStep(PHASE, evaluate_step, cases_with_masks),
 }
