@@ -1,9 +1,10 @@
 """The hospital's Flower ClientApp: one thin adapter from messages to the site steps of :mod:`client.steps`.
 
 The site directory comes from the SuperNode's ``--node-config 'data-path="/data/site"'``. Every message,
-whatever its protocol, goes through :func:`handle`: decode, check the site's policy once, run the step,
-encode the aggregate reply. A refusal or a failure is answered with one kind of error reply naming the rule
-or the problem, and a refusal is logged locally. This is the only client module that imports Flower.
+whatever its protocol, goes through :func:`handle`: decode, hold the request to the site's policy
+(:mod:`client.guard`), run the step, check and encode the aggregate reply. A refusal or a failure is answered
+with a fixed text naming the rule and the fix, never a value, id, path or exception text; the detail goes to
+the site's own logs under ``derived/``. This is the only client module that imports Flower.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.apphash import running_app_hash
-from client.policy import check_request, record_refusal
+from client.guard import check_reply, check_request, check_study, public_reason, record_error, record_refusal
 from client.sitecache import load_site_cached
 from client.steps import SITE_STEPS, SiteStep
 from common.config import StudyConfig
@@ -64,28 +65,39 @@ def site_dir_from_context(context: Context) -> Path:
 
 
 def handle(step: SiteStep, msg: Message, context: Context) -> Message:
-    """Run one site step for one message, with the policy check first; errors become error replies."""
+    """Run one site step for one message through the site's guard; errors become error replies.
+
+    Before the step: the policy's request rules (:func:`client.guard.check_request`) and the study's fields
+    the phase uses (:func:`client.guard.check_study`). After it: :func:`client.guard.check_reply`. A refusal or
+    failure answers a fixed text (:func:`client.guard.public_reason`); its detail goes to the site's own log.
+    """
     study: StudyConfig | None = None
     site: Site | None = None
+    kind = msg.metadata.message_type
+    who = None
     try:
         payload = decode(msg.content)
         study = StudyConfig.model_validate(json.loads(str(payload.pop(STUDY_KEY))))
         site = load_site_cached(site_dir_from_context(context))
+        who = site.site_id
         app_hash = running_app_hash() if site.config.policy.approved_apps else None
         check_request(site.config, step.phase, study.hash, step.n_cases(site), app_hash=app_hash)
+        check_study(site, step.phase, study)
         reply = step.run(site, study, payload)
+        check_reply(site, reply)
         reply[SITE_ID_KEY] = site.site_id
         return Message(encode(reply), reply_to=msg)
-    except FedBiopsyError as err:
-        code = ERROR_POLICY if isinstance(err, PolicyError) else ERROR_DATA
-        log.warning("refused %s: %s", msg.metadata.message_type, err)
-        if isinstance(err, PolicyError) and site is not None:
-            record_refusal(site.root, err, msg.metadata.message_type, context.run_id,
-                           study.hash if study is not None else None)
-        return Message(Error(code=code, reason=str(err)), reply_to=msg)
+    except PolicyError as err:
+        log.warning("refused %s: rule %s (detail in the site's refusal log)", kind, err.rule)
+        if site is not None:
+            record_refusal(site.root, err, kind, context.run_id, study.hash if study is not None else None)
+        return Message(Error(code=ERROR_POLICY, reason=public_reason(err, who)), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - a site must answer, never hang the round
-        log.exception("site step %s failed", msg.metadata.message_type)
-        return Message(Error(code=ERROR_INTERNAL, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+        code = ERROR_DATA if isinstance(err, FedBiopsyError) else ERROR_INTERNAL
+        log.exception("site step %s failed", kind)
+        if site is not None:
+            record_error(site.root, err, kind, context.run_id)
+        return Message(Error(code=code, reason=public_reason(err, who)), reply_to=msg)
 
 
 def build_client_app(mods: list | None = None) -> ClientApp:

@@ -225,7 +225,8 @@ def run_kmeans(query: Query, options: KMeansOptions) -> KMeansResult:
     return KMeansResult(space=space, options=options, initial_centres=init, centres=loop.centres,
                         n_iter=loop.n_iter, converged=loop.converged, strict=loop.strict,
                         suppressed=loop.suppressed, empty=loop.empty,
-                        inertia=float(np.sum([float(r["inertia"]) for r in final.values()])),  # type: ignore[arg-type]
+                        inertia=float(np.sum([float(r["inertia"]) for r in final.values()  # type: ignore[arg-type]
+                                              if "inertia" in r])),
                         cases=cases)
 
 

@@ -28,6 +28,7 @@ event table that :func:`site_event_table` already releases.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from common.errors import PolicyError, ProtocolError
 from common.kmeans import assign_labels, inertia, site_cluster_sums, site_local_centres
 from common.pooled_moments import check_matrix, require_cohort, site_moments
 from common.protocol import Payload, SiteFunction
+from common.release_ledger import ReleaseLedger, digest_id, partition, scope_of
 from common.survival import EXACT, Released, released_data, survival_table_payload
 
 KMEANS_MOMENTS, KMEANS_LOCAL_CENTRES, KMEANS_ASSIGN, KMEANS_LABELS = (
@@ -72,6 +74,10 @@ class OutcomesCohort:
     exact: bool = True  # the policy allows exact event times (and cells under min_cohort)
     survival_source: str = ""  # named in errors about the survival data, e.g. "clinical.csv os_days/os_event"
     label_sink: Callable[[np.ndarray], None] | None = None
+    ids: tuple[str, ...] = ()  # patient ids of the rows of ``features`` (for the release ledger)
+    survival_ids: tuple[str, ...] = ()  # patient ids of the survival rows
+    ledger: ReleaseLedger | None = None  # None: no differencing rule (exact policy, in-memory parity tests)
+    time_floor: float | None = None  # the finest time bin the site releases; coarser requests are multiples
 
     def keep_labels(self, labels: np.ndarray) -> None:
         """Keep the patients' cluster labels here (and in :attr:`label_sink`)."""
@@ -138,8 +144,13 @@ def _standardised(cohort: OutcomesCohort, request: Mapping[str, object]) -> np.n
     return (x - _array(request, "mean", cohort.site_id)) / _array(request, "scale", cohort.site_id)
 
 
-def time_bin(site_id: str, exact_allowed: bool, request: Mapping[str, object]) -> float | None:
-    """The bin width the request asks for (None: exact times); refused when exact is asked and not allowed."""
+def time_bin(site_id: str, exact_allowed: bool, request: Mapping[str, object], floor: float | None = None
+             ) -> float | None:
+    """The bin width to release (None: exact times); refused when exact is asked and not allowed.
+
+    With a site ``floor`` the width is the smallest multiple of it at least the requested one: every width
+    the site ever uses is a multiple of its floor, so no two releases together resolve times finer than it.
+    """
     if str(request.get("mode", "")) == EXACT:
         if not exact_allowed:
             raise PolicyError(site_id, "exact_outcomes", "exact event times were requested; this site allows "
@@ -148,23 +159,38 @@ def time_bin(site_id: str, exact_allowed: bool, request: Mapping[str, object]) -
     if "time_bin_days" not in request:
         raise ProtocolError(site_id, "the request asks for binned times but gives no bin width",
                             "run the same fedbiopsy version everywhere")
-    return float(request["time_bin_days"])  # type: ignore[arg-type]
+    width = float(request["time_bin_days"])  # type: ignore[arg-type]
+    if floor is None or not np.isfinite(width):
+        return width
+    return float(floor) * max(1.0, math.ceil(width / float(floor) - 1e-9))
 
 
 def released(cohort: OutcomesCohort, request: Mapping[str, object]) -> Released:
     """The cohort's survival data as the request's mode and the site's policy let it leave."""
-    width = time_bin(cohort.site_id, cohort.exact, request)
+    width = time_bin(cohort.site_id, cohort.exact, request, cohort.time_floor)
     if cohort.durations is None or cohort.events is None:
         raise ProtocolError(cohort.site_id, "no survival data (durations and events)",
                             "give the site its patients' durations and event flags")
     try:
-        return released_data(cohort.site_id, cohort.durations, cohort.events, cohort.labels,
-                             min_cohort=cohort.min_cohort, time_bin_days=width, min_cell=cohort.min_cell)
+        rel = released_data(cohort.site_id, cohort.durations, cohort.events, cohort.labels,
+                            min_cohort=cohort.min_cohort, time_bin_days=width, min_cell=cohort.min_cell)
     except ProtocolError as err:
         if not cohort.survival_source:
             raise
         raise ProtocolError(cohort.site_id, f"{cohort.survival_source}: {err.problem}",
                             f"correct {cohort.survival_source}") from err
+    if cohort.ledger is not None:  # the groups, against every grouping of these patients released before
+        all_ids = cohort_ids(cohort.site_id, cohort.survival_ids, cohort.durations.size)
+        ids = [all_ids[i] for i in np.flatnonzero(rel.keep)]
+        cohort.ledger.release(scope_of("survival", [cohort.survival_source]), ids, partition(ids, rel.groups))
+    return rel
+
+
+def cohort_ids(site_id: str, ids: Sequence[str], n: int) -> list[str]:
+    """The patient ids of ``n`` rows, or a :class:`ProtocolError` when the cohort was built without them."""
+    if len(ids) != n:
+        raise ProtocolError(site_id, f"{len(ids)} patient ids for {n} rows", "build the cohort with its patient ids")
+    return list(ids)
 
 
 def _cox_covariates(cohort: OutcomesCohort, rel: Released, request: Mapping[str, object]) -> np.ndarray:
@@ -181,43 +207,101 @@ def _cox_covariates(cohort: OutcomesCohort, rel: Released, request: Mapping[str,
 # ============================================================================================ site steps
 
 
+def _feature_scope(cohort: OutcomesCohort) -> str:
+    return scope_of("features", cohort.feature_names)
+
+
 def site_kmeans_moments(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """Round 1 of k-means: feature moments (standardisation, tolerance), names, source and the exact flag."""
     out = site_moments(cohort.site_id, _features(cohort), cohort.min_cohort)
+    if cohort.ledger is not None:
+        ids = cohort_ids(cohort.site_id, cohort.ids, _features(cohort).shape[0])
+        cohort.ledger.release(_feature_scope(cohort), ids, [ids])
     out.update(features=list(cohort.feature_names), source=cohort.source, exact_outcomes=bool(cohort.exact))
     return out
 
 
 def site_kmeans_local_centres(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
-    """Federated k-means++: local centroids of the standardised features (seeded per site)."""
+    """Federated k-means++: local centroids of the standardised features (seeded per site).
+
+    Under a release ledger the site takes the most local clusters whose cells it may release (one cluster,
+    the site mean, always can).
+    """
     seed = (int(request.get("seed", 0)) + zlib.crc32(cohort.site_id.encode())) % 2**31  # type: ignore[call-overload]
     n_centres = int(_array(request, "n_centres", cohort.site_id))
-    return site_local_centres(cohort.site_id, _standardised(cohort, request), n_centres, cohort.min_cell, seed,
-                              cohort.min_cohort)
+    z = _standardised(cohort, request)
+    accept = None
+    if cohort.ledger is not None:
+        ledger, ids, scope = cohort.ledger, cohort_ids(cohort.site_id, cohort.ids, z.shape[0]), _feature_scope(cohort)
+
+        def accept(labels: np.ndarray) -> bool:
+            cells = partition(ids, labels)
+            if not ledger.releasable(scope, ids, cells):
+                return False
+            ledger.release(scope, ids, cells)
+            return True
+
+    return site_local_centres(cohort.site_id, z, n_centres, cohort.min_cell, seed, cohort.min_cohort, accept=accept)
 
 
 def site_kmeans_assign(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
-    """One Lloyd iteration: per-cluster sums and counts (cells under ``min_cell`` withheld)."""
+    """One Lloyd iteration: per-cluster sums and counts (cells under ``min_cell`` withheld).
+
+    Under a release ledger a partition that may not leave (a cell, its complement or its difference from an
+    earlier released cell under ``min_cell`` patients) is not answered: the site repeats its last released
+    answer for this k (zeros before the first) with ``held`` = 1 and ``changed`` = 0; ``changed`` is then
+    whether the partition differs from the last released one (0/1), never a count of server-chosen regions.
+    """
     previous = request.get("previous")
-    return site_cluster_sums(cohort.site_id, _standardised(cohort, request), _array(request, "centres", cohort.site_id),
-                             None if previous is None else np.asarray(previous, dtype=np.float64), cohort.min_cell,
-                             cohort.min_cohort)
+    z = _standardised(cohort, request)
+    centres = _array(request, "centres", cohort.site_id)
+    out = site_cluster_sums(cohort.site_id, z, centres, None if previous is None else np.asarray(previous, np.float64),
+                            cohort.min_cell, cohort.min_cohort)
+    if cohort.ledger is None:
+        return out
+    ledger, ids, scope = cohort.ledger, cohort_ids(cohort.site_id, cohort.ids, z.shape[0]), _feature_scope(cohort)
+    labels = assign_labels(z, centres)
+    cells = [[ids[i] for i in np.flatnonzero(labels == j)] for j in range(centres.shape[0])]
+    key = f"assign-k{centres.shape[0]}"
+    last = ledger.last(scope, key)
+    digest = [sorted(digest_id(p) for p in c) for c in cells]
+    if not ledger.releasable(scope, ids, cells):
+        sums = np.asarray(last["sums"]) if last else np.zeros_like(out["sums"])
+        counts = np.asarray(last["counts"]) if last else np.zeros_like(out["counts"])
+        return {"sums": sums, "counts": counts, "changed": 0, "suppressed": 0, "held": 1, "n": out["n"]}
+    ledger.release(scope, ids, cells)
+    out["changed"] = int(last is None or last.get("cells") != digest)
+    ledger.keep(scope, key, {"sums": out["sums"], "counts": out["counts"], "cells": digest})
+    out["held"] = 0
+    return out
 
 
 def site_kmeans_labels(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
-    """The final centres: the site labels its patients and keeps the labels; only count and inertia leave."""
+    """The final centres: the site labels its patients and keeps the labels; only count and inertia leave.
+
+    Under a release ledger the inertia (a sum over the partition) leaves only when the partition may.
+    """
     z = _standardised(cohort, request)
     require_cohort(cohort.site_id, z.shape[0], cohort.min_cohort)
     centres = _array(request, "centres", cohort.site_id)
     labels = assign_labels(z, centres)
     cohort.keep_labels(labels)
-    return {"n": int(labels.size), "inertia": inertia(z, centres, labels)}
+    out: Payload = {"n": int(labels.size)}
+    if cohort.ledger is not None:
+        ids, scope = cohort_ids(cohort.site_id, cohort.ids, z.shape[0]), _feature_scope(cohort)
+        if not cohort.ledger.releasable(scope, ids, partition(ids, labels)):
+            out["held"] = 1
+            return out
+        cohort.ledger.release(scope, ids, partition(ids, labels))
+    out["inertia"] = inertia(z, centres, labels)
+    return out
 
 
 def site_event_table(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """The per-group event table of the released data (see :func:`common.survival.site_survival_table`)."""
     rel = released(cohort, request)
-    return survival_table_payload(rel, time_bin(cohort.site_id, cohort.exact, request), cohort.min_cell)
+    return survival_table_payload(rel, time_bin(cohort.site_id, cohort.exact, request, cohort.time_floor),
+                                  cohort.min_cell)
 
 
 def site_cox_moments(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:

@@ -29,17 +29,59 @@ ALL_PHASES: tuple[str, ...] = (
 )
 
 
+FEATURE_TABLES: tuple[str, ...] = ("features.csv", "features_harmonised.csv", "signature_scores.csv")
+ColumnKind = Literal["categorical", "continuous"]
+ColumnUse = Literal["covariate", "batch", "stratum", "fairness", "label", "survival"]
+
+
+class ClinicalColumn(BaseModel):
+    """One clinical.csv column the site lets a study use: its kind and what for."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: ColumnKind
+    uses: tuple[ColumnUse, ...]
+
+
+DEFAULT_COLUMNS: dict[str, ClinicalColumn] = {
+    "age": ClinicalColumn(kind="continuous", uses=("covariate",)),
+    "sex": ClinicalColumn(kind="categorical", uses=("covariate", "stratum", "fairness")),
+    "scanner": ClinicalColumn(kind="categorical", uses=("covariate", "batch", "fairness")),
+    "label": ClinicalColumn(kind="categorical", uses=("label",)),
+    "os_days": ClinicalColumn(kind="continuous", uses=("survival",)),
+    "os_event": ClinicalColumn(kind="categorical", uses=("survival",)),
+}
+
+
 class SitePolicy(BaseModel):
-    """What a hospital allows to run on its data (enforced at the site, before any computation)."""
+    """What a hospital allows to run on its data, enforced at the site before any computation and on every reply.
+
+    The study config and every request field are chosen by the server; these bounds are the site's own and a
+    request can only be refused by them or coarsened to them (see :mod:`client.guard`).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     allowed_phases: tuple[str, ...] = ALL_PHASES
     approved_studies: tuple[str, ...] = ()  # study-config hashes; empty: any study
     approved_apps: tuple[str, ...] = ()  # app hashes (client/apphash.py); empty: any app
-    max_epsilon: float = Field(8.0, gt=0)
-    min_cohort: int = Field(5, ge=1)
-    exact_outcomes: bool = False  # allow exact event times and cells under min_cohort in outcome replies
+    max_epsilon: float = Field(8.0, gt=0)  # lifetime, over every study and phase, at the site's max_delta
+    max_delta: float = Field(1e-5, gt=0, lt=1)  # the delta every epsilon is counted at; a study may ask less
+    require_dp: bool = False  # training on this site's patients only with DP-SGD
+    min_batch_size: int = Field(2, ge=1)  # fewest distinct patients per local gradient step
+    min_cohort: int = Field(5, ge=1)  # fewest patients any reply aggregates over
+    min_cell: int | None = Field(None, ge=1)  # fewest patients per released cell; None: min_cohort
+    exact_outcomes: bool = False  # allow exact event times, cells under min_cell and overlapping releases
+    time_bin_days: float = Field(7.0, gt=0)  # finest survival time bin the site releases
+    histogram_bins: int = Field(64, ge=2)  # most bins of any intensity or score histogram the site releases
+    columns: dict[str, ClinicalColumn] = Field(default_factory=lambda: dict(DEFAULT_COLUMNS))
+    radiomics_settings: tuple[str, ...] = ("default",)  # packaged settings names a study may choose
+    feature_tables: tuple[str, ...] = FEATURE_TABLES  # derived/ tables a study may name (read or written)
+
+    @property
+    def cell_floor(self) -> int:
+        """The smallest released cell: 1 where exact outcomes are allowed, else ``min_cell`` (or ``min_cohort``)."""
+        return 1 if self.exact_outcomes else (self.min_cell or self.min_cohort)
 
 
 class Scanner(BaseModel):

@@ -29,6 +29,7 @@ from common.outcomes_site import (
     time_bin,
 )
 from common.protocol import Payload
+from common.release_ledger import ReleaseLedger
 from common.sitedata import CLINICAL_COLUMNS, Site, read_clinical
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,18 @@ def feature_table(site: Site, study: StudyConfig) -> tuple[pd.DataFrame, str]:
     return frame[complete].astype(np.float64), path.name
 
 
+LEDGER_FILE = "release-ledger.json"
+
+
 def _policy_cohort(site: Site, **data: object) -> OutcomesCohort:
+    """A cohort limited by the site's policy: cells, time bins and, unless exact outcomes are allowed, the
+    site's release ledger (``derived/release-ledger.json``) against differencing across replies."""
     policy = site.config.policy
-    return OutcomesCohort(site.site_id, min_cohort=policy.min_cohort,
-                          min_cell=1 if policy.exact_outcomes else policy.min_cohort,
-                          exact=bool(policy.exact_outcomes), **data)  # type: ignore[arg-type]
+    ledger = None if policy.exact_outcomes else ReleaseLedger(site.site_id, work_dir(site) / LEDGER_FILE,
+                                                              policy.cell_floor)
+    return OutcomesCohort(site.site_id, min_cohort=policy.min_cohort, min_cell=policy.cell_floor,
+                          exact=bool(policy.exact_outcomes), ledger=ledger, time_floor=policy.time_bin_days,
+                          **data)  # type: ignore[arg-type]
 
 
 def kmeans_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
@@ -83,7 +91,7 @@ def kmeans_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
         log.info("site %s: cluster labels of %d patient(s) written to %s", site.site_id, labels.size, out_path)
 
     return _policy_cohort(site, features=frame.to_numpy(), feature_names=tuple(str(c) for c in frame.columns),
-                          source=source, label_sink=write_labels)
+                          source=source, label_sink=write_labels, ids=tuple(frame.index))
 
 
 def survival_data(site: Site, study: StudyConfig) -> pd.DataFrame:
@@ -109,7 +117,7 @@ def survival_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
     data = survival_data(site, study)
     cfg = study.outcomes
     return _policy_cohort(site, durations=data[cfg.duration_col].to_numpy(), events=data[cfg.event_col].to_numpy(),
-                          labels=data["cluster"].to_numpy(),
+                          labels=data["cluster"].to_numpy(), survival_ids=tuple(data.index),
                           survival_source=f"clinical.csv {cfg.duration_col}/{cfg.event_col}")
 
 

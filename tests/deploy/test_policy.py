@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client.apphash import directory_app_hash, fab_app_hash, installed_app_root
-from client.policy import check_request, record_refusal
+from client.guard import check_request, record_refusal
 from common.errors import PolicyError
 from common.sitedata import SiteConfig, SitePolicy, load_site_config
 

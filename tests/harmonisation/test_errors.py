@@ -122,7 +122,7 @@ def _write_features(site_dir, seed: int) -> pd.DataFrame:
 
 
 def test_site_step_enforces_min_cohort_and_names_missing_files(writable_sites) -> None:
-    from client.policy import check_request
+    from client.guard import check_request
     from client.steps import SITE_STEPS
     from common.config import StudyConfig
     from common.validation import load_site

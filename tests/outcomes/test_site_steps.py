@@ -55,19 +55,21 @@ def test_kmeans_keeps_labels_at_the_site_and_replies_only_aggregates(signature_s
     for site, path in zip(sites, signature_sites, strict=True):
         labels = pd.read_csv(path / "derived" / "clusters.csv", dtype={"patient_id": str})
         assert len(labels) == len(site.cases) and set(labels["cluster"]) <= {0, 1}
-        assert set(final[site.site_id]) == {"n", "inertia"}  # the labels themselves never leave
+        # the labels themselves never leave; under the default policy's release ledger the inertia only
+        # when the final partition may be released
+        assert set(final[site.site_id]) in ({"n", "inertia"}, {"n", "held"})
 
 
 def test_survival_table_binned_and_suppressed_by_policy(signature_sites: list[Path]) -> None:
     set_policy(signature_sites[0], min_cohort=4)
     sites = [load_site(p) for p in signature_sites]
     _cluster(sites)
-    payload = {"mode": "binned", "time_bin_days": 30.0}
+    payload = {"mode": "binned", "time_bin_days": 28.0}  # a multiple of the policy floor (7): used as it is
     replies = {s.site_id: _step(SURVIVAL_TABLE, s, payload) for s in sites}
     for site in sites:
         reply = replies[site.site_id]
         times = np.asarray(reply["times"])
-        assert np.allclose(times / 30.0, np.round(times / 30.0))
+        assert np.allclose(times / 28.0, np.round(times / 28.0))
         removed = np.asarray(reply["removed"])
         m = site.config.policy.min_cohort
         assert np.all((removed == 0) | (removed >= m)), site.site_id

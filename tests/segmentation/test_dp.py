@@ -126,7 +126,7 @@ def test_an_exhausted_budget_comes_back_through_the_clientapp_as_a_logged_policy
     from flwr.app import Context, Message, Metadata, RecordDict
 
     from client.app import encode, handle
-    from client.policy import REFUSAL_LOG
+    from client.guard import REFUSAL_LOG
     from client.steps import SITE_STEPS
     from common.protocol import ERROR_POLICY, STUDY_KEY
     from common.segmentation.networks import build_network, get_weights

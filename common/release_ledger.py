@@ -1,0 +1,123 @@
+"""The site's release ledger: which sets of patients it has released aggregates over, so that no two add up to few.
+
+A sum, count or event table over a set of patients is safe alone when the set is large; two of them over
+sets ``S`` and ``T`` give the aggregate over the patients in one and not the other. A curious server that
+chooses the groups (k-means centres, cluster labels, relabellings) can make ``S`` and ``T`` differ by one
+patient and read that patient's row. The ledger keeps, per *scope* (the columns an aggregate is over, e.g. a
+feature set or a survival outcome), every set of patients released so far, and allows a new release only if
+each of its sets ``S`` and each complement ``U - S`` (``U``, the cohort: its totals are released too) differs
+from every recorded set, the empty set and the whole cohort by either no patient or at least ``min_diff``.
+This covers the cell itself (``|S|``), its complement (total minus the other cells) and differencing
+against any earlier release; it does not bound combinations of three or more releases (see
+``policy release``/``noisy`` in the issue notes) -- a pairwise rule, as in statistical disclosure control.
+
+The file (``derived/release-ledger.json`` at a site; ``None`` keeps it in memory) holds, per scope, the
+released sets as sorted lists of salted hashes of patient ids, and the last answer released per scope and
+key (what a site answers again when a new one may not leave: :meth:`ReleaseLedger.last`). It never leaves
+the site. Writes are whole-file and atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import PolicyError
+
+FORMAT = "fedbiopsy-release-ledger/1"
+
+
+def digest_id(patient_id: str) -> str:
+    """A patient id as the ledger keeps it (a salted, truncated sha256)."""
+    return hashlib.sha256(f"fedbiopsy-release:{patient_id}".encode()).hexdigest()[:16]
+
+
+class ReleaseLedger:
+    """Released patient sets per scope, with the pairwise differencing rule of the module docstring."""
+
+    def __init__(self, site_id: str, path: Path | None, min_diff: int) -> None:
+        self.site_id = site_id
+        self.path = None if path is None else Path(path)
+        self.min_diff = int(min_diff)
+        self._sets: dict[str, list[frozenset[str]]] = {}
+        self._last: dict[str, Any] = {}
+        if self.path is not None and self.path.is_file():
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            self._sets = {scope: [frozenset(s) for s in sets] for scope, sets in raw.get("sets", {}).items()}
+            self._last = dict(raw.get("last", {}))
+
+    # ------------------------------------------------------------------------------------------ the rule
+
+    def conflict(self, scope: str, universe: Iterable[str], cells: Iterable[Iterable[str]]) -> int | None:
+        """The smallest nonzero difference under ``min_diff`` that releasing ``cells`` would make, else None."""
+        u = frozenset(digest_id(p) for p in universe)
+        new = [frozenset(digest_id(p) for p in cell) for cell in cells]
+        candidates = [*new, *(u - c for c in new)]
+        known = [frozenset(), u, *self._sets.get(scope, [])]
+        worst: int | None = None
+        for s in candidates:
+            for t in known:
+                d = len(s ^ t)
+                if 0 < d < self.min_diff and (worst is None or d < worst):
+                    worst = d
+        return worst
+
+    def releasable(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]]) -> bool:
+        """Whether ``cells`` (sets of patient ids within ``universe``) may be released now."""
+        return self.conflict(scope, universe, cells) is None
+
+    def release(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]]) -> None:
+        """Record ``cells`` and ``universe``; refused (rule ``release_ledger``) when they may not leave."""
+        cells = [list(c) for c in cells]
+        worst = self.conflict(scope, universe, cells)
+        if worst is not None:
+            raise PolicyError(self.site_id, "release_ledger",
+                              f"scope {scope}: a released set would differ from an earlier one by {worst} patient(s) "
+                              f"(< {self.min_diff})")
+        recorded = self._sets.setdefault(scope, [])
+        for cell in [list(universe), *cells]:
+            s = frozenset(digest_id(p) for p in cell)
+            if s and s not in recorded:
+                recorded.append(s)
+        self._save()
+
+    # ------------------------------------------------------------------------------------------ answers
+
+    def last(self, scope: str, key: str) -> Any:
+        """The last answer kept with :meth:`keep` for ``scope`` and ``key`` (None if none)."""
+        return self._last.get(f"{scope}|{key}")
+
+    def keep(self, scope: str, key: str, answer: dict[str, Any]) -> None:
+        """Keep a released answer (arrays as lists) to repeat it when a new one may not leave."""
+        self._last[f"{scope}|{key}"] = {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
+                                        for k, v in answer.items()}
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        data = {"format": FORMAT, "min_diff": self.min_diff,
+                "sets": {scope: [sorted(s) for s in sets] for scope, sets in self._sets.items()},
+                "last": self._last}
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def scope_of(kind: str, columns: Iterable[str]) -> str:
+    """A ledger scope: the kind of aggregate and a short hash of the columns it is over."""
+    names = sorted(str(c) for c in columns)
+    return f"{kind}:{hashlib.sha256(json.dumps(names).encode()).hexdigest()[:12]}"
+
+
+def partition(ids: Sequence[str], labels: np.ndarray) -> list[list[str]]:
+    """The patient ids of each label (in label order), the cells of a grouping."""
+    arr = np.asarray(labels)
+    return [[ids[i] for i in np.flatnonzero(arr == g)] for g in np.unique(arr)]

@@ -1,0 +1,164 @@
+"""The site guard's rules one by one (client/guard.py, common/release_ledger.py, the outcomes time floor).
+
+The attacks end to end, a curious ServerApp against the real ClientApp, are in ``test_redteam.py``; here each
+rule is checked against the request that breaks it and the honest request it must let through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.guard import RULES, check_reply, check_study, public_reason
+from common.config import StudyConfig
+from common.errors import PolicyError, ProtocolError, SiteDataError
+from common.kmeans import site_cluster_sums
+from common.outcomes_site import (
+    KMEANS_ASSIGN,
+    KMEANS_MOMENTS,
+    OUTCOMES_STEPS,
+    SURVIVAL_TABLE,
+    cohort_from_arrays,
+    time_bin,
+)
+from common.release_ledger import ReleaseLedger
+from common.sitedata import Case, Site, SiteConfig
+
+
+def _site(tmp_path: Path, n: int = 12) -> Site:
+    config = SiteConfig(site_id="site-x", scanner={"vendor": "V", "field_strength": 3.0})
+    cases = tuple(Case(f"P{i:03d}", {}, None, {"patient_id": f"P{i:03d}"}) for i in range(n))
+    return Site(tmp_path, config, cases)
+
+
+@pytest.mark.parametrize(("study", "rule"), [
+    ({"harmonisation": {"categorical": ["os_days"]}}, "allowed_columns"),  # an outcome as a covariate level
+    ({"harmonisation": {"continuous": ["sex"]}}, "allowed_columns"),  # the wrong kind
+    ({"harmonisation": {"batch": "patient_id"}}, "allowed_columns"),  # one batch per patient
+    ({"harmonisation": {"output_file": "release-ledger.json"}}, "allowed_names"),  # overwrite the site's ledger
+    ({"harmonisation": {"features_file": "clusters.csv"}}, "allowed_names"),
+    ({"classifier": {"fairness_attributes": ["age"]}}, "allowed_columns"),  # continuous: one level per patient
+    ({"classifier": {"label": "os_event"}}, "allowed_columns"),
+    ({"features": {"settings": "/srv/site/clinical.csv"}}, "allowed_names"),  # a path: never read
+    ({"features": {"settings": "../../clinical"}}, "allowed_names"),
+    ({"outcomes": {"duration_col": "age"}}, "allowed_columns"),
+])
+def test_study_fields_are_bound_by_the_site_policy(tmp_path: Path, study: dict, rule: str) -> None:
+    phase = next(iter(study)) if next(iter(study)) != "harmonisation" else "harmonisation"
+    with pytest.raises(PolicyError) as err:
+        check_study(_site(tmp_path), phase, StudyConfig(**study))
+    assert err.value.rule == rule and rule in RULES
+
+
+def test_the_default_study_passes_every_phase(tmp_path: Path) -> None:
+    study = StudyConfig(harmonisation={"batch": "scanner", "continuous": ["age"], "categorical": ["sex"]})
+    for phase in ("features", "harmonisation", "reduction", "classifier", "outcomes", "segmentation"):
+        check_study(_site(tmp_path), phase, study)
+
+
+def test_refusal_and_error_texts_carry_no_value(tmp_path: Path) -> None:
+    """What leaves is a fixed text per rule or kind of failure; the detail (values, ids, paths) does not."""
+    detail = "os_days=1011; patient P007 at /srv/site/clinical.csv"
+    for err in (PolicyError("site-x", "min_cell", detail), SiteDataError("/srv/site/clinical.csv", detail, "fix"),
+                ProtocolError("site-x", detail), ValueError(detail)):
+        text = public_reason(err)
+        assert "1011" not in text and "P007" not in text and "/srv" not in text and "ValueError" not in text
+    assert public_reason(PolicyError("site-y", "min_cell", detail), "site-x") == \
+        f"site 'site-x' refuses: policy rule 'min_cell': {RULES['min_cell']}"
+
+
+def test_a_reply_naming_a_patient_or_a_path_is_withheld(tmp_path: Path) -> None:
+    site = _site(tmp_path)
+    check_reply(site, {"n": 12, "features": ["T2w_mean", "P0"], "source": "features.csv"})
+    for reply in ({"failures": ["P003"]}, {"note": f"read {tmp_path}/clinical.csv"}, {"x": {"P011": 1}},
+                  {"ids": np.array(["P001"])}):
+        with pytest.raises(PolicyError, match="reply_check"):
+            check_reply(site, reply)
+
+
+def test_time_bins_are_multiples_of_the_site_floor() -> None:
+    """1e-6 days asked: the site's 7-day floor; 10 days asked: 14 -- so no two widths resolve finer than 7."""
+    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 1e-6}, 7.0) == 7.0
+    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 10.0}, 7.0) == 14.0
+    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 28.0}, 7.0) == 28.0
+    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 1e-6}, None) == 1e-6  # the unguarded width
+    with pytest.raises(PolicyError, match="exact_outcomes"):
+        time_bin("s", False, {"mode": "exact"}, 7.0)
+
+
+def test_release_ledger_pairwise_rule(tmp_path: Path) -> None:
+    ids = [f"P{i}" for i in range(12)]
+    ledger = ReleaseLedger("s", tmp_path / "ledger.json", min_diff=5)
+    ledger.release("f", ids, [ids[:6], ids[6:]])
+    assert ledger.releasable("f", ids, [ids[:6], ids[6:]])  # the same again: nothing new
+    assert not ledger.releasable("f", ids, [ids[:7], ids[7:]])  # one patient moved: differs by 1
+    assert not ledger.releasable("f", ids, [ids[:2], ids[2:]])  # a cell of 2 (and U minus it)
+    assert ledger.releasable("f", ids, [ids[:11:2], ids[1::2]])  # differs by 6 from every earlier set
+    assert ledger.releasable("g", ids, [ids[:7], ids[7:]])  # another scope (other columns)
+    with pytest.raises(PolicyError, match="release_ledger"):
+        ledger.release("f", ids, [ids[:7], ids[7:]])
+    again = ReleaseLedger("s", tmp_path / "ledger.json", min_diff=5)  # a restart reads what was released
+    assert not again.releasable("f", ids, [ids[:7], ids[7:]])
+    assert all(p not in (tmp_path / "ledger.json").read_text() for p in ids)  # ids are kept hashed
+
+
+def _sweep_attack(step: object, n: int, d: int, x_site: np.ndarray) -> int:
+    """The issue's k-means differencing: sweep one centre along feature 0, difference successive cluster sums;
+    returns the number of the site's rows recovered exactly."""
+    previous = None
+    recovered = 0
+    thresholds = np.concatenate([[x_site[:, 0].max() + 1.0], np.sort(x_site[:, 0])[::-1] - 1e-9])
+    for t in thresholds:  # a server would sweep a fine grid; these are the points of it where a cell changes
+        below, above = np.zeros(d), np.zeros(d)
+        below[0], above[0] = t - 1.0, t + 1.0  # the cells are the half-spaces x0 < t and x0 > t
+        reply = step(np.stack([below, above]))
+        sums, counts = np.asarray(reply["sums"])[1], float(np.asarray(reply["counts"])[1])
+        total_sum, total_n = x_site.sum(axis=0), float(n)
+        if counts == 0 and reply.get("suppressed"):  # a withheld cell: the total minus the other cell
+            sums, counts = total_sum - np.asarray(reply["sums"])[0], total_n - float(np.asarray(reply["counts"])[0])
+        if previous is not None and counts == previous[1] + 1:
+            row = sums - previous[0]
+            recovered += int(np.any(np.all(np.abs(x_site - row) < 1e-9, axis=1)))
+        previous = (sums, counts)
+    return recovered
+
+
+def test_kmeans_differencing_recovers_rows_without_the_ledger_and_none_with_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3))
+    ids = [f"P{i}" for i in range(12)]
+    mean, scale = np.zeros(3), np.ones(3)
+
+    def unguarded(centres: np.ndarray) -> dict:  # the site function as it was: cells under min_cell withheld
+        return site_cluster_sums("s", x, centres, min_cell=5, min_cohort=5)
+
+    cohort = cohort_from_arrays("s", features=x, min_cohort=5, min_cell=5)
+    cohort.ids, cohort.ledger = tuple(ids), ReleaseLedger("s", tmp_path / "ledger.json", 5)
+    OUTCOMES_STEPS[KMEANS_MOMENTS](cohort, {})
+
+    def guarded(centres: np.ndarray) -> dict:
+        return OUTCOMES_STEPS[KMEANS_ASSIGN](cohort, {"mean": mean, "scale": scale, "centres": centres})
+
+    assert _sweep_attack(unguarded, 12, 3, x) == 12  # every row, as the issue measured on the old site step
+    assert _sweep_attack(guarded, 12, 3, x) == 0
+
+
+def test_survival_relabelling_is_refused_by_the_ledger(tmp_path: Path) -> None:
+    """Two groupings that differ by one patient: the second table is refused, not differenced."""
+    rng = np.random.default_rng(1)
+    days, events = rng.integers(30, 2000, 20).astype(float), rng.integers(0, 2, 20)
+    ids = tuple(f"P{i}" for i in range(20))
+    groups = np.array([0] * 10 + [1] * 10)
+    cohort = cohort_from_arrays("s", durations=days, events=events, groups=groups, min_cohort=5, min_cell=5,
+                                exact=False)
+    cohort.survival_ids, cohort.ledger = ids, ReleaseLedger("s", tmp_path / "ledger.json", 5)
+    cohort.time_floor, cohort.survival_source = 7.0, "clinical.csv os_days/os_event"
+    request = {"mode": "binned", "time_bin_days": 7.0}
+    OUTCOMES_STEPS[SURVIVAL_TABLE](cohort, request)
+    cohort.labels = np.array([0] * 11 + [1] * 9)  # the server moved patient P10
+    with pytest.raises(PolicyError, match="release_ledger"):
+        OUTCOMES_STEPS[SURVIVAL_TABLE](cohort, request)
+    cohort.labels = np.array([0, 1] * 10)  # a different grouping that singles out no one: released
+    OUTCOMES_STEPS[SURVIVAL_TABLE](cohort, request)
