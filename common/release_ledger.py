@@ -120,4 +120,4 @@ def scope_of(kind: str, columns: Iterable[str]) -> str:
 def partition(ids: Sequence[str], labels: np.ndarray) -> list[list[str]]:
     """The patient ids of each label (in label order), the cells of a grouping."""
     arr = np.asarray(labels)
-    return [[ids[i] for i in np.flatnonzero(arr == g)] for g in np.unique(arr)]
+    return [[ids[int(i)] for i in np.flatnonzero(arr == g)] for g in np.unique(arr)]

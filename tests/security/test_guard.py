@@ -6,6 +6,7 @@ rule is checked against the request that breaks it and the honest request it mus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_release_ledger_pairwise_rule(tmp_path: Path) -> None:
     assert all(p not in (tmp_path / "ledger.json").read_text() for p in ids)  # ids are kept hashed
 
 
-def _sweep_attack(step: object, n: int, d: int, x_site: np.ndarray) -> int:
+def _sweep_attack(step: Callable[[np.ndarray], dict], n: int, d: int, x_site: np.ndarray) -> int:
     """The issue's k-means differencing: sweep one centre along feature 0, difference successive cluster sums;
     returns the number of the site's rows recovered exactly."""
     previous = None

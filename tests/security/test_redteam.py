@@ -1,0 +1,222 @@
+"""Red team (issue 14): a curious server runs each attack of the issue, once against the site steps as they
+were before the guard (:class:`tests.security.curious.UnguardedSites`: the attacks must recover patient
+values, so these tests can fail) and once through Flower's simulation engine against the real ClientApp (one
+simulation for every attack: each must be refused or recover nothing that identifies a patient).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.security import curious
+from tests.security.conftest import PATIENTS
+from tests.security.curious import SiteTruth, leaks, site_truth
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _attacks(site_dirs: list[Path]) -> dict[str, curious.Attack]:
+    return {
+        "kmeans_differencing": curious.attack_kmeans_differencing,
+        "survival_bin_width": curious.attack_survival_bin_width,
+        "group_relabelling": curious.attack_group_relabelling,
+        "refusal_texts": curious.attack_refusal_texts,
+        "file_read": curious.file_read_attack(site_dirs),
+    }
+
+
+@pytest.fixture(scope="module")
+def unguarded(copy_sites: Callable[[str], list[Path]], tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[list[Path], dict[str, object]]]:
+    """Every attack against the unguarded site steps (a copy of the sites), and their results."""
+    repo = str(Path(__file__).resolve().parents[2])
+    if shutil.which("git") is None or shutil.which("tar") is None or subprocess.run(
+            ["git", "-C", repo, "cat-file", "-e", f"{curious.UNGUARDED_COMMIT}^{{commit}}"],
+            capture_output=True).returncode != 0:
+        pytest.skip("the unguarded site is exported from git history (needs git, tar and a clone with history)")
+    sites = copy_sites("unguarded")
+    worker = curious.UnguardedSites(sites, tmp_path_factory.mktemp("unguarded-work"))
+    try:
+        results = {}
+        for name, attack in _attacks(sites).items():
+            results[name] = curious.jsonable(attack(worker.ask))
+        yield sites, results
+    finally:
+        worker.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(copy_sites: Callable[[str], list[Path]], tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[list[Path], dict[str, object]]:
+    """Every attack in one simulation against the real ClientApp (a fresh copy of the sites)."""
+    sites = copy_sites("guarded")
+    return sites, curious.run_attacks(sites, _attacks(sites), tmp_path_factory.mktemp("guarded-run"))
+
+
+def _truths(sites: list[Path]) -> dict[str, SiteTruth]:
+    return {t.site_id: t for t in (site_truth(p) for p in sites)}
+
+
+def _result(results: dict[str, object], name: str) -> dict:
+    result = results[name]
+    assert isinstance(result, dict)
+    assert "raised" not in result, result
+    return result
+
+
+# ============================================================================================ checks
+
+
+def rows_recovered(result: dict, truth: SiteTruth) -> int:
+    """Patients of the site whose whole feature row is among the attack's rows (within 1e-9, relative)."""
+    rows = np.asarray(result.get("recovered", {}).get(truth.site_id, []), dtype=np.float64)
+    if rows.size == 0:
+        return 0
+    table = truth.features[result["features"]].to_numpy(np.float64)
+    hit = [np.any(np.all(np.abs(rows - row) <= 1e-9 * np.maximum(1.0, np.abs(row)), axis=1)) for row in table]
+    return int(np.sum(hit))
+
+
+def exact_days(result: dict, truth: SiteTruth) -> int:
+    """Released times that are a patient's exact os_days (within 1e-5 day)."""
+    days = truth.clinical["os_days"].to_numpy(np.float64)
+    return sum(bool(np.any(np.abs(days - t) <= 1e-5)) for t in result.get("times", {}).get(truth.site_id, []))
+
+
+def quotes_row(text: str, truth: SiteTruth) -> bool:
+    """Whether ``text`` holds 16 consecutive characters of a patient row of the site's clinical.csv."""
+    lines = (truth.root / "clinical.csv").read_text().splitlines()[1:]
+    return any(line[i:i + 16] in text for line in lines for i in range(max(len(line) - 15, 1)))
+
+
+def _error_texts(answer: object) -> list[str]:
+    if isinstance(answer, dict):
+        own = [str(answer["error"])] if "error" in answer else []
+        return own + [t for v in answer.values() for t in _error_texts(v)]
+    return []
+
+
+# ============================================================================================ k-means differencing
+
+
+def test_kmeans_differencing_recovers_rows_without_the_guard(unguarded: tuple) -> None:
+    sites, results = unguarded
+    result = _result(results, "kmeans_differencing")
+    for truth in _truths(sites).values():
+        assert rows_recovered(result, truth) == PATIENTS  # the issue measured 12/12 on the old code
+
+
+def test_kmeans_differencing_fails_against_the_site(guarded: tuple) -> None:
+    sites, results = guarded
+    result = _result(results, "kmeans_differencing")
+    for truth in _truths(sites).values():
+        assert rows_recovered(result, truth) == 0
+    assert leaks(result, sites) == []
+
+
+# ============================================================================================ survival bin width
+
+
+def test_tiny_time_bins_release_exact_days_without_the_guard(unguarded: tuple) -> None:
+    sites, results = unguarded
+    result = _result(results, "survival_bin_width")
+    for truth in _truths(sites).values():
+        assert exact_days(result, truth) >= 2  # every released cell's time is its last patient's day
+
+
+def test_tiny_time_bins_fail_against_the_site(guarded: tuple) -> None:
+    sites, results = guarded
+    result = _result(results, "survival_bin_width")
+    for truth in _truths(sites).values():
+        assert exact_days(result, truth) == 0
+    assert leaks(result, sites) == []
+
+
+# ============================================================================================ group relabelling
+
+
+def _moved_patient(result: dict, truth: SiteTruth) -> str:
+    """The patient the attack moves: the site's highest value of the split feature."""
+    return str(truth.features[result["features"][0]].idxmax())
+
+
+def test_relabelling_one_patient_reveals_its_event_without_the_guard(unguarded: tuple) -> None:
+    sites, results = unguarded
+    result = _result(results, "group_relabelling")
+    for site_id, truth in _truths(sites).items():
+        found = result["sites"][site_id]
+        assert found["moved"] == 1
+        assert found["flag"] == int(truth.clinical.loc[_moved_patient(result, truth), "os_event"])
+
+
+def test_relabelling_one_patient_fails_against_the_site(guarded: tuple) -> None:
+    sites, results = guarded
+    result = _result(results, "group_relabelling")
+    policy_min = 5
+    assert all(found["moved"] >= policy_min for found in result["sites"].values()), result["sites"]
+    assert leaks(result, sites) == []
+
+
+# ============================================================================================ refusal texts
+
+
+def test_refusal_texts_carry_values_without_the_guard(unguarded: tuple) -> None:
+    sites, results = unguarded
+    result = _result(results, "refusal_texts")
+    assert any("os_days" in line for line in leaks(result["combat_summary"], sites))
+    assert any("age" in line for line in leaks(result["evaluate.classifier"], sites))
+    assert any("exception text" in line for line in leaks(result["kmeans_assign_malformed"], sites))
+
+
+def test_refusal_texts_carry_no_value_from_the_site(guarded: tuple) -> None:
+    sites, results = guarded
+    result = _result(results, "refusal_texts")
+    assert leaks(result, sites) == []
+    texts = _error_texts(result)
+    assert not [t for t in texts if "os_days=" in t or "age=" in t]
+    assert result["combat_summary"] and all(k.startswith("node-") for k in result["combat_summary"]), \
+        "ComBat on os_days as a categorical covariate must be refused"
+
+
+# ============================================================================================ file read
+
+
+def test_settings_path_reads_clinical_csv_without_the_guard(unguarded: tuple) -> None:
+    sites, results = unguarded
+    result = _result(results, "file_read")
+    truths = _truths(sites)
+    texts = _error_texts(result)
+    assert any(quotes_row(t, truth) for t in texts for truth in truths.values())
+    assert any("site path" in line for line in leaks(result, sites))
+
+
+def test_settings_path_is_refused_by_the_site(guarded: tuple) -> None:
+    sites, results = guarded
+    result = _result(results, "file_read")
+    truths = _truths(sites)
+    assert all(k.startswith("node-") for answer in result.values() for k in answer), "naming a path must be refused"
+    assert not [t for t in _error_texts(result) for truth in truths.values() if quotes_row(t, truth)]
+    assert leaks(result, sites) == []
+
+
+# ============================================================================================ the checker itself
+
+
+def test_leaks_finds_ids_paths_values_and_exception_text(redteam_sites: list[Path]) -> None:
+    truth = site_truth(redteam_sites[0])
+    pid = str(truth.clinical.index[3])
+    age = float(truth.clinical["age"].iloc[2])
+    cell = float(truth.features.iloc[1, 2])
+    answer = {"a": f"no mask for {pid}", "b": [1.0, age], "c": np.array([cell]),
+              "d": f"{truth.root}/derived", "e": "KeyError: 'x'", "f": f"level age={age:g}"}
+    found = leaks(answer, redteam_sites)
+    assert len(found) == 6, found
+    honest = {"n": PATIENTS, "mean": truth.features.mean().to_numpy(), "times": [7.0, 14.0, 350.0],
+              "error": "site refuses: policy rule 'min_cohort': pool fewer groups"}
+    assert leaks(honest, redteam_sites) == []
