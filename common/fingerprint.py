@@ -5,6 +5,14 @@ Site step: :func:`site_fingerprint` over the site's own cases (never more than a
 the statistic allows it (counts, means, standard deviations, extremes) and as a case-weighted mean of the
 sites' quantiles otherwise (medians and percentiles are not decomposable; nnU-Net's own planner is equally
 served by a weighted median of site medians).
+
+Privacy: with ``cell_floor`` 1 (the site's policy allows exact outcomes) the site sends the statistics as they
+are. Otherwise nothing it sends is one case's (or one voxel's) value: the percentiles must lie in
+:data:`PERCENTILE_RANGE` (0 and 100 are one voxel's intensity; rule ``percentiles``); a pooled voxel quantile
+is sent only where at least ``cell_floor`` cases have sampled voxels on each side of it, else the mean over
+cases of their own quantile; ``min_max`` is the mean over cases of each case's lowest and highest sampled
+intensity (not one voxel's); and the spacing and shape "medians" are the means of the middle ``cell_floor``
+cases (:func:`middle_mean`), an odd-count median being one case's value.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from common.protocol import Payload, Query
 from common.replies import reply_field
 
 FINGERPRINT = "fingerprint"  # the one round: each site measures its cases with masks
+PERCENTILE_RANGE = (0.5, 99.5)  # the intensity percentiles a site releases (outside: one voxel's value)
 
 
 @dataclass(frozen=True)
@@ -31,29 +40,75 @@ class CaseMeasure:
     foreground: Mapping[str, np.ndarray]  # sampled foreground voxel intensities per sequence
 
 
+def middle_mean(values: np.ndarray, k: int) -> np.ndarray:
+    """Per column, the mean of the middle ``k`` sorted values (all of them when fewer): a robust centre that is
+    not one case's value unless ``k`` cases share it. ``k`` 1 is the median of an odd count."""
+    v = np.sort(np.asarray(values, dtype=np.float64), axis=0)
+    n = v.shape[0]
+    m = min(n, max(k, 1 if n % 2 else 2))
+    start = (n - m) // 2
+    return np.asarray(v[start:start + m].mean(axis=0))
+
+
+def check_percentiles(site_id: str, percentiles: Sequence[float]) -> None:
+    """Refuse (rule ``percentiles``) intensity percentiles outside :data:`PERCENTILE_RANGE`."""
+    lo, hi = PERCENTILE_RANGE
+    outside = [float(p) for p in percentiles if not lo <= float(p) <= hi]
+    if outside:
+        raise PolicyError(site_id, "percentiles", f"intensity percentile(s) {outside} requested; the site releases "
+                          f"percentiles in [{lo}, {hi}] only (0 and 100 are single voxels)")
+
+
+def _released_quantiles(per_case: Sequence[np.ndarray], values: np.ndarray, percentiles: Sequence[float],
+                        floor: int) -> np.ndarray:
+    """Pooled quantiles where at least ``floor`` cases have samples on each side, else the mean per-case quantile."""
+    pooled = np.percentile(values, percentiles)
+    fallback = np.mean([np.percentile(v, percentiles) for v in per_case], axis=0)
+    lows = np.array([[v.min() <= q for q in pooled] for v in per_case]).sum(axis=0)
+    highs = np.array([[v.max() >= q for q in pooled] for v in per_case]).sum(axis=0)
+    ok = (lows >= floor) & (highs >= floor)
+    return np.where(ok, pooled, fallback)
+
+
 def site_fingerprint(site_id: str, cases: Sequence[CaseMeasure], sequences: Sequence[str],
-                     percentiles: Sequence[float], min_cohort: int) -> Payload:
-    """The site step: aggregates over ``cases``; refuses when fewer than ``min_cohort`` cases."""
+                     percentiles: Sequence[float], min_cohort: int, cell_floor: int = 1) -> Payload:
+    """The site step: aggregates over ``cases``; refuses when fewer than ``min_cohort`` cases.
+
+    ``cell_floor`` above 1 (the site's :attr:`~common.sitedata.SitePolicy.cell_floor`) makes every released
+    statistic one that no single case or voxel determines (see the module docstring).
+    """
     n = len(cases)
     if n < min_cohort:
         raise PolicyError(site_id, "min_cohort", f"{n} valid case(s) with masks, policy needs at least {min_cohort}")
+    guarded = cell_floor > 1
+    if guarded:
+        check_percentiles(site_id, percentiles)
     spacing = np.array([c.spacing for c in cases], dtype=np.float64)
     shape = np.array([c.shape for c in cases], dtype=np.float64)
+    centre = (lambda v: middle_mean(v, cell_floor)) if guarded else (lambda v: np.median(v, axis=0))
     out: Payload = {
         "n_cases": n,
         "spacing_sum": spacing.sum(axis=0),
-        "spacing_median": np.median(spacing, axis=0),
+        "spacing_median": centre(spacing),
         "shape_sum": shape.sum(axis=0),
-        "shape_median": np.median(shape, axis=0),
+        "shape_median": centre(shape),
         "percentiles": np.asarray(percentiles, dtype=np.float64),
     }
     for seq in sequences:
-        values = np.concatenate([np.asarray(c.foreground[seq], dtype=np.float64).ravel() for c in cases])
+        per_case = [np.asarray(c.foreground[seq], dtype=np.float64).ravel() for c in cases]
+        if guarded and any(v.size == 0 for v in per_case):
+            raise ProtocolError(site_id, f"a case has no {seq} foreground sample", "validate the site's masks")
+        values = np.concatenate(per_case)
         out[f"{seq}/n"] = int(values.size)
         out[f"{seq}/sum"] = np.array([values.sum()])
         out[f"{seq}/sumsq"] = np.array([np.square(values).sum()])
-        out[f"{seq}/min_max"] = np.array([values.min(), values.max()])
-        out[f"{seq}/quantiles"] = np.percentile(values, percentiles)
+        if guarded:
+            out[f"{seq}/min_max"] = np.array([np.mean([v.min() for v in per_case]),
+                                              np.mean([v.max() for v in per_case])])
+            out[f"{seq}/quantiles"] = _released_quantiles(per_case, values, percentiles, cell_floor)
+        else:
+            out[f"{seq}/min_max"] = np.array([values.min(), values.max()])
+            out[f"{seq}/quantiles"] = np.percentile(values, percentiles)
     return out
 
 

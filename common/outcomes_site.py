@@ -42,7 +42,14 @@ from common.kmeans import assign_labels, inertia, site_cluster_sums, site_local_
 from common.pooled_moments import check_matrix, require_cohort, site_moments
 from common.protocol import Payload, SiteFunction
 from common.release_ledger import ReleaseLedger, digest_id, partition, scope_of
-from common.survival import EXACT, Released, released_data, survival_table_payload
+from common.survival import (
+    EXACT,
+    NoisyRelease,
+    Released,
+    noisy_table_payload,
+    released_data,
+    survival_table_payload,
+)
 
 KMEANS_MOMENTS, KMEANS_LOCAL_CENTRES, KMEANS_ASSIGN, KMEANS_LABELS = (
     "kmeans_moments", "kmeans_local_centres", "kmeans_assign", "kmeans_labels")
@@ -78,6 +85,7 @@ class OutcomesCohort:
     survival_ids: tuple[str, ...] = ()  # patient ids of the survival rows
     ledger: ReleaseLedger | None = None  # None: no differencing rule (exact policy, in-memory parity tests)
     time_floor: float | None = None  # the finest time bin the site releases; coarser requests are multiples
+    noisy: NoisyRelease | None = None  # set: event tables leave with calibrated noise (no merging, no ledger)
 
     def keep_labels(self, labels: np.ndarray) -> None:
         """Keep the patients' cluster labels here (and in :attr:`label_sink`)."""
@@ -299,9 +307,15 @@ def site_kmeans_labels(cohort: OutcomesCohort, request: Mapping[str, object]) ->
 
 def site_event_table(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """The per-group event table of the released data (see :func:`common.survival.site_survival_table`)."""
-    rel = released(cohort, request)
-    return survival_table_payload(rel, time_bin(cohort.site_id, cohort.exact, request, cohort.time_floor),
-                                  cohort.min_cell)
+    width = time_bin(cohort.site_id, cohort.exact, request, cohort.time_floor)
+    if cohort.noisy is not None and width is not None:
+        if cohort.durations is None or cohort.events is None:
+            raise ProtocolError(cohort.site_id, "no survival data (durations and events)",
+                                "give the site its patients' durations and event flags")
+        groups = np.zeros(cohort.durations.size, np.int64) if cohort.labels is None else cohort.labels
+        return noisy_table_payload(cohort.site_id, cohort.durations, cohort.events, groups, width, cohort.noisy,
+                                   cohort.min_cohort)
+    return survival_table_payload(released(cohort, request), width, cohort.min_cell)
 
 
 def site_cox_moments(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:

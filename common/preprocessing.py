@@ -29,6 +29,7 @@ from common.hashing import canonical_json, sha256_text
 from common.nyul import aggregate_nyul
 from common.plan import PreprocessingPlan, build_plan
 from common.protocol import Payload, Query
+from common.segmentation.inference import read_count
 
 log = logging.getLogger(__name__)
 NYUL_LANDMARKS, PLAN, APPLY = "nyul_landmarks", "preprocessing_plan", "preprocessing_apply"
@@ -88,7 +89,7 @@ class PreprocessingEffect:
         """Cases and failures per site, and the spread per sequence (JSON-ready)."""
         return {
             "cases_per_site": {s: int(r["n_cases"]) for s, r in self.replies.items()},  # type: ignore[call-overload]
-            "failed_per_site": {s: int(r["n_failed"]) for s, r in self.replies.items()},  # type: ignore[call-overload]
+            "failed_per_site": {s: read_count(s, r["n_failed"]) for s, r in self.replies.items()},
             "spread": self.spread,
         }
 

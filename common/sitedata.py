@@ -73,6 +73,8 @@ class SitePolicy(BaseModel):
     min_cell: int | None = Field(None, ge=1)  # fewest patients per released cell; None: min_cohort
     exact_outcomes: bool = False  # allow exact event times, cells under min_cell and overlapping releases
     time_bin_days: float = Field(7.0, gt=0)  # finest survival time bin the site releases
+    noise_epsilon: float | None = Field(None, gt=0)  # set: survival tables leave with Gaussian noise of this epsilon
+    time_horizon_days: float = Field(3650.0, gt=0)  # a noisy table's fixed time grid ends here (later: censored)
     histogram_bins: int = Field(64, ge=2)  # most bins of any intensity or score histogram the site releases
     columns: dict[str, ClinicalColumn] = Field(default_factory=lambda: dict(DEFAULT_COLUMNS))
     radiomics_settings: tuple[str, ...] = ("default",)  # packaged settings names a study may choose

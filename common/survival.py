@@ -26,7 +26,7 @@ The round over a site's cohort is in :mod:`common.outcomes_site`, the driver is
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,11 +232,68 @@ def survival_table_payload(rel: Released, time_bin_days: float | None, min_cell:
     }
 
 
+@dataclass(frozen=True)
+class NoisyRelease:
+    """How a site adds noise to its event table: the Gaussian mechanism on a fixed, coarse time grid.
+
+    One patient adds 1 to one ``removed`` cell and at most 1 to the same ``observed`` cell (L2 sensitivity
+    sqrt(2)); every cell of the grid of every group gets ``N(0, (sigma sqrt 2)^2)``, ``sigma`` the noise
+    multiplier Opacus' accountant gives for the site's epsilon at its delta. The grid (``bins`` cells up to
+    ``horizon_days``, each a multiple of the bin width) does not depend on the data, so the times a site has
+    patients at stay hidden, and is coarse because every cell pays the same noise. The noisy counts leave as
+    they are (unbiased); the server sums the sites' and makes the pooled table consistent
+    (:func:`consistent_counts`), which is post-processing. ``charge`` books the release in the site's privacy
+    ledger before anything leaves.
+    """
+
+    noise_multiplier: float
+    horizon_days: float
+    charge: Callable[[], None]
+    rng: np.random.Generator
+    bins: int = 12
+
+
+def noisy_table_payload(site_id: str, durations: Any, events: Any, groups: Any, time_bin_days: float,
+                        noisy: NoisyRelease, min_cohort: int = 1) -> Payload:
+    """The site step in noisy mode: the event table on a fixed grid, with calibrated Gaussian noise."""
+    t, e, g = check_survival_data(site_id, durations, events, groups)
+    require_cohort(site_id, t.size, min_cohort)
+    width = time_bin_days * max(1.0, np.ceil(noisy.horizon_days / noisy.bins / time_bin_days - 1e-9))
+    horizon = width * noisy.bins
+    late = t > horizon
+    t, e = np.where(late, horizon, t), np.where(late, 0, e)  # followed beyond the grid: censored at its end
+    grid = width * np.arange(1, noisy.bins + 1, dtype=np.float64)
+    labels = tuple(_sorted_labels(np.unique(g)))
+    pos = np.clip(np.searchsorted(grid, t, side="left"), 0, grid.size - 1)  # bin (k-1)w < t <= kw
+    removed = np.zeros((len(labels), grid.size))
+    observed = np.zeros((len(labels), grid.size))
+    for j, label in enumerate(labels):
+        sel = g == label
+        removed[j] = np.bincount(pos[sel], minlength=grid.size)
+        observed[j] = np.bincount(pos[sel], weights=e[sel].astype(np.float64), minlength=grid.size)
+    noisy.charge()
+    sd = noisy.noise_multiplier * np.sqrt(2.0)
+    return {"mode": BINNED, "time_bin_days": float(width), "min_cell": 1, "noise_sd": float(sd),
+            "group_labels": [_plain(x) for x in labels], "times": grid,
+            "removed": removed + noisy.rng.normal(0.0, sd, removed.shape),
+            "observed": observed + noisy.rng.normal(0.0, sd, observed.shape),
+            "suppressed_groups": [], "n": float(removed.sum() + noisy.rng.normal(0.0, sd))}
+
+
+def consistent_counts(table: SurvivalTable) -> SurvivalTable:
+    """A pooled noisy table made a table of counts: removed rounded and >= 0, 0 <= observed <= removed."""
+    removed = np.maximum(np.round(table.removed), 0.0)
+    observed = np.clip(np.round(table.observed), 0.0, removed)
+    used = removed.sum(axis=0) > 0  # a time nobody leaves at is no time of the table
+    return SurvivalTable(table.groups, table.times[used], removed[:, used], observed[:, used])
+
+
 def merge_survival_tables(replies: Mapping[str, Mapping[str, object]]) -> SurvivalTable:
     """The server step: the pooled event table, after checking every reply."""
     if not replies:
         raise ProtocolError("(none)", "no site sent a survival table")
-    parsed = {site: _parse_table(site, replies[site]) for site in sorted(replies)}
+    noisy = any(float(replies[site].get("noise_sd", 0.0)) > 0 for site in replies)  # type: ignore[arg-type]
+    parsed = {site: _parse_table(site, replies[site], noisy) for site in sorted(replies)}
     modes = {site: (str(replies[site].get("mode")), float(replies[site].get("time_bin_days", 0.0)))  # type: ignore[arg-type]
              for site in parsed}
     first = next(iter(modes))
@@ -254,10 +311,11 @@ def merge_survival_tables(replies: Mapping[str, Mapping[str, object]]) -> Surviv
             row = labels.index(label)
             removed[row, cols] += tab.removed[j]
             observed[row, cols] += tab.observed[j]
-    return SurvivalTable(labels, times, removed, observed)
+    pooled = SurvivalTable(labels, times, removed, observed)
+    return consistent_counts(pooled) if noisy else pooled
 
 
-def _parse_table(site: str, reply: Mapping[str, object]) -> SurvivalTable:
+def _parse_table(site: str, reply: Mapping[str, object], noisy: bool = False) -> SurvivalTable:
     try:
         groups = tuple(_plain(x) for x in reply["group_labels"])  # type: ignore[attr-defined]
         times = np.atleast_1d(np.asarray(reply["times"], dtype=np.float64))
@@ -272,8 +330,10 @@ def _parse_table(site: str, reply: Mapping[str, object]) -> SurvivalTable:
         problems.append(f"counts of shape {removed.shape}/{observed.shape}, expected {shape}")
     elif not (np.all(np.isfinite(times)) and np.all(times >= 0) and np.all(np.diff(times) > 0)):
         problems.append("times are not sorted distinct non-negative numbers")
-    elif np.any(removed < 0) or np.any(observed < 0) or np.any(observed > removed) \
-            or np.any(removed != np.round(removed)) or np.any(observed != np.round(observed)):
+    elif noisy and not (np.all(np.isfinite(removed)) and np.all(np.isfinite(observed))):
+        problems.append("noisy counts are not finite")
+    elif not noisy and (np.any(removed < 0) or np.any(observed < 0) or np.any(observed > removed)
+                        or np.any(removed != np.round(removed)) or np.any(observed != np.round(observed))):
         problems.append("counts are not integers with 0 <= events <= patients leaving")
     elif len(set(groups)) != len(groups):
         problems.append("group labels repeat")

@@ -34,7 +34,7 @@ import pandas as pd
 
 from common.config import StudyConfig
 from common.protocol import Payload
-from common.sitedata import Site
+from common.sitedata import Site, SitePolicy
 
 log = logging.getLogger(__name__)
 CONDITION_LABELS = {"none": "no harmonisation", "image": "image standardisation", "combat": "federated ComBat",
@@ -164,7 +164,10 @@ def run_harmonisation_experiment(study: StudyConfig, out: Path, site_dirs: Seque
         if cond in ("combat", "both"):
             feats = federated_combat(feats, eb=e.combat_eb, parametric=e.combat_parametric)
         arrays = feature_site_arrays(feats, labels, study.classifier, clinical, attributes)
-        query = InMemoryQuery(memory_sites(arrays, study.classifier, min_cohort=min_cohort), CLASSIFIER_STEPS)
+        # synthetic sites: the experiment measures the harmonisation effect on exact (uncoarsened) evaluations
+        exact = SitePolicy(min_cohort=min_cohort, exact_outcomes=True)
+        query = InMemoryQuery(memory_sites(arrays, study.classifier, min_cohort=min_cohort, policy=exact),
+                              CLASSIFIER_STEPS)
         run = run_classifier(query, e.model, study.classifier)
         summaries[cond] = run.summary
         rows += _rows(cond, run.summary)

@@ -25,6 +25,7 @@ from common.classifier.protocol import EVALUATE, MOMENTS, TRAIN
 from common.classifier.training import site_feature_moments
 from common.config import ClassifierConfig
 from common.protocol import Payload, SiteFunction
+from common.sitedata import SitePolicy
 
 
 @dataclass
@@ -54,13 +55,16 @@ class ClassifierSite:
     overlay_dir: Path | None = None  # Grad-CAM overlays of the image model
     study_hash: str = "inprocess"
     dp_state: dict | None = None
+    policy: SitePolicy | None = None  # bounds the evaluation reply; None: the default policy at min_cohort
 
 
 def memory_sites(arrays: Mapping[str, SiteArrays], cfg: ClassifierConfig, *, min_cohort: int = 5,
-                 max_epsilon: float = math.inf, overlay_dir: Path | None = None) -> dict[str, ClassifierSite]:
-    """Fresh site states over ``arrays`` (empty DP ledgers); overlays go to ``overlay_dir/<site>``."""
+                 max_epsilon: float = math.inf, overlay_dir: Path | None = None,
+                 policy: SitePolicy | None = None) -> dict[str, ClassifierSite]:
+    """Fresh site states over ``arrays`` (empty DP ledgers); overlays go to ``overlay_dir/<site>``; ``policy``
+    bounds their evaluation replies (None: the default policy at ``min_cohort``)."""
     return {s: ClassifierSite(s, a, cfg, min_cohort, max_epsilon,
-                              (Path(overlay_dir) / s) if overlay_dir is not None else None)
+                              (Path(overlay_dir) / s) if overlay_dir is not None else None, policy=policy)
             for s, a in arrays.items()}
 
 
@@ -107,7 +111,7 @@ def evaluate_site(site: ClassifierSite, payload: Payload) -> Payload:
     d = site.data
     reply = evaluate_reply(site.site_id, payload, d.x_test, d.y_test, site.cfg, min_cohort=site.min_cohort,
                            strata=d.strata, masks=d.masks_test, overlay_dir=site.overlay_dir,
-                           case_ids=d.test_ids or None)
+                           case_ids=d.test_ids or None, policy=site.policy)
     reply.update({k: str(v) for k, v in d.attributes.items()})
     return reply
 

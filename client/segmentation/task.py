@@ -6,6 +6,7 @@ centralised baseline and the tests call them directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from client.segmentation.evaluation import evaluate_volumes
 from client.segmentation.local import StepSettings, run_local_steps
 from client.steps.base import work_dir
 from client.training.device import pick_device, set_threads
-from client.training.dp import plan_round
+from client.training.dp import check_training_policy, plan_round
 from common.config import StudyConfig
 from common.errors import PolicyError
 from common.hashing import derive_seed
@@ -57,46 +58,63 @@ class TrainOutcome:
 def train_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], global_weights: Mapping[str, np.ndarray],
                 server_round: int, proximal_mu: float = 0.0, dp_state: dict | None = None,
                 device: Any = None) -> TrainOutcome:
-    """Load the global weights, run the round's local steps on the training cases, return the new weights."""
+    """Load the global weights, run the round's local steps on the training cases, return the new weights.
+
+    Before any data is loaded the study's settings are held to the site's policy
+    (:func:`client.training.dp.check_training_policy`: DP required, distinct patients per step from the plan's
+    ``batch_size``, DP delta) and, with DP, the round is reserved in the site's lifetime privacy ledger
+    (:mod:`client.privacy_ledger`, refused past ``max_epsilon`` at the site's ``max_delta``); it is charged only
+    when the local steps succeed. ``dp_state`` fixes the noise multiplier of the study across rounds.
+    """
     import torch
 
+    from client.privacy_ledger import Mechanism, SiteBudget
+
     cfg = study.segmentation
+    policy = site.config.policy
     set_threads(cfg.threads)
     counts = site_cohort(site, study)
     train_cases, _ = split_cases(site.cases, cfg.holdout_fraction, cfg.seed)
-    batch = int(plan["batch_size"])
+    batch = int(plan["batch_size"])  # what the local steps use (the server's plan)
+    check_training_policy(site.site_id, policy, cfg.dp, batch_size=batch, n_train=counts["n_train"],
+                          what="segmentation training")
     dp = None
+    budget = SiteBudget(site.site_id, site.root, policy, study.hash, "segmentation", cfg.network, cfg.dp.accountant)
+    reservation: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if cfg.dp.enabled:
-        dp = plan_round(site.site_id, dp_state, study.hash, target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta,
-                        max_grad_norm=cfg.dp.max_grad_norm, accountant=cfg.dp.accountant,
-                        noise_multiplier=cfg.dp.noise_multiplier, n_train=counts["n_train"], batch_size=batch,
-                        total_steps=cfg.rounds * cfg.local_steps, round_steps=cfg.local_steps,
-                        max_epsilon=site.config.policy.max_epsilon)
+        dp = plan_round(site.site_id, dp_state, study.hash, target_epsilon=cfg.dp.target_epsilon,
+                        delta=policy.max_delta, noise_delta=cfg.dp.delta, max_grad_norm=cfg.dp.max_grad_norm,
+                        accountant=cfg.dp.accountant, noise_multiplier=cfg.dp.noise_multiplier,
+                        n_train=counts["n_train"], batch_size=batch, total_steps=cfg.rounds * cfg.local_steps,
+                        round_steps=cfg.local_steps, max_epsilon=policy.max_epsilon)
+        reservation = budget.reserve(Mechanism(dp.noise_multiplier, dp.sample_rate, cfg.local_steps), server_round)
     t0 = time.perf_counter()
-    device = device or pick_device()
-    seed = derive_seed(cfg.seed, site.site_id, server_round)
-    volumes = [load_volume(c, plan["sequences"]) for c in train_cases]
-    sampler = PatchSampler(volumes, plan["patch_size"], cfg.foreground_ratio, cfg.augment, seed)
-    net = build_network(plan)
-    set_weights(net, global_weights, site.site_id)
-    anchors = {k: torch.from_numpy(np.asarray(v)) for k, v in global_weights.items()} if proximal_mu > 0 else None
-    settings = StepSettings(steps=cfg.local_steps, batch_size=batch, num_classes=int(plan["num_classes"]),
-                            optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, amp=cfg.amp,
-                            proximal_mu=proximal_mu, seed=seed, schedule=cfg.lr_schedule,
-                            step_offset=max(0, server_round - 1) * cfg.local_steps,
-                            total_steps=cfg.rounds * cfg.local_steps)
-    stats = run_local_steps(net, sampler, settings, device, global_params=anchors, dp=dp)
+    with reservation:  # refuses here, before any data is read, when the round would pass the site's budget
+        device = device or pick_device()
+        seed = derive_seed(cfg.seed, site.site_id, server_round)
+        volumes = [load_volume(c, plan["sequences"]) for c in train_cases]
+        sampler = PatchSampler(volumes, plan["patch_size"], cfg.foreground_ratio, cfg.augment, seed)
+        net = build_network(plan)
+        set_weights(net, global_weights, site.site_id)
+        anchors = {k: torch.from_numpy(np.asarray(v)) for k, v in global_weights.items()} if proximal_mu > 0 else None
+        settings = StepSettings(steps=cfg.local_steps, batch_size=batch, num_classes=int(plan["num_classes"]),
+                                optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, amp=cfg.amp,
+                                proximal_mu=proximal_mu, seed=seed, schedule=cfg.lr_schedule,
+                                step_offset=max(0, server_round - 1) * cfg.local_steps,
+                                total_steps=cfg.rounds * cfg.local_steps)
+        stats = run_local_steps(net, sampler, settings, device, global_params=anchors, dp=dp)
     weights = get_weights(net)
     metrics: dict[str, float] = {
         "num-examples": counts["n_train"], **stats, "seconds": time.perf_counter() - t0,
         "update-norm": update_norm(weights, global_weights),
         "dp": 1.0 if dp is not None else 0.0,
-        "epsilon": dp.epsilon if dp is not None else 0.0,
-        "delta": dp.delta if dp is not None else 0.0,
+        "epsilon": budget.study_epsilon() if dp is not None else 0.0,  # the study's, at the site's delta
+        "delta": policy.max_delta if dp is not None else 0.0,
         "noise-multiplier": dp.noise_multiplier if dp is not None else 0.0,
     }
     log.info("site %s round %d: loss %.4f in %.1fs%s", site.site_id, server_round, stats["train-loss"],
-             metrics["seconds"], f", epsilon {metrics['epsilon']:.3f}" if dp is not None else "")
+             metrics["seconds"], f", epsilon {metrics['epsilon']:.3f} (site lifetime "
+             f"{budget.lifetime_epsilon():.3f} of {policy.max_epsilon:g})" if dp is not None else "")
     return TrainOutcome(weights, metrics, dp.state(study.hash) if dp is not None else dp_state)
 
 

@@ -9,10 +9,12 @@
 
 The driver is :func:`common.classifier.protocol.run_classifier`; the replies come from the same functions
 as the in-memory sites' (:mod:`client.classifier.site`). The ClientApp sends ``train.classifier`` and
-``evaluate.classifier`` as Flower train / evaluate messages. The DP ledger is a file in the site's
-``derived/classifier/`` folder, so it survives a SuperNode restart; it is shared by all the study's models, so
-the epsilon a site reports (and its policy's ``max_epsilon``) is the total over them. Every step runs over the
-cases with a tumour mask (:func:`with_tumour`).
+``evaluate.classifier`` as Flower train / evaluate messages. A private round is charged to the site's lifetime
+privacy ledger ``derived/privacy-ledger.json`` (:mod:`client.privacy_ledger`), shared by every model, study and
+phase, so the site's policy's ``max_epsilon`` bounds the total; the epsilon a site reports is what the study has
+spent there (all its models), at the site's ``max_delta``. Each model's accountant state (its fixed noise
+multiplier) is ``derived/classifier/dp-state-<study hash>-<model>.json``; both survive a SuperNode restart. Every
+step runs over the cases with a tumour mask (:func:`with_tumour`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import pandas as pd
 
 from client.classifier.data import SplitData, site_split, tumour_crops
 from client.classifier.features import site_feature_table, standardised_images
-from client.classifier.site import evaluate_reply, train_reply
+from client.classifier.site import evaluate_reply, local_settings, train_reply
+from client.privacy_ledger import SiteBudget
 from client.steps.base import SiteStep, work_dir
 from client.steps.inference import with_predicted_masks
-from client.training.dp import read_ledger, write_ledger
+from client.training.dp import check_training_policy, read_ledger, write_ledger
 from common.classifier.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
 from common.classifier.training import site_feature_moments
 from common.config import StudyConfig
@@ -46,7 +49,7 @@ PHASE = "classifier"
 
 
 def classifier_dir(site: Site) -> Path:
-    """The site's folder for the classifier's local files (feature cache, DP ledger, Grad-CAM overlays)."""
+    """The site's folder for the classifier's local files (feature cache, DP state, Grad-CAM overlays)."""
     path = work_dir(site) / "classifier"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -136,22 +139,35 @@ def _inputs(site: Site, study: StudyConfig, payload: Payload, split: SplitData, 
     return frame.loc[ids, names].to_numpy(np.float64), y, None, ids
 
 
-def _ledger(site: Site, study: StudyConfig) -> Path:
-    """The site's DP ledger for the study: one for every model trained on its patients (their epsilons compose)."""
-    return classifier_dir(site) / f"dp-ledger-{study.hash[:16]}.json"
+def _dp_state_path(site: Site, study: StudyConfig, model: str) -> Path:
+    """The DP accountant state of one model of the study at the site (its fixed noise multiplier and history);
+    what the site has spent over every model, study and phase is its lifetime ledger (:mod:`client.privacy_ledger`)."""
+    if model not in ("logistic", "mlp", "image"):
+        raise ProtocolError(site.site_id, f"unknown classifier model {model[:32]!r}", "use logistic, mlp or image")
+    return classifier_dir(site) / f"dp-state-{study.hash[:16]}-{model}.json"
 
 
 def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
-    """One round of local training from the global weights; the reply holds weights and counts only."""
+    """One round of local training from the global weights; the reply holds weights and counts only.
+
+    The study's training settings are held to the site's policy before any feature or crop is computed, and a
+    private round is charged to the site's lifetime privacy ledger (refused past ``max_epsilon``).
+    """
+    policy = site.config.policy
     split = site_split(site, study)
+    kind = str(payload["model"])
+    cfg = study.classifier
+    state_path = _dp_state_path(site, study, kind)
+    check_training_policy(site.site_id, policy, cfg.dp, batch_size=local_settings(kind, cfg, 0).batch_size,
+                          n_train=len(split.train), what=f"classifier training ({kind})")
+    budget = SiteBudget(site.site_id, site.root, policy, study.hash, "classifier", kind, cfg.dp.accountant)
     x, y, _, _ = _inputs(site, study, payload, split, "train")
-    ledger = _ledger(site, study)
-    dp_state = read_ledger(ledger)
-    reply, dp_state = train_reply(site.site_id, payload, x, y, study.classifier,
-                                  min_cohort=site.config.policy.min_cohort, max_epsilon=site.config.policy.max_epsilon,
-                                  dp_state=dp_state, study_hash=study.hash)
-    if dp_state is not None:
-        write_ledger(ledger, dp_state)
+    dp_state = read_ledger(state_path) if cfg.dp.enabled else None
+    reply, dp_state = train_reply(site.site_id, payload, x, y, cfg, min_cohort=policy.min_cohort,
+                                  max_epsilon=policy.max_epsilon, dp_state=dp_state, study_hash=study.hash,
+                                  budget=budget)
+    if dp_state is not None and cfg.dp.enabled:
+        write_ledger(state_path, dp_state)
     return reply
 
 
@@ -164,7 +180,7 @@ def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
               if a in split.clinical.columns}
     overlay = classifier_dir(site) / f"gradcam-{study.hash[:12]}" if kind == "image" else None
     reply = evaluate_reply(site.site_id, payload, x, y, study.classifier, min_cohort=site.config.policy.min_cohort,
-                           strata=strata, masks=masks, overlay_dir=overlay, case_ids=ids)
+                           strata=strata, masks=masks, overlay_dir=overlay, case_ids=ids, policy=site.config.policy)
     reply["vendor"] = site.config.scanner.vendor
     reply["field_strength"] = f"{site.config.scanner.field_strength:g}T"
     return reply

@@ -32,7 +32,8 @@ def manifest_hash(site: Site) -> str:
 
 
 def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
-    """Measure the site's cases with masks and return the fingerprint aggregates."""
+    """Measure the site's cases with masks and return the fingerprint aggregates, bounded by the site's policy
+    (:func:`common.fingerprint.site_fingerprint` with its ``cell_floor``)."""
     cfg = study.fingerprint
     measures = []
     for case in site.cases:
@@ -45,7 +46,8 @@ def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payloa
         fg = {seq: sitk.GetArrayFromImage(read_image(case.images[seq])).ravel()[take] for seq in study.sequences}
         ref = read_image(case.images[study.reference_sequence])
         measures.append(CaseMeasure(tuple(ref.GetSpacing()), tuple(ref.GetSize()), fg))
-    out = site_fingerprint(site.site_id, measures, study.sequences, cfg.percentiles, site.config.policy.min_cohort)
+    out = site_fingerprint(site.site_id, measures, study.sequences, cfg.percentiles, site.config.policy.min_cohort,
+                           site.config.policy.cell_floor)
     out["field_strength"] = site.config.scanner.field_strength
     out["vendor"] = site.config.scanner.vendor
     out["manifest_hash"] = manifest_hash(site)

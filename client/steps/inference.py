@@ -4,7 +4,7 @@ The round is :func:`common.segmentation.inference.run_inference`'s: the server s
 weights and plan; the site predicts a tumour mask for every valid case that has none (sliding-window
 inference, largest connected component) and writes it to ``derived/predicted_masks/<patient_id>.nii.gz`` on
 the reference sequence's grid. The features phase then uses these masks for those cases. Only the count of
-segmented cases goes back.
+segmented cases goes back (each count 0 or at least the policy's ``cell_floor``, else ``"<k"``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from client.steps.base import SiteStep, work_dir
 from common.config import StudyConfig
 from common.imageio import read_image, write_image
 from common.protocol import Payload, unpack_weights
-from common.segmentation.inference import SEGMENT
+from common.segmentation.inference import SEGMENT, small_count
 from common.segmentation.protocol import PLAN_KEY
 from common.sitedata import Case, Site
 
@@ -89,7 +89,8 @@ def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) ->
         segmented += 1
     log.info("site %s: segmented %d case(s) without masks into %s (%d empty)", site.site_id, segmented, out_dir,
              empty)
-    return {"n_segmented": segmented, "n_empty": empty}
+    floor = site.config.policy.cell_floor  # counts about named cases: 0 or >= cell_floor, else "<cell_floor"
+    return {**small_count("n_segmented", segmented, floor), **small_count("n_empty", empty, floor)}
 
 
 STEPS: dict[str, SiteStep] = {SEGMENT: SiteStep("segmentation", segment_unlabelled_step)}

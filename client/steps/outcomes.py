@@ -18,7 +18,9 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from client.privacy_ledger import charge_gaussian
 from client.steps.base import SiteStep, work_dir
+from client.training.dp import noise_multiplier_for
 from common.config import StudyConfig
 from common.errors import SiteDataError
 from common.outcomes_site import (
@@ -31,6 +33,7 @@ from common.outcomes_site import (
 from common.protocol import Payload
 from common.release_ledger import ReleaseLedger
 from common.sitedata import CLINICAL_COLUMNS, Site, read_clinical
+from common.survival import NoisyRelease
 
 log = logging.getLogger(__name__)
 FEATURE_FILES: tuple[str, ...] = ("signature_scores.csv", "features_harmonised.csv", "features.csv")
@@ -112,11 +115,28 @@ def survival_data(site: Site, study: StudyConfig) -> pd.DataFrame:
     return joined
 
 
+def noisy_release(site: Site, study: StudyConfig) -> NoisyRelease | None:
+    """The site's noisy mode (``policy.noise_epsilon``): the Gaussian mechanism's noise multiplier for that
+    epsilon at the site's delta (Opacus' RDP accountant, one release), booked in the site's lifetime privacy
+    ledger under ``statistics``; fresh OS randomness, never a seed the server could know."""
+    policy = site.config.policy
+    if policy.noise_epsilon is None:
+        return None
+    sigma = noise_multiplier_for(policy.noise_epsilon, policy.max_delta, 1.0, 1)
+
+    def charge() -> None:
+        charge_gaussian(site.site_id, site.root, policy, study_hash=study.hash, noise_multiplier=sigma,
+                        model="survival_table")
+
+    return NoisyRelease(sigma, policy.time_horizon_days, charge, np.random.default_rng())
+
+
 def survival_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
     """The clustered patients' durations, events and labels as a cohort."""
     data = survival_data(site, study)
     cfg = study.outcomes
-    return _policy_cohort(site, durations=data[cfg.duration_col].to_numpy(), events=data[cfg.event_col].to_numpy(),
+    return _policy_cohort(site, noisy=noisy_release(site, study), durations=data[cfg.duration_col].to_numpy(),
+                          events=data[cfg.event_col].to_numpy(),
                           labels=data["cluster"].to_numpy(), survival_ids=tuple(data.index),
                           survival_source=f"clinical.csv {cfg.duration_col}/{cfg.event_col}")
 

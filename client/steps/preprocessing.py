@@ -22,12 +22,13 @@ from client.preprocessing.normalise import nyul_case_landmarks
 from client.preprocessing.pipeline import build_pipeline, load_case
 from client.steps.base import SiteStep, work_dir
 from common.config import StudyConfig
-from common.errors import ConfigError, PolicyError, SiteDataError
+from common.errors import ConfigError, PolicyError, ProtocolError, SiteDataError
 from common.imageio import find_image, read_image
 from common.nyul import site_nyul
 from common.plan import parse_plan, write_plan
 from common.preprocessing import APPLY, NYUL_LANDMARKS, PLAN
 from common.protocol import Payload
+from common.segmentation.inference import small_count
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -70,24 +71,56 @@ def _foreground_values(images: dict[str, Path], reference: str) -> dict[str, np.
     return {seq: values_in(img, fg) for seq, img in loaded.items()}
 
 
+def histogram_edges(site_id: str, payload: Payload, sequences: list[str] | tuple[str, ...], max_bins: int
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The server's raw and preprocessed bin edges per sequence, checked: finite, strictly increasing, and at
+    most the site's ``histogram_bins`` bins (else refused, rule ``histogram_bins``)."""
+    edges = {}
+    for seq in sequences:
+        pair = []
+        for kind in ("raw_edges", "std_edges"):
+            key = f"{seq}/{kind}"
+            if key not in payload:
+                raise ProtocolError(site_id, f"the apply request has no {key}", "run the same fedbiopsy version")
+            e = np.asarray(payload[key], dtype=np.float64).ravel()
+            if e.size < 2 or not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
+                raise ProtocolError(site_id, f"{key} are not finite, strictly increasing bin edges")
+            if e.size - 1 > max_bins:
+                raise PolicyError(site_id, "histogram_bins", f"{key}: {e.size - 1} bins requested, the site's "
+                                  f"policy releases at most {max_bins}")
+            pair.append(e)
+        edges[seq] = (pair[0], pair[1])
+    return edges
+
+
+def released_histogram(hist: np.ndarray, contributors: np.ndarray, cell_floor: int) -> np.ndarray:
+    """The histogram a site sends: bins with voxels of fewer than ``cell_floor`` cases are emptied (a server
+    choosing narrow edges around one case's intensities learns nothing of that case)."""
+    if cell_floor <= 1:
+        return hist
+    return np.where(contributors >= cell_floor, hist, 0.0)
+
+
 def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """Preprocess the cohort with the stored plan into ``derived/preprocessed`` (a valid site directory).
 
     Replies, per sequence, the foreground intensity histograms summed over the site's cases before and after
-    preprocessing, on the server's bin edges: aggregates over the cohort only.
+    preprocessing, on the server's bin edges (at most the policy's ``histogram_bins``): aggregates over the
+    cohort only (at least ``min_cohort`` cases, and each bin's voxels from at least ``cell_floor`` of them).
     """
+    policy = site.config.policy
+    edges = histogram_edges(site.site_id, payload, study.sequences, policy.histogram_bins)
     plan = parse_plan((work_dir(site) / PLAN_FILE).read_text(encoding="utf-8"), work_dir(site) / PLAN_FILE)
     out = work_dir(site) / PREPROCESSED_DIR
     report = preprocess_site(site.root, out, study, plan=plan, workers=1)
     done = sorted(report.completed)
-    if len(done) < site.config.policy.min_cohort:
+    if len(done) < policy.min_cohort:
         raise PolicyError(site.site_id, "min_cohort", f"only {len(done)} case(s) preprocessed, policy needs "
-                          f"{site.config.policy.min_cohort}; see {out / 'preprocessing.json'}")
-    reply: Payload = {"n_cases": len(done), "n_failed": len(report.failed)}
+                          f"{policy.min_cohort}; see {out / 'preprocessing.json'}")
+    reply: Payload = {"n_cases": len(done), **small_count("n_failed", len(report.failed), policy.cell_floor)}
     by_id = {c.patient_id: c for c in site.cases}
-    edges = {seq: (np.asarray(payload[f"{seq}/raw_edges"], dtype=np.float64),
-                   np.asarray(payload[f"{seq}/std_edges"], dtype=np.float64)) for seq in study.sequences}
     hist = {seq: (np.zeros(r.size - 1), np.zeros(p.size - 1)) for seq, (r, p) in edges.items()}
+    cases = {seq: (np.zeros(r.size - 1), np.zeros(p.size - 1)) for seq, (r, p) in edges.items()}
     for pid in done:
         processed = {seq: find_image(out / "images" / pid, seq) for seq in study.sequences}
         missing = [seq for seq, path in processed.items() if path is None]
@@ -97,11 +130,15 @@ def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload
                                     study.reference_sequence)
         after = _foreground_values(processed, study.reference_sequence)  # type: ignore[arg-type]
         for seq, (raw_edges, std_edges) in edges.items():
-            hist[seq][0][:] += np.histogram(np.clip(before[seq], raw_edges[0], raw_edges[-1]), raw_edges)[0]
-            hist[seq][1][:] += np.histogram(np.clip(after[seq], std_edges[0], std_edges[-1]), std_edges)[0]
+            raw = np.histogram(np.clip(before[seq], raw_edges[0], raw_edges[-1]), raw_edges)[0]
+            std = np.histogram(np.clip(after[seq], std_edges[0], std_edges[-1]), std_edges)[0]
+            hist[seq][0][:] += raw
+            hist[seq][1][:] += std
+            cases[seq][0][:] += raw > 0
+            cases[seq][1][:] += std > 0
     for seq, (raw, std) in hist.items():
-        reply[f"{seq}/raw_hist"] = raw
-        reply[f"{seq}/std_hist"] = std
+        reply[f"{seq}/raw_hist"] = released_histogram(raw, cases[seq][0], policy.cell_floor)
+        reply[f"{seq}/std_hist"] = released_histogram(std, cases[seq][1], policy.cell_floor)
     log.info("site %s: preprocessed %d case(s) into %s (%d failed)", site.site_id, len(done), out,
              len(report.failed))
     return reply

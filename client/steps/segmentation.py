@@ -2,10 +2,13 @@
 
 The rounds are :func:`common.segmentation.protocol.run_segmentation`'s. A train or evaluate request carries
 the global weights (``w/<name>``), the round number, the proximal mu and the plan (JSON); the work is done by
-:mod:`client.segmentation.task`. With DP, the accountant's history of the study is the site's privacy ledger
-``derived/segmentation/dp-ledger-<study hash>.json``, read before and written after every round, so that it
-survives a SuperNode restart. Replies: the new weights, ``num-examples`` and the round's metrics (with the
-epsilon spent so far), or the held-out summary (aggregates only).
+:mod:`client.segmentation.task`, which holds the study's training settings to the site's policy and, with DP,
+charges each round to the site's lifetime privacy ledger ``derived/privacy-ledger.json``
+(:mod:`client.privacy_ledger`: every study and phase, at the site's ``max_delta``). The study's accountant state
+(its fixed noise multiplier and history) is ``derived/segmentation/dp-state-<study hash>.json``, read before and
+written after every round, so that both survive a SuperNode restart. Replies: the new weights, ``num-examples``
+and the round's metrics (with the epsilon the study has spent at the site), or the held-out summary (aggregates
+only).
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ PHASE = "segmentation"
 
 
 def segmentation_dir(site: Site) -> Path:
-    """The site's folder for the segmentation phase's local files (DP ledger, overlays)."""
+    """The site's folder for the segmentation phase's local files (DP accountant state, overlays)."""
     path = work_dir(site) / "segmentation"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def ledger_path(site: Site, study: StudyConfig) -> Path:
-    """The site's DP ledger of the study's segmentation training."""
-    return segmentation_dir(site) / f"dp-ledger-{study.hash[:16]}.json"
+    """The site's DP accountant state of the study's segmentation training (its noise multiplier and history;
+    what the site has spent is in its lifetime ledger, :func:`client.privacy_ledger.ledger_path`)."""
+    return segmentation_dir(site) / f"dp-state-{study.hash[:16]}.json"
 
 
 def cohort_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:

@@ -2,9 +2,13 @@
 
 * The noise multiplier is sized once for the whole schedule (``rounds x local steps`` at sampling rate
   ``batch / training cases``) to reach the study's target epsilon, and stays fixed.
-* The accountant's history is a JSON-able ``dp_state`` that the site step keeps in the site's ledger file
-  for the study (under ``derived/``); each round adds its steps and reports the epsilon spent so far.
-* Before a round the site projects the epsilon it would reach; past its policy's ``max_epsilon`` it refuses.
+* The accountant's history is a JSON-able ``dp_state`` that the site step keeps in a state file for the study
+  (and model) under ``derived/``: it fixes the noise multiplier across rounds. What the site has *spent* is
+  counted by its lifetime ledger (:mod:`client.privacy_ledger`) over every study and phase, at the site's
+  ``policy.max_delta``; before a round the site projects the epsilon it would reach and refuses past its
+  policy's ``max_epsilon``.
+* :func:`check_training_policy` holds the server's DP and batch settings to the site's policy (``require_dp``,
+  ``min_batch_size``, ``max_delta``) before any computation on the data.
 * Opacus attaches its hooks once per *path* to a module; nnU-Net and DynUNet reach some modules by several paths
   (``decoder.encoder``, ``skip_layers``), which multiplies per-sample gradients. :class:`DedupGradSampleHooks`
   hooks each module object once. ``tests/segmentation/test_dp.py`` checks the result against ``torch.func``.
@@ -25,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import DPSGDConfig
 from common.errors import PolicyError
+from common.sitedata import SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,29 @@ def _epsilon_cached(kind: str, history: tuple, delta: float) -> float:
         return float(make_accountant(kind, history).get_epsilon(delta, **_accountant_kwargs(kind)))
 
 
+PRV_CEILING = 64.0  # PRV only where RDP is below this: PRV of a tiny noise multiplier exhausts memory
+
+
+def epsilon_bound(kind: str, history: Iterable[Iterable[float]], delta: float,
+                  prv_ceiling: float = PRV_CEILING) -> float:
+    """A valid epsilon of ``history`` at ``delta`` whatever the settings: RDP, tightened by PRV when ``kind`` is
+    "prv" and RDP is at most ``prv_ceiling`` (so a server-chosen tiny noise cannot make the site run PRV out of
+    memory); NaN counts as infinite."""
+    hist = [list(h) for h in history]
+    eps = epsilon_of("rdp", hist, delta)
+    if math.isnan(eps):
+        return math.inf
+    if kind == "prv" and eps <= prv_ceiling:
+        try:
+            prv = epsilon_of("prv", hist, delta)
+        except (ValueError, ArithmeticError, MemoryError, RuntimeError) as err:  # PRV's domain did not fit
+            log.warning("PRV accountant failed (%s); counting RDP's epsilon", type(err).__name__)
+        else:
+            if math.isfinite(prv) and prv >= 0:
+                eps = min(eps, prv)
+    return eps
+
+
 @dataclass
 class DPPlan:
     """What a site's DP-SGD does this round."""
@@ -126,13 +155,19 @@ class DPPlan:
 
     @property
     def epsilon(self) -> float:
-        return epsilon_of(self.accountant, self.history, self.delta)
+        return epsilon_bound(self.accountant, self.history, self.delta)
 
 
 def plan_round(site_id: str, dp_state: dict | None, study_hash: str, *, target_epsilon: float, delta: float,
                max_grad_norm: float, accountant: str, noise_multiplier: float | None, n_train: int, batch_size: int,
-               total_steps: int, round_steps: int, max_epsilon: float) -> DPPlan:
-    """This round's DP settings from the persisted state; refuses when the round would pass ``max_epsilon``."""
+               total_steps: int, round_steps: int, max_epsilon: float, noise_delta: float | None = None) -> DPPlan:
+    """This round's DP settings from the persisted state; refuses when the round would pass ``max_epsilon``.
+
+    ``delta`` is the delta the epsilon is counted at (the site's ``policy.max_delta`` at a real site);
+    ``noise_delta`` (default ``delta``) the study's delta the noise is sized for, and the target is capped at
+    ``max_epsilon`` (a larger one would only be refused later). The projection here covers ``dp_state``'s history;
+    the site's lifetime ledger (:mod:`client.privacy_ledger`) then checks the round against every other charge.
+    """
     if batch_size > n_train:
         raise PolicyError(site_id, "dp", f"batch size {batch_size} exceeds the {n_train} training case(s); "
                           "DP-SGD needs distinct patients per batch (lower segmentation.batch_size)")
@@ -143,18 +178,47 @@ def plan_round(site_id: str, dp_state: dict | None, study_hash: str, *, target_e
         if float(dp_state.get("sample_rate", q)) != q:
             log.warning("site %s: sampling rate changed from %s to %s", site_id, dp_state.get("sample_rate"), q)
     else:
-        sigma = noise_multiplier or noise_multiplier_for(target_epsilon, delta, q, total_steps, accountant)
+        target = min(target_epsilon, max_epsilon)
+        sigma = noise_multiplier or noise_multiplier_for(target, noise_delta or delta, q, total_steps, accountant)
         history = []
     plan = DPPlan(sigma, q, max_grad_norm, accountant, delta, history)
     spent = plan.epsilon
-    projected = epsilon_of(accountant, history + [[sigma, q, round_steps]], delta)
-    if projected > max_epsilon:
+    projected = epsilon_bound(accountant, history + [[sigma, q, round_steps]], delta)
+    if not projected <= max_epsilon:
         raise PolicyError(site_id, "max_epsilon",
                           f"privacy budget exhausted: epsilon spent so far {spent:.3f}; this round would reach "
                           f"{projected:.3f} > max_epsilon {max_epsilon:g} (delta {delta:g}). The site stops training "
                           "for this study; raise policy.max_epsilon or the noise to continue")
     log.info("site %s: DP-SGD sigma %.3f, q %.3f, epsilon %.3f -> %.3f", site_id, sigma, q, spent, projected)
     return plan
+
+
+def distinct_patients(batch_size: int | None, n_train: int) -> int:
+    """Distinct patients in one local gradient step: ``batch_size`` of them (None: all ``n_train``), at most
+    ``n_train`` (a larger batch repeats patients)."""
+    return n_train if batch_size is None else min(int(batch_size), n_train)
+
+
+def check_training_policy(site_id: str, policy: SitePolicy, dp: DPSGDConfig, *, batch_size: int | None,
+                          n_train: int, what: str) -> None:
+    """Hold the study's training settings (the server's choice) to the site's policy, before any data is used.
+
+    Refuses (``PolicyError``): ``require_dp`` without DP; fewer distinct patients per gradient step than
+    ``min_batch_size`` (``batch_size`` None: full batch); a DP delta above ``max_delta``. A small noise
+    multiplier or a large target epsilon is not refused here: it spends more of the lifetime budget, which the
+    ledger refuses (rule ``max_epsilon``).
+    """
+    if policy.require_dp and not dp.enabled:
+        raise PolicyError(site_id, "require_dp", f"{what}: the study trains without DP-SGD and the site's policy "
+                          "requires it (policy.require_dp)")
+    distinct = distinct_patients(batch_size, n_train)
+    if distinct < policy.min_batch_size:
+        raise PolicyError(site_id, "min_batch_size", f"{what}: {distinct} distinct patient(s) per gradient step "
+                          f"(batch size {batch_size}, {n_train} training case(s)); the policy needs at least "
+                          f"{policy.min_batch_size}")
+    if dp.enabled and not dp.delta <= policy.max_delta:
+        raise PolicyError(site_id, "max_delta", f"{what}: DP delta {dp.delta:g} is above the site's max_delta "
+                          f"{policy.max_delta:g}")
 
 
 class PrivateStep:

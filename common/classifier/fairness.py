@@ -4,18 +4,45 @@ with the worst-group gap, so that a model that works for one scanner only is vis
 Groups of sites (vendor, field strength) pool their sites' aggregates exactly as the overall pool does
 (:func:`common.classifier.metrics.pool`); patient strata (e.g. sex) are evaluated by each site for each
 level holding at least ``min_cohort`` of its held-out cases and pooled across sites level by level.
+
+A site that does not allow exact outcomes also withholds a level whose release would leave the complement
+(its unreleased levels together) with fewer than ``cell_floor`` cases: the overall aggregates minus the
+released levels' would otherwise be those few cases' (:func:`released_levels`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from common.classifier.metrics import METRICS, SiteAggregates, pool, with_ci
 
 LOWER_IS_BETTER = frozenset({"brier"})
+
+
+def released_levels(levels: Sequence[str], min_cohort: int, cell_floor: int = 1
+                    ) -> tuple[list[str], list[str], np.ndarray]:
+    """Which levels of one stratum attribute a site evaluates: (released, suppressed, part of each case).
+
+    A level is released with at least ``min_cohort`` (and ``cell_floor``) cases. Above ``cell_floor`` 1 the
+    suppressed levels' cases (the complement) must number 0 or at least ``cell_floor``: the smallest released
+    levels are withheld too until they do. ``part`` numbers each case's released level (in sorted order) and
+    gives the suppressed cases one more part.
+    """
+    lv = np.asarray([str(v) for v in levels])
+    names, sizes = np.unique(lv, return_counts=True) if lv.size else (np.array([], dtype=str), np.array([]))
+    need = max(min_cohort, cell_floor)
+    size = {str(n): int(c) for n, c in zip(names, sizes, strict=True)}
+    released = sorted(n for n, c in size.items() if c >= need)
+    if cell_floor > 1:
+        while released and 0 < lv.size - sum(size[n] for n in released) < cell_floor:
+            released.remove(min(released, key=lambda n: (size[n], n)))
+    suppressed = sorted(set(size) - set(released))
+    index = {n: i for i, n in enumerate(released)}
+    part = np.asarray([index.get(str(v), len(released)) for v in lv], dtype=np.int64)
+    return released, suppressed, part
 
 
 def group_metrics(aggs: Mapping[str, SiteAggregates], attribute_of: Mapping[str, str]) -> dict[str, dict[str, float]]:

@@ -30,16 +30,26 @@ What the server computes from them, and how exactly:
   replicates of their sites the same way.
 
 Privacy: a histogram is a distribution over a site's whole held-out cohort (at least ``min_cohort`` cases,
-else the site refuses); no case is linked to an identifier. Its replicate histograms are a random function of
-the binned predictions alone, so they reveal nothing beyond the histogram itself. Individual bins may count
-one case: with few cases per site, choose a coarse binning (the default 20 bins) -- a finer one approaches the
-list of scores.
+else the site refuses); no case is linked to an identifier. The model (and so every score) is the server's
+choice: a model reading one feature turns the scores of a bin holding one case into that case's feature. So,
+unless the site's policy allows exact outcomes (``cell_floor`` 1, the protocol above exactly), the site
+releases **cells**, not bins (:func:`release_segments`): adjacent bins are merged until every cell holds 0 or
+at least ``cell_floor`` cases (of every part of every fairness partition sent with it, the complement of the
+released strata included), keeping 0.5 as a cell edge where each half allows it (else the confusion counts
+are those of the merged cell's representative bin). A cell's cases are all counted in one representative
+bin (the bin of their mean score) with their score sum split between the classes by count (the server only
+ever uses the sum over both classes); the bootstrap resamples cases *with their cell and the cell's mean
+squared error*, from a seed the server cannot predict (it is keyed by the site's held-out data), so the
+replicates are a random function of the released cells alone. The number of bins is bounded by the site's
+``histogram_bins``. What remains: a cell's class counts (e.g. one positive among five) and the Brier sum over
+the whole cohort; two evaluations of models that differ for one case differ by that case's contribution --
+a cross-query (differencing) risk the site's release ledger, not one reply, has to bound.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,22 +184,146 @@ def bootstrap_summaries(scores: np.ndarray, labels: np.ndarray, bins: int, n_boo
     return counts, brier
 
 
+Segment = tuple[int, int]
+"""A released cell: bins ``start`` to ``end - 1`` of the shared binning."""
+
+
+def _cell_ok(table: np.ndarray, seg: Segment, floor: int) -> bool:
+    """Every row (part) of ``table`` holds 0 or at least ``floor`` cases over the bins of ``seg``."""
+    tot = table[:, seg[0]:seg[1]].sum(axis=1)
+    return bool(np.all((tot == 0) | (tot >= floor)))
+
+
+def _split(table: np.ndarray, lo: int, hi: int, floor: int) -> list[Segment]:
+    """Greedy cells over bins ``lo..hi-1``: close a cell as soon as it is releasable; a remainder joins the
+    previous cells until releasable (or the whole range is one cell)."""
+    segs: list[Segment] = []
+    start = lo
+    for j in range(lo, hi):
+        if table[:, start:j + 1].sum() > 0 and _cell_ok(table, (start, j + 1), floor):
+            segs.append((start, j + 1))
+            start = j + 1
+    if start < hi:
+        segs = [*segs[:-1], (segs[-1][0], hi)] if segs else [(lo, hi)]
+    while len(segs) > 1 and not _cell_ok(table, segs[-1], floor):
+        segs = [*segs[:-2], (segs[-2][0], segs[-1][1])]
+    return segs
+
+
+def release_segments(idx: np.ndarray, bins: int, partitions: Sequence[np.ndarray], floor: int) -> list[Segment]:
+    """The cells a site releases: adjacent score bins merged until every part of every partition holds 0 or at
+    least ``floor`` of its cases in each cell, keeping 0.5 (bin ``bins // 2``) as an edge where possible.
+
+    ``idx`` is each case's bin; each partition gives each case's part (e.g. 0 for every case: the cohort; or a
+    stratum level, the unreleased levels as one part). Raises ValueError when some part has fewer than
+    ``floor`` cases in all (no merging can help).
+    """
+    rows = []
+    for part in partitions:
+        p = np.asarray(part, dtype=np.int64)
+        table = np.zeros((int(p.max(initial=0)) + 1, bins), dtype=np.int64)
+        np.add.at(table, (p, idx), 1)
+        rows.append(table)
+    table = np.vstack(rows) if rows else np.zeros((1, bins), dtype=np.int64)
+    half = bins // 2
+    segs = _split(table, 0, half, floor) + _split(table, half, bins, floor)
+    while True:
+        bad = next((i for i, seg in enumerate(segs) if not _cell_ok(table, seg, floor)), None)
+        if bad is None:
+            return segs
+        if len(segs) == 1:
+            raise ValueError(f"a part holds fewer than {floor} cases; no cells can be released")
+        other = bad - 1 if (bad == len(segs) - 1 or segs[bad][0] >= half) else bad + 1
+        a, b = sorted((bad, other))
+        segs = [*segs[:a], (segs[a][0], segs[b][1]), *segs[b + 1:]]
+
+
+@dataclass(frozen=True)
+class Cells:
+    """Each case's released bin (its cell's representative bin) and squared error (its cell's mean)."""
+
+    bin: np.ndarray
+    err: np.ndarray
+
+
+def coarsen(scores: np.ndarray, labels: np.ndarray, bins: int, segments: Sequence[Segment]
+            ) -> tuple[ScoreSummary, Cells]:
+    """The released summary on ``segments``: per cell, the class counts in the bin of the cell's mean score,
+    the cell's score sum split by class counts; the Brier sum over all cases."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    idx = bin_index(s, bins)
+    err = np.square(s - y)
+    counts = np.zeros((2, bins), dtype=np.int64)
+    psum = np.zeros((2, bins), dtype=np.float64)
+    rep = np.zeros(s.size, dtype=np.int64)
+    cell_err = np.zeros(s.size, dtype=np.float64)
+    for start, end in segments:
+        sel = (idx >= start) & (idx < end)
+        c = int(sel.sum())
+        if not c:
+            continue
+        mean = float(s[sel].sum()) / c
+        r = int(np.clip(bin_index(np.array([mean]), bins)[0], start, end - 1))
+        rep[sel], cell_err[sel] = r, float(err[sel].sum()) / c
+        for cls in (0, 1):
+            k = int((sel & (y == cls)).sum())
+            counts[cls, r] = k
+            psum[cls, r] = k * mean
+    return ScoreSummary(counts, psum, float(err.sum())), Cells(rep, cell_err)
+
+
+def check_score_bins(site_id: str, bins: int, max_bins: int | None) -> None:
+    """Refuse (rule ``histogram_bins``) more score bins than the site's policy releases."""
+    if max_bins is not None and bins > max_bins:
+        raise PolicyError(site_id, "histogram_bins",
+                          f"the study asks for {bins} score bins, the site's policy releases at most {max_bins}")
+
+
 def site_evaluation(site_id: str, scores: np.ndarray, labels: np.ndarray, *, bins: int, n_boot: int, seed: int,
-                    min_cohort: int) -> Payload:
+                    min_cohort: int, cell_floor: int = 1, max_bins: int | None = None,
+                    segments: Sequence[Segment] | None = None) -> Payload:
     """The site step: aggregates of its held-out predictions and of ``n_boot`` bootstrap resamples.
 
-    Refuses (:class:`PolicyError`) below ``min_cohort`` cases; nothing in the reply is per case.
+    Refuses (:class:`PolicyError`) below ``min_cohort`` cases and above ``max_bins`` score bins. With
+    ``cell_floor`` 1 the bins are released as they are; above, the released cells are ``segments`` (default:
+    :func:`release_segments` of these cases alone) and the bootstrap draws cells (see the module docstring).
     """
+    check_score_bins(site_id, bins, max_bins)
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels)
     if s.size < min_cohort:
         raise PolicyError(site_id, "min_cohort", f"{s.size} held-out case(s) to evaluate, policy needs {min_cohort}")
     if not np.all(np.isfinite(s)):
         raise ProtocolError(site_id, "the model produced non-finite scores", "check the model and the features")
-    summary = ScoreSummary.of(s, y, bins)
-    boot_counts, boot_brier = bootstrap_summaries(s, y, bins, n_boot, np.random.default_rng(seed))
+    if cell_floor <= 1:
+        summary = ScoreSummary.of(s, y, bins)
+        boot_counts, boot_brier = bootstrap_summaries(s, y, bins, n_boot, np.random.default_rng(seed))
+    else:
+        ScoreSummary.of(s, y, bins)  # checks the shapes and labels
+        if s.size < cell_floor:
+            raise PolicyError(site_id, "min_cell",
+                              f"{s.size} held-out case(s) to evaluate, the policy's smallest cell is {cell_floor}")
+        segs = list(segments) if segments is not None else \
+            release_segments(bin_index(s, bins), bins, [np.zeros(s.size, dtype=np.int64)], cell_floor)
+        summary, cells = coarsen(s, y, bins, segs)
+        boot_counts, boot_brier = _bootstrap_cells(cells, np.asarray(y).astype(np.int64), bins, n_boot,
+                                                   np.random.default_rng(seed))
     return {"n": int(s.size), "counts": summary.counts, "psum": summary.psum, "brier": summary.brier,
             "boot_counts": boot_counts, "boot_brier": boot_brier}
+
+
+def _bootstrap_cells(cells: Cells, y: np.ndarray, bins: int, n_boot: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap replicates of released cells: resampled cases counted in their cell, with its mean error."""
+    n = y.size
+    counts = np.zeros((n_boot, 2, bins), dtype=np.int64)
+    brier = np.zeros(n_boot, dtype=np.float64)
+    for b in range(n_boot):
+        take = rng.integers(0, n, n)
+        np.add.at(counts[b], (y[take], cells.bin[take]), 1)
+        brier[b] = float(cells.err[take].sum())
+    return counts, brier
 
 
 @dataclass(frozen=True)

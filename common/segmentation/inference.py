@@ -2,7 +2,9 @@
 
 ``segment_unlabelled`` carries the final segmentation weights and the plan; each site predicts and keeps a mask
 for every case that has none (:mod:`client.steps.inference`) and answers with counts only: ``n_segmented``
-and ``n_empty`` (cases where the model found no tumour).
+and ``n_empty`` (cases where the model found no tumour). Each count is about named cases, so a site whose policy
+does not allow exact outcomes sends it only when 0 or at least its ``cell_floor``, else the text ``"<k"``
+(:func:`small_count`); the server reports it as sent (:func:`read_count`).
 """
 
 from __future__ import annotations
@@ -15,20 +17,48 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import ProtocolError
 from common.protocol import Payload, Query, pack_weights
 from common.segmentation.protocol import PLAN_KEY
 
 log = logging.getLogger(__name__)
 
 SEGMENT = "segment_unlabelled"
+Count = int | str
+"""A released count: the number, or ``"<k"`` for one under the site's smallest cell ``k``."""
+
+
+def small_count(name: str, n: int, cell_floor: int) -> Payload:
+    """``{name: n}`` when ``n`` is 0 or at least ``cell_floor``, else ``{name: "<cell_floor>"}``."""
+    return {name: int(n) if n == 0 or n >= cell_floor else f"<{int(cell_floor)}"}
+
+
+def read_count(site: str, value: object) -> Count:
+    """A count a site sent with :func:`small_count` (an int, or ``"<k"``); anything else is a ProtocolError."""
+    if isinstance(value, str):
+        if value.startswith("<") and value[1:].isdigit():
+            return value
+        raise ProtocolError(site, f"count {value[:20]!r} is neither a number nor '<k'")
+    try:
+        n = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(site, "a count is not a number") from exc
+    if n < 0:
+        raise ProtocolError(site, "a count is negative")
+    return n
+
+
+def lower_bound(count: Count) -> int:
+    """The smallest number a released count may stand for (``"<k"``: 1)."""
+    return count if isinstance(count, int) else 1
 
 
 @dataclass(frozen=True)
 class InferenceResult:
     """Per site: the cases segmented, and those where the model found no tumour."""
 
-    segmented: dict[str, int]
-    empty: dict[str, int]
+    segmented: dict[str, Count]
+    empty: dict[str, Count]
 
 
 def inference_request(weights: Mapping[str, np.ndarray], plan: Mapping[str, Any]) -> Payload:
@@ -39,8 +69,9 @@ def inference_request(weights: Mapping[str, np.ndarray], plan: Mapping[str, Any]
 def run_inference(query: Query, weights: Mapping[str, np.ndarray], plan: Mapping[str, Any]) -> InferenceResult:
     """Ask every site to segment its unlabelled cases with ``weights``; the counts each one reports."""
     replies = query(SEGMENT, inference_request(weights, plan))
-    result = InferenceResult(segmented={s: int(r["n_segmented"]) for s, r in sorted(replies.items())},  # type: ignore[call-overload]
-                             empty={s: int(r["n_empty"]) for s, r in sorted(replies.items())})  # type: ignore[call-overload]
-    log.info("inference: %d case(s) segmented at %d site(s), %d without a tumour found",
-             sum(result.segmented.values()), len(replies), sum(result.empty.values()))
+    result = InferenceResult(segmented={s: read_count(s, r["n_segmented"]) for s, r in sorted(replies.items())},
+                             empty={s: read_count(s, r["n_empty"]) for s, r in sorted(replies.items())})
+    log.info("inference: at least %d case(s) segmented at %d site(s), at least %d without a tumour found",
+             sum(map(lower_bound, result.segmented.values())), len(replies),
+             sum(map(lower_bound, result.empty.values())))
     return result

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from common.errors import ConfigError
-from common.segmentation.inference import run_inference
+from common.segmentation.inference import lower_bound, run_inference
 from common.weights import load_weights
 from server.phases.base import PhaseContext
 
@@ -21,7 +21,8 @@ def run(ctx: PhaseContext) -> dict:
         plan = json.load(fh)
     query = ctx.query()
     result = run_inference(query, load_weights(seg["final_model"]), plan)
-    ctx.participants["inference"] = dict(result.segmented)
+    # a site that segmented fewer cases than its smallest cell sends "<k": it took part, count unknown (>= 1)
+    ctx.participants["inference"] = {s: lower_bound(n) for s, n in result.segmented.items()}
     return {"segmented_per_site": result.segmented,
             "empty_per_site": result.empty,
             "model": seg["final_model"],

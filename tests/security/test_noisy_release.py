@@ -1,0 +1,69 @@
+"""Noisy survival tables (``policy.noise_epsilon``): Opacus-calibrated Gaussian noise on a fixed grid, charged to
+the site's lifetime privacy ledger, refused past its budget; the server's pooled table stays a table of counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.privacy_ledger import read_charges, spent_epsilon
+from client.training.dp import noise_multiplier_for
+from common.errors import PolicyError
+from common.outcomes_site import OUTCOMES_STEPS, SURVIVAL_TABLE, cohort_from_arrays
+from common.sitedata import SitePolicy
+from common.survival import NoisyRelease, merge_survival_tables, noisy_table_payload
+
+REQUEST = {"mode": "binned", "time_bin_days": 1e-6}  # the issue's bin width: coarsened to the site's grid
+
+
+def _data(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(1, 3000, n).round(2), rng.integers(0, 2, n), rng.integers(0, 2, n)
+
+
+def test_the_grid_does_not_depend_on_the_data_and_the_noise_has_its_calibrated_sd() -> None:
+    sigma = noise_multiplier_for(1.0, 1e-5, 1.0, 1)
+    replies = {}
+    for site, seed in (("a", 1), ("b", 2)):
+        days, events, groups = _data(seed, 4000)
+        noisy = NoisyRelease(sigma, 3650.0, lambda: None, np.random.default_rng(seed + 10))
+        replies[site] = noisy_table_payload(site, days, events, groups, 7.0, noisy, min_cohort=5)
+    a, b = replies["a"], replies["b"]
+    assert np.array_equal(a["times"], b["times"]) and a["time_bin_days"] == b["time_bin_days"]
+    assert a["time_bin_days"] % 7.0 == 0 and len(a["times"]) == 12
+    assert not set(np.asarray(a["times"]).tolist()) & set(_data(1, 4000)[0].tolist())  # no patient's day
+    assert a["noise_sd"] == pytest.approx(sigma * np.sqrt(2))
+    days, events, groups = _data(1, 4000)
+    exact = noisy_table_payload("a", days, events, groups, 7.0, NoisyRelease(1e-12, 3650.0, lambda: None,
+                                                                                 np.random.default_rng(0)))
+    residual = np.concatenate([(np.asarray(a[k]) - np.asarray(exact[k])).ravel() for k in ("removed", "observed")])
+    assert residual.std() == pytest.approx(sigma * np.sqrt(2), rel=0.25)  # 48 draws: within 25 %
+    pooled = merge_survival_tables(replies)
+    assert np.all(pooled.removed >= 0) and np.all(pooled.observed <= pooled.removed)
+    assert np.array_equal(pooled.removed, np.round(pooled.removed))
+
+
+def test_each_noisy_table_is_charged_and_the_budget_refuses(tmp_path: Path) -> None:
+    """max_epsilon 3 at delta 1e-5: a few epsilon-1 tables fit (RDP composes better than 1 + 1 + 1), then the site
+    refuses before anything leaves."""
+    policy = SitePolicy(max_epsilon=3.0, noise_epsilon=1.0)
+    from client.privacy_ledger import charge_gaussian
+
+    sigma = noise_multiplier_for(1.0, policy.max_delta, 1.0, 1)
+    days, events, groups = _data(3, 40)
+    cohort = cohort_from_arrays("site-n", durations=days, events=events, groups=groups, min_cohort=5, min_cell=5,
+                                exact=False)
+    cohort.time_floor = 7.0
+    cohort.noisy = NoisyRelease(sigma, 3650.0, lambda: charge_gaussian(
+        "site-n", tmp_path, policy, study_hash="s" * 64, noise_multiplier=sigma, model="survival_table"),
+        np.random.default_rng(0))
+    released = 0
+    with pytest.raises(PolicyError, match="max_epsilon"):
+        for _ in range(50):
+            OUTCOMES_STEPS[SURVIVAL_TABLE](cohort, REQUEST)
+            released += 1
+    charges = read_charges(tmp_path, "site-n")
+    assert len(charges) == released >= 3 and {c.phase for c in charges} == {"statistics"}
+    assert spent_epsilon(tmp_path, policy) <= 3.0
