@@ -29,7 +29,7 @@ from common.hashing import canonical_json, sha256_text
 from common.nyul import aggregate_nyul
 from common.plan import PreprocessingPlan, build_plan
 from common.protocol import Payload, Query
-from common.segmentation.inference import read_count
+from common.replies import read_count
 
 log = logging.getLogger(__name__)
 NYUL_LANDMARKS, PLAN, APPLY = "nyul_landmarks", "preprocessing_plan", "preprocessing_apply"

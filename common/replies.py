@@ -1,4 +1,4 @@
-"""Checking the fields of a site's reply before the server step uses them."""
+"""Checking the fields of a site's reply before the server step uses them, and small counts that leave as ``"<k"``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from common.errors import ProtocolError
+from common.protocol import Payload
+
+Count = int | str
 
 
 def reply_field(site: str, reply: Mapping[str, object], key: str, protocol: str, non_finite_fix: str) -> np.ndarray:
@@ -17,3 +20,23 @@ def reply_field(site: str, reply: Mapping[str, object], key: str, protocol: str,
     if not np.all(np.isfinite(value)):
         raise ProtocolError(site, f"{protocol} field {key!r} is not finite", non_finite_fix)
     return value
+
+
+def small_count(name: str, n: int, cell_floor: int) -> Payload:
+    """``{name: n}`` when ``n`` is 0 or at least ``cell_floor``, else ``{name: "<cell_floor>"}``."""
+    return {name: int(n) if n == 0 or n >= cell_floor else f"<{int(cell_floor)}"}
+
+
+def read_count(site: str, value: object) -> Count:
+    """A count a site sent with :func:`small_count` (an int, or ``"<k"``); anything else is a ProtocolError."""
+    if isinstance(value, str):
+        if value.startswith("<") and value[1:].isdigit():
+            return value
+        raise ProtocolError(site, f"count {value[:20]!r} is neither a number nor '<k'")
+    try:
+        n = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(site, "a count is not a number") from exc
+    if n < 0:
+        raise ProtocolError(site, "a count is negative")
+    return n

@@ -40,8 +40,11 @@ def site_path_mod(site_dirs: Sequence[Path]) -> Callable:
 
 
 def run_simulated_study(study: StudyConfig, study_path: Path, site_dirs: Sequence[Path], result_dir: Path,
-                        cpus_per_site: float = 1.0) -> dict:
-    """Run ``study`` over ``site_dirs`` in Flower's simulation engine; returns the study's outputs."""
+                        cpus_per_site: float = 1.0, mods: Sequence[Callable] = ()) -> dict:
+    """Run ``study`` over ``site_dirs`` in Flower's simulation engine; returns the study's outputs.
+
+    ``mods``: extra ClientApp mods, run inside :func:`site_path_mod` (they see the node's ``data-path``).
+    """
     from flwr.simulation import run_simulation
 
     result_dir = Path(result_dir).resolve()
@@ -54,7 +57,7 @@ def run_simulated_study(study: StudyConfig, study_path: Path, site_dirs: Sequenc
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=build_server_app(str(study_path), str(result_dir)),
-            client_app=build_client_app(mods=[site_path_mod(site_dirs)]),
+            client_app=build_client_app(mods=[site_path_mod(site_dirs), *mods]),
             num_supernodes=len(site_dirs),
             backend_config=backend_config,  # type: ignore[arg-type]
         )

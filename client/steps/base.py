@@ -14,7 +14,10 @@ from pathlib import Path
 
 from common.config import StudyConfig
 from common.protocol import Payload
+from common.release_ledger import ReleaseLedger
 from common.sitedata import Site
+
+LEDGER_FILE = "release-ledger.json"
 
 
 def _all_cases(site: Site) -> int:
@@ -36,6 +39,14 @@ def cases_with_masks(site: Site) -> int:
     return sum(c.mask is not None for c in site.cases)
 
 
+def release_ledger(site: Site) -> ReleaseLedger | None:
+    """The site's release ledger (``derived/release-ledger.json``), None where its policy allows exact outcomes."""
+    policy = site.config.policy
+    if policy.exact_outcomes:
+        return None
+    return ReleaseLedger(site.site_id, work_dir(site) / LEDGER_FILE, policy.cell_floor)
+
+
 def work_dir(site: Site) -> Path:
     """The site's folder for derived data (features, harmonised tables, local models); never leaves the site."""
     path = site.root / "derived"
@@ -43,4 +54,4 @@ def work_dir(site: Site) -> Path:
     return path
 
 
-__all__ = ["SiteStep", "cases_with_masks", "work_dir"]
+__all__ = ["LEDGER_FILE", "SiteStep", "cases_with_masks", "release_ledger", "work_dir"]

@@ -33,7 +33,7 @@ from client.classifier.data import SplitData, site_split, tumour_crops
 from client.classifier.features import site_feature_table, standardised_images
 from client.classifier.site import evaluate_reply, local_settings, train_reply
 from client.privacy_ledger import SiteBudget
-from client.steps.base import SiteStep, work_dir
+from client.steps.base import SiteStep, release_ledger, work_dir
 from client.steps.inference import with_predicted_masks
 from client.training.dp import check_training_policy, read_ledger, write_ledger
 from common.classifier.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
@@ -42,6 +42,7 @@ from common.config import StudyConfig
 from common.errors import ProtocolError
 from common.nyul import case_landmarks, site_nyul
 from common.protocol import Payload
+from common.release_ledger import scope_of
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,23 @@ def feature_source(site: Site, study: StudyConfig) -> str:
     return found or ("compact" if cfg.features == "auto" else tables[0])
 
 
+def released_split(site: Site, study: StudyConfig) -> SplitData:
+    """The study's train / held-out split, held to the site's release ledger: a server that changes the split's
+    seed or fraction between studies must change it by at least ``min_cell`` patients, or the aggregates over
+    the two training sets (moments, gradients, scores) would differ by a few patients' values."""
+    split = site_split(site, study)
+    ledger = release_ledger(site)
+    if ledger is not None:
+        ids = [*split.train, *split.test]
+        ledger.release(scope_of("classifier-split", [study.classifier.label]), ids, [list(split.train)])
+    return split
+
+
 def nyul_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """The site's mean Nyúl landmarks over its training cases' foregrounds (common.nyul.site_nyul)."""
     from client.preprocessing.foreground import foreground_mask, values_in
 
-    split = site_split(site, study)
+    split = released_split(site, study)
     train = set(split.train)
     p = study.preprocessing.normalise
     per_case = []
@@ -105,7 +118,7 @@ def nyul_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
 
 def moments_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """Moments of the training features (exactly mergeable), and the feature names in column order."""
-    split = site_split(site, study)
+    split = released_split(site, study)
     frame = feature_frame(site, study, _nyul(payload))
     x = frame.loc[split.train].to_numpy(np.float64)
     reply = site_feature_moments(site.site_id, x, [str(c) for c in frame.columns], site.config.policy.min_cohort)
@@ -154,7 +167,7 @@ def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     private round is charged to the site's lifetime privacy ledger (refused past ``max_epsilon``).
     """
     policy = site.config.policy
-    split = site_split(site, study)
+    split = released_split(site, study)
     kind = str(payload["model"])
     cfg = study.classifier
     state_path = _dp_state_path(site, study, kind)
@@ -173,7 +186,7 @@ def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
 
 def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """The held-out aggregates of the global model (and Grad-CAM overlays written at the site)."""
-    split = site_split(site, study)
+    split = released_split(site, study)
     x, y, masks, ids = _inputs(site, study, payload, split, "test")
     kind = str(payload["model"])
     strata = {a: [str(v) for v in split.clinical.loc[ids, a]] for a in study.classifier.fairness_attributes

@@ -23,6 +23,7 @@ from common.errors import PolicyError, ProtocolError
 from common.features.protocol import FEATURES, SETTINGS_KEY, SPACING_KEY
 from common.features.settings import RadiomicsSettings, load_radiomics_settings, parse_radiomics_settings
 from common.protocol import Payload
+from common.replies import small_count
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def features_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     return {
         "n_cases": n,
         "n_features": int(table.frame.shape[1]),
-        "n_failed": len(table.failures),
+        **small_count("n_failed", len(table.failures), site.config.policy.cell_floor),
         "settings_hash": table.settings_hash,
     }
 

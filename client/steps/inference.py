@@ -22,7 +22,8 @@ from client.steps.base import SiteStep, work_dir
 from common.config import StudyConfig
 from common.imageio import read_image, write_image
 from common.protocol import Payload, unpack_weights
-from common.segmentation.inference import SEGMENT, small_count
+from common.replies import small_count
+from common.segmentation.inference import SEGMENT
 from common.segmentation.protocol import PLAN_KEY
 from common.sitedata import Case, Site
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from client.privacy_ledger import charge_gaussian
-from client.steps.base import SiteStep, work_dir
+from client.steps.base import SiteStep, release_ledger, work_dir
 from client.training.dp import noise_multiplier_for
 from common.config import StudyConfig
 from common.errors import SiteDataError
@@ -31,7 +31,6 @@ from common.outcomes_site import (
     time_bin,
 )
 from common.protocol import Payload
-from common.release_ledger import ReleaseLedger
 from common.sitedata import CLINICAL_COLUMNS, Site, read_clinical
 from common.survival import NoisyRelease
 
@@ -70,18 +69,13 @@ def feature_table(site: Site, study: StudyConfig) -> tuple[pd.DataFrame, str]:
     return frame[complete].astype(np.float64), path.name
 
 
-LEDGER_FILE = "release-ledger.json"
-
-
 def _policy_cohort(site: Site, **data: object) -> OutcomesCohort:
     """A cohort limited by the site's policy: cells, time bins and, unless exact outcomes are allowed, the
     site's release ledger (``derived/release-ledger.json``) against differencing across replies."""
     policy = site.config.policy
-    ledger = None if policy.exact_outcomes else ReleaseLedger(site.site_id, work_dir(site) / LEDGER_FILE,
-                                                              policy.cell_floor)
     return OutcomesCohort(site.site_id, min_cohort=policy.min_cohort, min_cell=policy.cell_floor,
-                          exact=bool(policy.exact_outcomes), ledger=ledger, time_floor=policy.time_bin_days,
-                          **data)  # type: ignore[arg-type]
+                          exact=bool(policy.exact_outcomes), ledger=release_ledger(site),
+                          time_floor=policy.time_bin_days, **data)  # type: ignore[arg-type]
 
 
 def kmeans_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:

@@ -28,7 +28,7 @@ from common.nyul import site_nyul
 from common.plan import parse_plan, write_plan
 from common.preprocessing import APPLY, NYUL_LANDMARKS, PLAN
 from common.protocol import Payload
-from common.segmentation.inference import small_count
+from common.replies import small_count
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ import numpy as np
 from common.errors import ProtocolError
 from common.features.settings import RadiomicsSettings
 from common.protocol import Payload, Query
+from common.replies import read_count
 
 FEATURES = "features"  # the one round: each site extracts and keeps its table, and answers counts
 SETTINGS_KEY = "radiomics_settings"  # payload: the settings as JSON (the server's copy wins over the site's)
@@ -47,7 +48,7 @@ def summarise_feature_replies(replies: Mapping[str, Mapping[str, object]]) -> di
         "n_features": n_features[sites[0]],
         "n_cases": sum(cases.values()),
         "cases_per_site": cases,
-        "failed_per_site": {s: int(replies[s]["n_failed"]) for s in sites},  # type: ignore[call-overload]
+        "failed_per_site": {s: read_count(s, replies[s]["n_failed"]) for s in sites},
     }
 
 

@@ -17,35 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import ProtocolError
 from common.protocol import Payload, Query, pack_weights
+from common.replies import Count, read_count
 from common.segmentation.protocol import PLAN_KEY
 
 log = logging.getLogger(__name__)
 
 SEGMENT = "segment_unlabelled"
-Count = int | str
 """A released count: the number, or ``"<k"`` for one under the site's smallest cell ``k``."""
-
-
-def small_count(name: str, n: int, cell_floor: int) -> Payload:
-    """``{name: n}`` when ``n`` is 0 or at least ``cell_floor``, else ``{name: "<cell_floor>"}``."""
-    return {name: int(n) if n == 0 or n >= cell_floor else f"<{int(cell_floor)}"}
-
-
-def read_count(site: str, value: object) -> Count:
-    """A count a site sent with :func:`small_count` (an int, or ``"<k"``); anything else is a ProtocolError."""
-    if isinstance(value, str):
-        if value.startswith("<") and value[1:].isdigit():
-            return value
-        raise ProtocolError(site, f"count {value[:20]!r} is neither a number nor '<k'")
-    try:
-        n = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(site, "a count is not a number") from exc
-    if n < 0:
-        raise ProtocolError(site, "a count is negative")
-    return n
 
 
 def lower_bound(count: Count) -> int:

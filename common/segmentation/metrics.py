@@ -73,12 +73,29 @@ def voxel_auc(truth: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(t, np.asarray(score, dtype=np.float64).ravel()))
 
 
-def describe(values: Iterable[float]) -> dict[str, float]:
-    """n, sum, sum of squares, median, quartiles, mean and SD of the finite values (zeros when none)."""
+def local_quantile(sorted_values: np.ndarray, q: float, k: int) -> float:
+    """The ``q`` quantile as the mean of the ``k`` sorted values around its position (``k`` 1: the nearest value):
+    with ``k`` at a site's cell floor it is never one case's value."""
+    n = sorted_values.size
+    m = min(max(k, 1), n)
+    start = int(np.clip(round(q * (n - 1)) - (m - 1) // 2, 0, n - m))
+    return float(sorted_values[start:start + m].mean())
+
+
+def describe(values: Iterable[float], cell_floor: int = 1) -> dict[str, float]:
+    """n, sum, sum of squares, median, quartiles, mean and SD of the finite values (zeros when none).
+
+    With ``cell_floor`` > 1 the quartiles are :func:`local_quantile` means of ``cell_floor`` cases (numpy's
+    interpolated percentiles otherwise).
+    """
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if v.size == 0:
         return dict.fromkeys(STATS, 0.0)
-    q25, med, q75 = np.percentile(v, [25.0, 50.0, 75.0])
+    if cell_floor > 1:
+        ordered = np.sort(v)
+        q25, med, q75 = (local_quantile(ordered, q, cell_floor) for q in (0.25, 0.5, 0.75))
+    else:
+        q25, med, q75 = np.percentile(v, [25.0, 50.0, 75.0])
     return {
         "n": float(v.size), "sum": float(v.sum()), "sumsq": float(np.square(v).sum()),
         "median": float(med), "q25": float(q25), "q75": float(q75),
@@ -86,18 +103,28 @@ def describe(values: Iterable[float]) -> dict[str, float]:
     }
 
 
-def summarise_cases(per_case: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """Each metric's :func:`describe` over cases."""
-    return {m: describe(c[m] for c in per_case) for m in METRICS}
+def summarise_cases(per_case: Sequence[Mapping[str, float]], cell_floor: int = 1) -> dict[str, dict[str, float]]:
+    """Each metric's :func:`describe` over cases.
+
+    With ``cell_floor`` > 1 a metric that is undefined (NaN) for fewer than ``cell_floor`` cases, but some, is
+    withheld (all zeros): its ``n`` would count those few cases, and its sums would leave them out.
+    """
+    out = {}
+    for m in METRICS:
+        values = [c[m] for c in per_case]
+        undefined = sum(1 for x in values if x is None or not math.isfinite(x))
+        out[m] = dict.fromkeys(STATS, 0.0) if 0 < undefined < cell_floor else describe(values, cell_floor)
+    return out
 
 
-def site_summary(site_id: str, per_case: Sequence[Mapping[str, float]], min_cohort: int) -> dict[str, float]:
+def site_summary(site_id: str, per_case: Sequence[Mapping[str, float]], min_cohort: int,
+                 cell_floor: int = 1) -> dict[str, float]:
     """A site's flat summary (``<metric>-<stat>`` plus ``num-examples``); refuses below ``min_cohort`` cases."""
     if len(per_case) < min_cohort:
         raise PolicyError(site_id, "min_cohort",
                           f"{len(per_case)} held-out case(s) to evaluate, policy needs at least {min_cohort}")
     flat: dict[str, float] = {"num-examples": float(len(per_case))}
-    for metric, stats in summarise_cases(per_case).items():
+    for metric, stats in summarise_cases(per_case, cell_floor).items():
         for stat, value in stats.items():
             flat[f"{metric}-{stat}"] = value
     return flat

@@ -75,3 +75,35 @@ def test_a_site_below_min_cohort_refuses(site_dirs) -> None:
     strict = site.__class__(site.root, site.config.model_copy(update={"policy": SitePolicy(min_cohort=7)}), site.cases)
     with pytest.raises(PolicyError, match="held-out"):
         moments_step(strict, study, {})
+
+
+def test_a_split_moved_by_a_few_patients_is_refused(site_dirs, tmp_path) -> None:
+    """The server chooses the split's seed and fraction: two training sets that differ by a few patients would
+    give those patients' rows as the difference of two moments replies. The release ledger refuses the second
+    split, and lets through one that differs by at least min_cell patients."""
+    import shutil
+
+    from client.classifier.data import site_split
+    from client.steps.classifier import moments_step
+    from common.validation import load_site
+
+    site_dir = tmp_path / "site"
+    shutil.copytree(site_dirs[1], site_dir)
+    site = load_site(site_dir)
+    first = load_study_config(None, **STUDY)
+    base = set(site_split(site, first).train)
+    moved: dict[str, object] = {}
+    for seed in range(60):
+        for fraction in (0.3, 0.32, 0.35, 0.4):
+            study = load_study_config(None, **{**STUDY, "classifier": {**STUDY["classifier"], "seed": seed,
+                                                                      "holdout_fraction": fraction}})
+            d = len(base ^ set(site_split(site, study).train))
+            if 0 < d < 5:
+                moved.setdefault("few", study)
+            elif d >= 12:
+                moved.setdefault("many", study)
+    assert {"few", "many"} <= set(moved)
+    moments_step(site, first, {})
+    with pytest.raises(PolicyError, match="release_ledger"):
+        moments_step(site, moved["few"], {})  # type: ignore[arg-type]
+    moments_step(site, moved["many"], {})  # type: ignore[arg-type]

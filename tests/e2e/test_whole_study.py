@@ -19,6 +19,7 @@ from server.phases.report import SECTIONS
 from server.registry import open_registry
 from simulations.phantoms import simulate_sites
 from tests.harmonisation.oracle import max_rel_diff, pooled_neurocombat
+from tests.security.curious import LeakIndex, read_replies, reply_recorder
 
 STUDY = """
 name: golden-e2e
@@ -38,13 +39,16 @@ classifier: {models: [logistic, image], rounds: 60, image_rounds: 1, image_local
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], dict]:
+    """The whole study; every reply of every node is recorded under ``results/replies`` (its fields, and the
+    leak checker's findings against the node's site)."""
     from simulations.engine import run_simulated_study
 
     root = tmp_path_factory.mktemp("golden")
     sites = simulate_sites(root / "sites", sites=2, patients=14, size=32, seed=0, unlabelled=2)
     study_path = root / "study.yaml"
     study_path.write_text(STUDY)
-    summary = run_simulated_study(load_study_config(study_path), study_path, sites, root / "results" / "study")
+    summary = run_simulated_study(load_study_config(study_path), study_path, sites, root / "results" / "study",
+                                  mods=[reply_recorder(root / "results" / "replies")])
     return root / "results", sites, summary
 
 
@@ -54,17 +58,26 @@ def test_every_phase_wrote_its_output(study_run) -> None:
         assert (results / "study" / f"{phase}.json").is_file(), phase
     assert summary["outputs"]["fingerprint"]["cases_per_site"] == {"site-001": 12, "site-002": 12}
     inference = summary["outputs"]["inference"]
-    for site in ("site-001", "site-002"):  # the 2 unlabelled cases per site: segmented, or found tumour-free
-        assert inference["segmented_per_site"][site] + inference["empty_per_site"][site] == 2
-        features = summary["outputs"]["features"]  # every valid case is extracted or listed as failed
-        assert features["cases_per_site"][site] + features["failed_per_site"][site] == 14
-        assert features["failed_per_site"][site] >= inference["empty_per_site"][site]  # no mask: no features
+    features = summary["outputs"]["features"]
+    for site in ("site-001", "site-002"):
+        # the 2 unlabelled cases per site, segmented or found tumour-free: under the default policy (cells of at
+        # least 5) a count of 1-4 leaves the site as "<5", so each count is 0 or "<5", and not both 0
+        counts = (inference["segmented_per_site"][site], inference["empty_per_site"][site])
+        assert set(counts) <= {0, "<5"} and "<5" in counts
+        # every valid case (14) is extracted or failed; the failures (at least the tumour-free ones) likewise
+        failed = features["failed_per_site"][site]
+        assert failed in (0, "<5") and (failed == "<5") == (features["cases_per_site"][site] < 14)
+        assert 10 <= features["cases_per_site"][site] <= 14
+        if counts[1] == "<5":  # no mask: no features
+            assert failed == "<5"
 
 
 def test_segmentation_learnt_something(study_run) -> None:
     seg = study_run[2]["outputs"]["segmentation"]
     assert seg["final_dsc_median"] > seg["initial_dsc_median"]
-    assert seg["final_dsc_median"] > 0.05  # a random network's DSC on these tumours is ~0.01
+    # a random network's DSC on these tumours is ~0.01; under the default policy a site's "median" is the mean of
+    # the 5 held-out cases around it (never one case's value), which on these few short-trained cases is ~0.045
+    assert seg["final_dsc_median"] > 0.03
 
 
 def test_combat_parity_with_pooled_neurocombat(study_run) -> None:
@@ -118,3 +131,67 @@ def test_report_has_every_section_and_every_figure_loads_in_chromium(study_run) 
     assert body is not None, dom[:500]
     figures, loaded = map(int, body.groups())
     assert figures >= 6 and loaded == figures
+
+
+
+STUDY_MESSAGE_TYPES = {  # what the default study's phases send (not rollcall, combat_batch, classifier_nyul)
+    "query.fingerprint", "query.nyul_landmarks", "query.preprocessing_plan", "query.preprocessing_apply",
+    "query.segmentation_cohort", "train.segmentation", "evaluate.segmentation", "query.segment_unlabelled",
+    "query.features", "query.combat_summary", "query.combat_fit", "query.combat_var", "query.combat_apply",
+    "query.featurestats", "query.signature_scores", "query.classifier_moments", "train.classifier",
+    "evaluate.classifier", "query.kmeans_moments", "query.kmeans_local_centres", "query.kmeans_assign",
+    "query.kmeans_labels", "query.survival_table", "query.cox_moments", "query.cox_sums", "query.feature_moments",
+}
+
+
+@pytest.fixture(scope="module")
+def replies(study_run) -> list[dict]:
+    records = read_replies(study_run[0] / "replies")
+    assert records, "the reply recorder wrote nothing"
+    assert [r for r in records if "recorder_failed" in r] == []
+    return records
+
+
+def test_every_action_of_the_study_was_answered_by_both_sites(replies) -> None:
+    from client.steps import SITE_STEPS
+    from common.protocol import message_type
+
+    assert STUDY_MESSAGE_TYPES <= {message_type(a) for a in SITE_STEPS}
+    assert {r["type"] for r in replies} == STUDY_MESSAGE_TYPES
+    assert [r for r in replies if r["error"]] == []  # an honest study is never refused
+    for kind in STUDY_MESSAGE_TYPES:
+        assert len({r["node"] for r in replies if r["type"] == kind}) == 2, kind
+
+
+def test_no_reply_holds_a_patient_level_value(study_run, replies) -> None:
+    """No id, site path, exception text or exact feature/score cell (or clinical value) in any reply; the same
+    checker finds each of those planted in a reply, and no honest count or size."""
+    found = [f"{r['type']}: {line}" for r in replies for line in r["leaks"]]
+    assert found == []
+    site = study_run[1][0]
+    features = pd.read_csv(site / "derived" / "features.csv", index_col=0)
+    scores = pd.read_csv(site / "derived" / "signature_scores.csv", index_col=0)
+    planted = {"note": f"case {features.index[3]} done", "where": f"{site.resolve()}/derived",
+               "cells": np.array([0.0, features.iloc[2, 5]]), "score": float(scores.iloc[1, 0]),
+               "text": f"mean {float(features.iloc[4, 7])!r}"}
+    assert len(LeakIndex([site]).scan(planted)) == 5
+    honest = {"n": 14, "counts": np.arange(64.0), "sizes": [32, 32, 32], "spacing": np.array([1.0, 1.5, 0.5]),
+              "hist": np.bincount(np.arange(50) % 7).astype(float), "weights": np.full(10, 0.25, np.float32)}
+    assert LeakIndex([site]).scan(honest) == []
+
+
+def test_every_reply_field_is_in_the_reviewed_inventory(replies) -> None:
+    """A field a step adds later fails here until it is reviewed in tests/security/replies_allowlist.py."""
+    from fnmatch import fnmatchcase
+
+    from tests.security.replies_allowlist import FLAGGED, REVIEWED
+
+    unreviewed = set()
+    for r in replies:
+        patterns = [*REVIEWED.get(r["type"], {}), *FLAGGED.get(r["type"], {})]
+        unreviewed |= {(r["type"], f) for f in r["fields"] if not any(fnmatchcase(f, p) for p in patterns)}
+    assert sorted(unreviewed) == []
+    seen = {(r["type"], f) for r in replies for f in r["fields"]}
+    stale = {(t, p) for lists in (REVIEWED, FLAGGED) for t, fields in lists.items() for p in fields
+             if not any(t == k and fnmatchcase(f, p) for k, f in seen)}
+    assert sorted(stale) == []  # the inventory lists what the study sends, no more

@@ -256,25 +256,34 @@ class SiteTruth:
     root: Path
     site_id: str
     clinical: pd.DataFrame  # indexed by patient_id
-    features: pd.DataFrame  # derived/features.csv, indexed by patient_id
+    features: pd.DataFrame  # the :data:`FEATURE_TABLES` side by side, indexed by patient_id (may be empty)
 
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(sorted({str(self.root), str(self.root.resolve())}))
 
 
+FEATURE_TABLES = ("features.csv", "features_harmonised.csv", "signature_scores.csv")  # derived/, once written
+
+
 def site_truth(site_dir: Path) -> SiteTruth:
-    """The patient-level data of one site directory (for the checks; the attacks never read it)."""
+    """The patient-level data of one site directory (for the checks; the attacks never read it). The feature
+    tables of ``derived/`` that do not exist yet (early in a study) count as empty."""
     from common.sitedata import load_site_config
 
     root = Path(site_dir)
     clinical = pd.read_csv(root / "clinical.csv", dtype={"patient_id": str}).set_index("patient_id")
-    features = pd.read_csv(root / "derived" / "features.csv", dtype={"patient_id": str}).set_index("patient_id")
+    tables = [pd.read_csv(root / "derived" / name, dtype={"patient_id": str}).set_index("patient_id")
+              for name in FEATURE_TABLES if (root / "derived" / name).is_file()]
+    features = pd.concat(tables, axis=1) if tables else pd.DataFrame(index=pd.Index([], name="patient_id"))
     return SiteTruth(root, load_site_config(root).site_id, clinical, features)
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _EXCEPTION = re.compile(r"\b(Traceback|[A-Z][A-Za-z]*(?:Error|Exception|Warning)):")
+_CLINICAL_VALUES = ("os_days", "age")
+_CLINICAL_ATOL = 1e-5  # a clinical value as a Python number: within 1e-5 (a survival time rebuilt from bins)
+_CELL_RTOL = 1e-9  # a features.csv cell, and any float64 array element: within 1e-9 relative
 
 
 def _walk(value: Any, where: str = "") -> Iterable[tuple[str, Any]]:
@@ -286,7 +295,12 @@ def _walk(value: Any, where: str = "") -> Iterable[tuple[str, Any]]:
         for i, v in enumerate(value):
             yield from _walk(v, f"{where}[{i}]")
     elif isinstance(value, np.ndarray):
-        yield from _walk(value.tolist(), where)
+        if value.dtype.kind in "fc":
+            yield where, value  # scanned at once (model weights hold millions of numbers)
+        elif value.dtype.kind in "biu":
+            return  # integers: counts, sizes, labels; no patient value of the checks is a whole number
+        else:
+            yield from _walk(value.tolist(), where)
     elif isinstance(value, np.generic):
         yield where, value.item()
     else:
@@ -300,47 +314,175 @@ def _near(values: np.ndarray, x: float, atol: float, rtol: float) -> bool:
     return any(abs(values[j] - x) <= atol + rtol * abs(values[j]) for j in (i - 1, i) if 0 <= j < values.size)
 
 
-def _non_integer(values: Iterable[object]) -> np.ndarray:
+def _matches(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The elements of a float64 array ``x`` within :data:`_CELL_RTOL` of one of the sorted ``values``."""
+    x = x[np.isfinite(x)].astype(np.float64)
+    if values.size == 0 or x.size == 0:
+        return x[:0]
+    i = np.clip(np.searchsorted(values, x), 1, max(values.size - 1, 1))
+    lo, hi = values[i - 1], values[np.minimum(i, values.size - 1)]
+    hit = (np.abs(lo - x) <= _CELL_RTOL * np.abs(lo)) | (np.abs(hi - x) <= _CELL_RTOL * np.abs(hi))
+    return x[hit]
+
+
+def _distinctive(values: Iterable[object]) -> np.ndarray:
+    """The sorted distinct values that an honest aggregate does not hit by chance: finite and not a multiple of
+    0.1 (whole numbers are counts and sizes; halves and tenths are sums of halves, bin edges, fractions)."""
     arr = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(dtype=np.float64)
     arr = arr[np.isfinite(arr)]
-    return np.unique(arr[arr != np.round(arr)])
+    tenths = arr * 10.0
+    return np.unique(arr[np.abs(tenths - np.round(tenths)) > 1e-9 * np.maximum(1.0, np.abs(tenths))])
+
+
+class LeakIndex:
+    """The patient-level values of some site directories, compiled once, and :meth:`scan` of an answer."""
+
+    def __init__(self, site_dirs: Sequence[Path]) -> None:
+        truths = [site_truth(Path(d)) for d in site_dirs]
+        ids = sorted({str(i) for t in truths for i in t.clinical.index}, key=len, reverse=True)
+        self._ids = [(i, re.compile(rf"(?<![A-Za-z0-9_]){re.escape(i)}(?![A-Za-z0-9_])")) for i in ids]
+        self._paths = sorted({p for t in truths for p in t.paths}, key=len, reverse=True)
+        self._clinical = {col: _distinctive(v for t in truths if col in t.clinical for v in t.clinical[col])
+                          for col in _CLINICAL_VALUES}
+        self._cells = _distinctive(v for t in truths for v in t.features.to_numpy().ravel())
+
+    def _number(self, x: float) -> str | None:
+        for col, values in self._clinical.items():
+            if _near(values, x, _CLINICAL_ATOL, 0.0):
+                return col
+        return "derived feature or score cell" if _near(self._cells, x, 0.0, _CELL_RTOL) else None
+
+    def _array(self, where: str, x: np.ndarray) -> list[str]:
+        if x.dtype.itemsize < 8 or x.dtype.kind == "c":
+            # float32 (model weights, images) cannot hold a float64 patient value; equality with one rounded to
+            # float32 happens by chance among a network's ~1e5 weights, so such arrays are not value-matched
+            return []
+        x = np.ravel(x)
+        found = []
+        for what, values in (*self._clinical.items(), ("derived feature or score cell", self._cells)):
+            hits = _matches(values, x)
+            if hits.size:
+                found.append(f"{where}: {hits.size} element(s) equal to a patient's {what}, e.g. {hits[0]!r}")
+        return found
+
+    def scan(self, answer: object) -> list[str]:
+        """Every finding in ``answer`` (see :func:`leaks`), one line each."""
+        found: list[str] = []
+        for where, value in _walk(answer):
+            if isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, np.ndarray):
+                found += self._array(where, value)
+                continue
+            if isinstance(value, (int, float)):
+                what = self._number(float(value))
+                if what:
+                    found.append(f"{where}: {value!r} is a patient's {what}")
+                continue
+            text = str(value)
+            found += [f"{where}: patient id {i!r}" for i, pattern in self._ids if pattern.search(text)]
+            found += [f"{where}: site path {p!r}" for p in self._paths if p in text]
+            if _EXCEPTION.search(text):
+                found.append(f"{where}: exception text {_EXCEPTION.search(text).group(0)!r}")  # type: ignore[union-attr]
+            for token in _NUMBER.findall(text):
+                what = self._number(float(token))
+                if what:
+                    found.append(f"{where}: {token} in {text[:80]!r} is a patient's {what}")
+        return found
 
 
 def leaks(answer: object, site_dirs: Sequence[Path]) -> list[str]:
-    """Every string and number of ``answer`` that identifies a patient of ``site_dirs``: patient ids, paths under
-    a site directory, exception text, or an exact (non-integer) value of clinical.csv ``os_days``/``age`` or
-    of a features.csv cell (as a number or written in a string). One line per finding."""
-    truths = [site_truth(Path(d)) for d in site_dirs]
-    ids = sorted({str(i) for t in truths for i in t.clinical.index}, key=len, reverse=True)
-    paths = sorted({p for t in truths for p in t.paths}, key=len, reverse=True)
-    clinical = {col: _non_integer(v for t in truths for v in t.clinical[col]) for col in ("os_days", "age")}
-    cells = _non_integer(v for t in truths for v in t.features.to_numpy().ravel())
+    """Every string and number of ``answer`` that identifies a patient of ``site_dirs``: patient ids (as whole
+    tokens), paths of a site directory, exception text, or an exact value of clinical.csv ``os_days``/``age``
+    or of a cell of a table of :data:`FEATURE_TABLES` (as a number, in a float64 array, or written in a
+    string). Only values that are not multiples of 0.1 are matched (counts, sizes, halves and tenths are what
+    honest aggregates hold); a number matches a clinical value within 1e-5 (float64 arrays: 1e-9 relative),
+    a cell within 1e-9 relative; integer and float32 arrays (labels, model weights) are not value-matched.
+    One line per finding."""
+    return LeakIndex(site_dirs).scan(answer)
 
-    def number(x: float) -> str | None:
-        for col, values in clinical.items():
-            if _near(values, x, 1e-5, 0.0):
-                return col
-        return "features.csv cell" if _near(cells, x, 0.0, 1e-9) else None
 
-    found: list[str] = []
-    for where, value in _walk(answer):
-        if isinstance(value, bool) or value is None:
-            continue
-        if isinstance(value, (int, float)):
-            what = number(float(value))
-            if what:
-                found.append(f"{where}: {value!r} is a patient's {what}")
-            continue
-        text = str(value)
-        found += [f"{where}: patient id {i!r}" for i in ids if i in text]
-        found += [f"{where}: site path {p!r}" for p in paths if p in text]
-        if _EXCEPTION.search(text):
-            found.append(f"{where}: exception text {_EXCEPTION.search(text).group(0)!r}")  # type: ignore[union-attr]
-        for token in _NUMBER.findall(text):
-            what = number(float(token))
-            if what:
-                found.append(f"{where}: {token} in {text[:80]!r} is a patient's {what}")
-    return found
+# ============================================================================================ reply recorder
+
+
+def _field_kind(value: object) -> dict[str, object]:
+    """What one reply field is, for the inventory: an array's dtype and shape, or a config value's type."""
+    if isinstance(value, np.ndarray):
+        return {"kind": "array", "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, (list, tuple)):
+        return {"kind": "list", "items": sorted({type(v).__name__ for v in value}), "len": len(value)}
+    return {"kind": type(value).__name__}
+
+
+def _append_line(path: Path, record: Mapping[str, object]) -> None:
+    import fcntl
+
+    line = json.dumps(jsonable(record), sort_keys=True, default=str) + "\n"
+    with open(path, "a", encoding="utf-8") as out:
+        fcntl.flock(out, fcntl.LOCK_EX)
+        try:
+            out.write(line)
+            out.flush()
+        finally:
+            fcntl.flock(out, fcntl.LOCK_UN)
+
+
+class _IndexCache:
+    """One :class:`LeakIndex` per site directory, rebuilt when a file it reads changes (the study writes the
+    feature tables as it goes)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[tuple, LeakIndex]] = {}
+
+    def get(self, site_dir: Path) -> LeakIndex:
+        files = [site_dir / "clinical.csv", *(site_dir / "derived" / n for n in FEATURE_TABLES)]
+        stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files)
+        held = self._held.get(str(site_dir))
+        if held is None or held[0] != stamp:
+            held = (stamp, LeakIndex([site_dir]))
+            self._held[str(site_dir)] = held
+        return held[1]
+
+
+def reply_recorder(out_dir: Path) -> Callable:
+    """A ClientApp mod that records every reply of its node to ``out_dir/replies-<node id>.jsonl``, after the
+    handler (and the mods after it) ran: the message type, whether it is an error (and its code), every
+    field with its kind/shape and the :func:`leaks` findings of the reply's content (arrays and config values,
+    or the error's reason) against the node's site (``data-path``: put the mod after
+    :func:`simulations.engine.site_path_mod`). Never changes the reply; a failure of its own is recorded."""
+    out = str(Path(out_dir).resolve())
+    cache = _IndexCache()
+
+    def mod(msg: Any, context: Any, call_next: Callable) -> Any:
+        from client.app import DATA_PATH_KEY, decode
+
+        reply = call_next(msg, context)
+        record: dict[str, object] = {"type": msg.metadata.message_type, "node": int(context.node_id)}
+        try:
+            site = context.node_config.get(DATA_PATH_KEY)
+            if not site:
+                raise RuntimeError(f"no {DATA_PATH_KEY!r}: the recorder ran before site_path_mod")
+            index = cache.get(Path(str(site)))
+            if reply.has_error():
+                record |= {"error": True, "code": int(reply.error.code), "fields": {},
+                           "leaks": index.scan({"reason": str(reply.error.reason)})}
+            else:
+                content = decode(reply.content)
+                record |= {"error": False, "fields": {k: _field_kind(v) for k, v in content.items()},
+                           "leaks": index.scan(content)}
+        except Exception as err:  # noqa: BLE001 - the study must go on; the test reads the failure
+            record |= {"recorder_failed": f"{type(err).__name__}: {err}"}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        _append_line(Path(out) / f"replies-{record['node']}.jsonl", record)
+        return reply
+
+    return mod
+
+
+def read_replies(out_dir: Path) -> list[dict]:
+    """Every record :func:`reply_recorder` wrote under ``out_dir``."""
+    return [json.loads(line) for f in sorted(Path(out_dir).glob("replies-*.jsonl"))
+            for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ============================================================================================ attacks

@@ -220,3 +220,46 @@ def test_leaks_finds_ids_paths_values_and_exception_text(redteam_sites: list[Pat
     honest = {"n": PATIENTS, "mean": truth.features.mean().to_numpy(), "times": [7.0, 14.0, 350.0],
               "error": "site refuses: policy rule 'min_cohort': pool fewer groups"}
     assert leaks(honest, redteam_sites) == []
+
+
+def test_reply_recorder_lists_fields_and_finds_leaks_after_the_handler(redteam_sites: list[Path],
+                                                                       tmp_path: Path) -> None:
+    import time
+
+    from flwr.app import Context, Error, Message, Metadata, RecordDict
+    from flwr.client.mod.utils import make_ffn
+
+    from client.app import DATA_PATH_KEY, encode
+    from simulations.engine import site_path_mod
+
+    truth = site_truth(redteam_sites[1])
+    cell = float(truth.features.iloc[0, 1])
+    answers: dict[str, dict[str, object] | None] = {
+        "query.honest": {"n": PATIENTS, "hist": np.arange(8.0), "w/conv": np.full(4, 0.25, np.float32)},
+        "query.leaky": {"note": f"{truth.clinical.index[0]} ok", "mean": np.array([1.0, cell])},
+        "query.refused": None}
+    out = tmp_path / "replies"
+
+    def handler(msg: Message, context: Context) -> Message:
+        assert context.node_config[DATA_PATH_KEY]  # set by site_path_mod before the handler
+        payload = answers[msg.metadata.message_type]
+        if payload is None:
+            return Message(Error(code=403, reason=f"refused at {truth.root}"), reply_to=msg)
+        return Message(encode(payload), reply_to=msg)
+
+    mods = [site_path_mod(redteam_sites), curious.reply_recorder(out)]
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    call = make_ffn(handler, mods)  # as Flower's ClientApp composes its mods: the first one outermost
+    for kind in answers:
+        meta = Metadata(run_id=1, message_id=f"id-{kind}", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=600.0, message_type=kind)
+        call(Message(metadata=meta, content=RecordDict()), context)  # type: ignore[call-overload]
+    records = {r["type"]: r for r in curious.read_replies(out)}
+    assert set(records) == set(answers) and {r["node"] for r in records.values()} == {7}
+    assert records["query.honest"]["leaks"] == [] and not records["query.honest"]["error"]
+    assert records["query.honest"]["fields"] == {
+        "n": {"kind": "int"}, "hist": {"kind": "array", "dtype": "float64", "shape": [8]},
+        "w/conv": {"kind": "array", "dtype": "float32", "shape": [4]}}
+    assert len(records["query.leaky"]["leaks"]) == 2, records["query.leaky"]
+    assert records["query.refused"]["error"] and records["query.refused"]["code"] == 403
+    assert ["site path" in line for line in records["query.refused"]["leaks"]] == [True]

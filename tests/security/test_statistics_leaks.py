@@ -271,7 +271,8 @@ def test_preprocessing_edges_are_bounded_and_thin_bins_emptied() -> None:
 
 
 def test_inference_counts_under_the_floor_travel_as_a_flag() -> None:
-    from common.segmentation.inference import read_count, run_inference, small_count
+    from common.replies import read_count, small_count
+    from common.segmentation.inference import run_inference
 
     # a site with one unlabelled case: n_empty tells whether the model found that named case tumour-free
     assert small_count("n_empty", 1, 1) == {"n_empty": 1}
