@@ -46,10 +46,16 @@ REVIEWED: dict[str, dict[str, str]] = {
     "train.segmentation": {**_TRAIN_ROUND, "seconds": _TRAIN, "update-norm": _TRAIN},
     "evaluate.segmentation": {
         "num-examples": "the held-out cases (a count)", "site_id": _SITE,
-        **{f"{m}-{s}": _SUMS for m in _SEG_METRICS for s in ("sum", "sumsq", "mean", "sd")}},
+        **{f"{m}-{s}": _SUMS for m in _SEG_METRICS for s in ("sum", "sumsq", "mean", "sd")},
+        **{f"{m}-{s}": "cell_floor > 1: the mean of the cell_floor held-out cases around the quantile "
+                       "(common.segmentation.metrics.local_quantile)"
+           for m in _SEG_METRICS for s in ("median", "q25", "q75")},
+        **{f"{m}-n": "cases with a finite metric; a metric undefined for 1..cell_floor-1 cases is withheld "
+                     "(zeros), so num-examples minus it is 0 or >= cell_floor" for m in _SEG_METRICS}},
     "query.segment_unlabelled": {"n_segmented": "0 or >= cell_floor, else '<k'",
                                  "n_empty": "0 or >= cell_floor, else '<k'", "site_id": _SITE},
     "query.features": {"n_cases": _COUNT, "n_features": "the number of feature columns",
+                       "n_failed": "0 or >= cell_floor, else '<k' (small_count)",
                        "settings_hash": "the sha256 of the radiomics settings", "site_id": _SITE},
     "query.combat_summary": {"features": "feature column names", "n_cases": _COUNT,
                              "batches": "cases per batch (each >= min_cohort, harmonisation_site.check_cells)",
@@ -106,14 +112,4 @@ REVIEWED: dict[str, dict[str, str]] = {
     "query.feature_moments": {"*/n": _COUNT, "*/mean": _SUMS, "*/sd": _SUMS, "site_id": _SITE},
 }
 
-FLAGGED: dict[str, dict[str, str]] = {
-    "evaluate.segmentation": {
-        **{f"{m}-{s}": "np.percentile of the per-case held-out metrics (common.segmentation.metrics.describe): "
-                       "with an odd count the median IS one case's value, else it interpolates 2 cases (no "
-                       "middle_mean as the fingerprint has)" for m in _SEG_METRICS for s in ("median", "q25", "q75")},
-        **{f"{m}-n": "cases with a finite metric: num-examples minus it counts the cases whose metric is NaN "
-                     "(e.g. an empty prediction), a count below cell_floor not passed through small_count"
-           for m in _SEG_METRICS}},
-    "query.features": {"n_failed": "cases whose radiomics failed, sent as it is (2 here, below cell_floor 5) "
-                                   "where preprocessing and inference send small_count's '<k'"},
-}
+FLAGGED: dict[str, dict[str, str]] = {}  # none open: the last ones (segmentation quartiles, n_failed) are fixed
