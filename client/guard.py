@@ -46,9 +46,11 @@ RULES: dict[str, str] = {
     "allowed_names": "the study names a settings file or table the site does not list (policy.radiomics_settings, "
                      "policy.feature_tables); name one of the site's",
     "release_ledger": "together with what the site already released, this answer would single out fewer "
-                      "patients than policy.min_cohort; repeat an earlier request or change the groups by more",
+                      "patients than policy.min_cell (such a refusal freezes the kind of answer for the study); "
+                      "repeat an earlier request or change the groups by more",
     "histogram_bins": "more histogram or score bins than the site releases (policy.histogram_bins); use fewer",
-    "percentiles": "a requested percentile is outside the range the site releases; use inner percentiles",
+    "percentiles": "a requested percentile is outside the range the site releases, or too many were asked; use "
+                   "at most 16 inner percentiles",
     "min_batch_size": "a training step would use fewer patients than the site allows (policy.min_batch_size); "
                       "use larger batches",
     "require_dp": "this site trains only with differential privacy (policy.require_dp); enable DP-SGD in the study",

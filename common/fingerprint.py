@@ -7,7 +7,7 @@ sites' quantiles otherwise (medians and percentiles are not decomposable; nnU-Ne
 served by a weighted median of site medians).
 
 Privacy: with ``cell_floor`` 1 (the site's policy allows exact outcomes) the site sends the statistics as they
-are. Otherwise nothing it sends is one case's (or one voxel's) value: the percentiles must lie in
+are. Otherwise no case's value and no extreme voxel leaves: at most :data:`MAX_PERCENTILES` percentiles, in
 :data:`PERCENTILE_RANGE` (0 and 100 are one voxel's intensity; rule ``percentiles``); a pooled voxel quantile
 is sent only where at least ``cell_floor`` cases have sampled voxels on each side of it, else the mean over
 cases of their own quantile; ``min_max`` is the mean over cases of each case's lowest and highest sampled
@@ -29,6 +29,7 @@ from common.replies import reply_field
 
 FINGERPRINT = "fingerprint"  # the one round: each site measures its cases with masks
 PERCENTILE_RANGE = (0.5, 99.5)  # the intensity percentiles a site releases (outside: one voxel's value)
+MAX_PERCENTILES = 16  # more, placed at the server's choice, would hit the sorted voxel values one by one
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,11 @@ def middle_mean(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def check_percentiles(site_id: str, percentiles: Sequence[float]) -> None:
-    """Refuse (rule ``percentiles``) intensity percentiles outside :data:`PERCENTILE_RANGE`."""
+    """Refuse (rule ``percentiles``) intensity percentiles outside :data:`PERCENTILE_RANGE`, or more than
+    :data:`MAX_PERCENTILES` of them."""
+    if len(percentiles) > MAX_PERCENTILES:
+        raise PolicyError(site_id, "percentiles", f"{len(percentiles)} intensity percentiles requested; the site "
+                          f"releases at most {MAX_PERCENTILES}")
     lo, hi = PERCENTILE_RANGE
     outside = [float(p) for p in percentiles if not lo <= float(p) <= hi]
     if outside:

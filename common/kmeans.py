@@ -27,7 +27,7 @@ The rounds over a site's cohort are in :mod:`common.outcomes_site`, the driver i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,12 +139,11 @@ def kmeans_tolerance(moments: Moments, tol: float) -> float:
 
 
 def site_local_centres(site_id: str, X: np.ndarray, n_centres: int, min_cell: int, seed: int,
-                       min_cohort: int = 1, accept: Callable[[np.ndarray], bool] | None = None) -> Payload:
+                       min_cohort: int = 1) -> Payload:
     """The site step of the federated k-means++: up to ``n_centres`` local centroids and their sizes.
 
     The site clusters its own patients (scikit-learn k-means, seeded) into as many clusters as allow
-    every cluster at least ``min_cell`` patients (and that ``accept`` takes, given the labels, when set: the
-    site's release rule); with one cluster the centroid is the site mean.
+    every cluster at least ``min_cell`` patients; with one cluster the centroid is the site mean.
     """
     from sklearn.cluster import KMeans
 
@@ -155,7 +154,7 @@ def site_local_centres(site_id: str, X: np.ndarray, n_centres: int, min_cell: in
     while m > 1:
         fit = KMeans(n_clusters=m, n_init=4, random_state=seed).fit(arr)
         counts = np.bincount(fit.labels_, minlength=m)
-        if counts.min() >= max(min_cell, 1) and (accept is None or accept(fit.labels_)):
+        if counts.min() >= max(min_cell, 1):
             return {"centres": fit.cluster_centers_.astype(np.float64), "counts": counts.astype(np.float64)}
         m -= 1
     return {"centres": arr.mean(axis=0, keepdims=True), "counts": np.array([float(n)])}

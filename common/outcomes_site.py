@@ -41,7 +41,7 @@ from common.errors import PolicyError, ProtocolError
 from common.kmeans import assign_labels, inertia, site_cluster_sums, site_local_centres
 from common.pooled_moments import check_matrix, require_cohort, site_moments
 from common.protocol import Payload, SiteFunction
-from common.release_ledger import ReleaseLedger, digest_id, partition, scope_of
+from common.release_ledger import FEATURES, SURVIVAL, ReleaseLedger, digest_id, partition
 from common.survival import (
     EXACT,
     NoisyRelease,
@@ -86,6 +86,7 @@ class OutcomesCohort:
     ledger: ReleaseLedger | None = None  # None: no differencing rule (exact policy, in-memory parity tests)
     time_floor: float | None = None  # the finest time bin the site releases; coarser requests are multiples
     noisy: NoisyRelease | None = None  # set: event tables leave with calibrated noise (no merging, no ledger)
+    study_key: str = ""  # the study the requests come from (a ledger scope freezes per study)
 
     def keep_labels(self, labels: np.ndarray) -> None:
         """Keep the patients' cluster labels here (and in :attr:`label_sink`)."""
@@ -156,8 +157,8 @@ def time_bin(site_id: str, exact_allowed: bool, request: Mapping[str, object], f
              ) -> float | None:
     """The bin width to release (None: exact times); refused when exact is asked and not allowed.
 
-    With a site ``floor`` the width is the smallest multiple of it at least the requested one: every width
-    the site ever uses is a multiple of its floor, so no two releases together resolve times finer than it.
+    With a site ``floor`` the width is the floor whatever the request asks: one fixed grid, so that no two
+    releases with different edges resolve a patient's time (or isolate one patient between two edges).
     """
     if str(request.get("mode", "")) == EXACT:
         if not exact_allowed:
@@ -168,9 +169,9 @@ def time_bin(site_id: str, exact_allowed: bool, request: Mapping[str, object], f
         raise ProtocolError(site_id, "the request asks for binned times but gives no bin width",
                             "run the same fedbiopsy version everywhere")
     width = float(request["time_bin_days"])  # type: ignore[arg-type]
-    if floor is None or not np.isfinite(width):
-        return width
-    return float(floor) * max(1.0, math.ceil(width / float(floor) - 1e-9))
+    if not math.isfinite(width) or width <= 0:
+        raise ProtocolError(site_id, "the time bin width is not a positive number", "set outcomes.time_bin_days > 0")
+    return width if floor is None else float(floor)
 
 
 def released(cohort: OutcomesCohort, request: Mapping[str, object]) -> Released:
@@ -190,7 +191,7 @@ def released(cohort: OutcomesCohort, request: Mapping[str, object]) -> Released:
     if cohort.ledger is not None:  # the groups, against every grouping of these patients released before
         all_ids = cohort_ids(cohort.site_id, cohort.survival_ids, cohort.durations.size)
         ids = [all_ids[i] for i in np.flatnonzero(rel.keep)]
-        cohort.ledger.release(scope_of("survival", [cohort.survival_source]), ids, partition(ids, rel.groups))
+        cohort.ledger.release(SURVIVAL, ids, partition(ids, rel.groups), cohort.study_key)
     return rel
 
 
@@ -215,16 +216,12 @@ def _cox_covariates(cohort: OutcomesCohort, rel: Released, request: Mapping[str,
 # ============================================================================================ site steps
 
 
-def _feature_scope(cohort: OutcomesCohort) -> str:
-    return scope_of("features", cohort.feature_names)
-
-
 def site_kmeans_moments(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """Round 1 of k-means: feature moments (standardisation, tolerance), names, source and the exact flag."""
     out = site_moments(cohort.site_id, _features(cohort), cohort.min_cohort)
     if cohort.ledger is not None:
         ids = cohort_ids(cohort.site_id, cohort.ids, _features(cohort).shape[0])
-        cohort.ledger.release(_feature_scope(cohort), ids, [ids])
+        cohort.ledger.release(FEATURES, ids, [ids], cohort.study_key)
     out.update(features=list(cohort.feature_names), source=cohort.source, exact_outcomes=bool(cohort.exact))
     return out
 
@@ -232,33 +229,27 @@ def site_kmeans_moments(cohort: OutcomesCohort, request: Mapping[str, object]) -
 def site_kmeans_local_centres(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """Federated k-means++: local centroids of the standardised features (seeded per site).
 
-    Under a release ledger the site takes the most local clusters whose cells it may release (one cluster,
-    the site mean, always can).
+    Under a release ledger the site sends one centroid, its mean (over the cohort whose moments it already
+    released): trying finer local partitions would itself answer which of them single out a few patients.
     """
     seed = (int(request.get("seed", 0)) + zlib.crc32(cohort.site_id.encode())) % 2**31  # type: ignore[call-overload]
-    n_centres = int(_array(request, "n_centres", cohort.site_id))
-    z = _standardised(cohort, request)
-    accept = None
-    if cohort.ledger is not None:
-        ledger, ids, scope = cohort.ledger, cohort_ids(cohort.site_id, cohort.ids, z.shape[0]), _feature_scope(cohort)
+    n_centres = 1 if cohort.ledger is not None else int(_array(request, "n_centres", cohort.site_id))
+    return site_local_centres(cohort.site_id, _standardised(cohort, request), n_centres, cohort.min_cell, seed,
+                              cohort.min_cohort)
 
-        def accept(labels: np.ndarray) -> bool:
-            cells = partition(ids, labels)
-            if not ledger.releasable(scope, ids, cells):
-                return False
-            ledger.release(scope, ids, cells)
-            return True
 
-    return site_local_centres(cohort.site_id, z, n_centres, cohort.min_cell, seed, cohort.min_cohort, accept=accept)
+def _assign_key(cohort: OutcomesCohort, k: int) -> str:
+    return f"assign-k{k}|{cohort.study_key}"
 
 
 def site_kmeans_assign(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """One Lloyd iteration: per-cluster sums and counts (cells under ``min_cell`` withheld).
 
     Under a release ledger a partition that may not leave (a cell, its complement or its difference from an
-    earlier released cell under ``min_cell`` patients) is not answered: the site repeats its last released
-    answer for this k (zeros before the first) with ``held`` = 1 and ``changed`` = 0; ``changed`` is then
-    whether the partition differs from the last released one (0/1), never a count of server-chosen regions.
+    earlier released cell under ``min_cell`` patients) is not answered, and freezes the site's k-means for the
+    study (:class:`~common.release_ledger.ReleaseLedger`): from then on the site repeats its last released
+    answer of the study (zeros before the first) with ``held`` = 1 and ``changed`` = 0. ``changed`` is whether
+    the partition differs from the last released one (0/1), never a count of server-chosen regions.
     """
     previous = request.get("previous")
     z = _standardised(cohort, request)
@@ -267,40 +258,57 @@ def site_kmeans_assign(cohort: OutcomesCohort, request: Mapping[str, object]) ->
                             cohort.min_cell, cohort.min_cohort)
     if cohort.ledger is None:
         return out
-    ledger, ids, scope = cohort.ledger, cohort_ids(cohort.site_id, cohort.ids, z.shape[0]), _feature_scope(cohort)
+    ledger, ids = cohort.ledger, cohort_ids(cohort.site_id, cohort.ids, z.shape[0])
+    key = _assign_key(cohort, centres.shape[0])
+    last = ledger.last(FEATURES, key)
     labels = assign_labels(z, centres)
     cells = [[ids[i] for i in np.flatnonzero(labels == j)] for j in range(centres.shape[0])]
-    key = f"assign-k{centres.shape[0]}"
-    last = ledger.last(scope, key)
-    digest = [sorted(digest_id(p) for p in c) for c in cells]
-    if not ledger.releasable(scope, ids, cells):
+    if not ledger.try_release(FEATURES, ids, cells, cohort.study_key):
         sums = np.asarray(last["sums"]) if last else np.zeros_like(out["sums"])
         counts = np.asarray(last["counts"]) if last else np.zeros_like(out["counts"])
         return {"sums": sums, "counts": counts, "changed": 0, "suppressed": 0, "held": 1, "n": out["n"]}
-    ledger.release(scope, ids, cells)
+    digest = [sorted(digest_id(p) for p in c) for c in cells]
     out["changed"] = int(last is None or last.get("cells") != digest)
-    ledger.keep(scope, key, {"sums": out["sums"], "counts": out["counts"], "cells": digest})
+    ledger.keep(FEATURES, key, {"sums": out["sums"], "counts": out["counts"], "cells": digest})
     out["held"] = 0
     return out
+
+
+def _last_released_labels(cohort: OutcomesCohort, k: int) -> np.ndarray | None:
+    """The labels of the site's last released partition of the study (None: none released, or another cohort)."""
+    if cohort.ledger is None:
+        return None
+    last = cohort.ledger.last(FEATURES, _assign_key(cohort, k))
+    if not last:
+        return None
+    cell_of = {d: j for j, cell in enumerate(last["cells"]) for d in cell}
+    labels = [cell_of.get(digest_id(p)) for p in cohort.ids]
+    return None if any(x is None for x in labels) else np.asarray(labels, dtype=np.int64)
 
 
 def site_kmeans_labels(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """The final centres: the site labels its patients and keeps the labels; only count and inertia leave.
 
-    Under a release ledger the inertia (a sum over the partition) leaves only when the partition may.
+    Under a release ledger the site keeps the labels of a partition it may release: the final one, or (frozen)
+    its last released one of the study, or none (then later survival steps have no groups); the inertia
+    leaves only with the final partition.
     """
     z = _standardised(cohort, request)
     require_cohort(cohort.site_id, z.shape[0], cohort.min_cohort)
     centres = _array(request, "centres", cohort.site_id)
     labels = assign_labels(z, centres)
-    cohort.keep_labels(labels)
     out: Payload = {"n": int(labels.size)}
     if cohort.ledger is not None:
-        ids, scope = cohort_ids(cohort.site_id, cohort.ids, z.shape[0]), _feature_scope(cohort)
-        if not cohort.ledger.releasable(scope, ids, partition(ids, labels)):
+        ids = cohort_ids(cohort.site_id, cohort.ids, z.shape[0])
+        if not cohort.ledger.try_release(FEATURES, ids, partition(ids, labels), cohort.study_key):
+            kept = _last_released_labels(cohort, centres.shape[0])
+            if kept is not None:
+                cohort.keep_labels(kept)
+            elif cohort.label_sink is not None:
+                cohort.label_sink(np.array([], dtype=np.int64))  # no released partition: no groups
             out["held"] = 1
             return out
-        cohort.ledger.release(scope, ids, partition(ids, labels))
+    cohort.keep_labels(labels)
     out["inertia"] = inertia(z, centres, labels)
     return out
 

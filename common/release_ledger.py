@@ -2,19 +2,26 @@
 
 A sum, count or event table over a set of patients is safe alone when the set is large; two of them over
 sets ``S`` and ``T`` give the aggregate over the patients in one and not the other. A curious server that
-chooses the groups (k-means centres, cluster labels, relabellings) can make ``S`` and ``T`` differ by one
-patient and read that patient's row. The ledger keeps, per *scope* (the columns an aggregate is over, e.g. a
-feature set or a survival outcome), every set of patients released so far, and allows a new release only if
-each of its sets ``S`` and each complement ``U - S`` (``U``, the cohort: its totals are released too) differs
-from every recorded set, the empty set and the whole cohort by either no patient or at least ``min_diff``.
+chooses the groups (k-means centres, cluster labels, relabellings, the classifier's split) can make ``S`` and
+``T`` differ by one patient and read that patient's row. The ledger keeps, per *scope* (a kind of data the
+site answers about: ``features``, ``survival``, ``classifier-split``; fixed by the site, never by a request),
+every set of patients released so far, and allows a new release only if each of its sets ``S`` and each
+complement ``U - S`` (``U``, the cohort: its totals are released too) differs from every recorded set, the
+empty set and the whole cohort by either no patient or at least ``min_diff`` (the site's ``min_cell``).
 This covers the cell itself (``|S|``), its complement (total minus the other cells) and differencing
-against any earlier release; it does not bound combinations of three or more releases (see
-``policy release``/``noisy`` in the issue notes) -- a pairwise rule, as in statistical disclosure control.
+against any earlier release; it does not bound combinations of three or more releases -- a pairwise rule,
+as in statistical disclosure control; ``policy.noise_epsilon`` is the site's stronger option.
+
+A refusal (or a held k-means answer) is itself an answer: "some set here would single out a few patients".
+So the first one in a scope *freezes* the scope for that study (every later request in it is answered as
+frozen, without looking at the data again), and a scope frozen in ``max_refusals`` studies is *closed* for
+good (every release in it is refused until the site's operator deletes the file on purpose): a server learns
+at most ``max_refusals`` such bits per scope over the site's lifetime.
 
 The file (``derived/release-ledger.json`` at a site; ``None`` keeps it in memory) holds, per scope, the
-released sets as sorted lists of salted hashes of patient ids, and the last answer released per scope and
-key (what a site answers again when a new one may not leave: :meth:`ReleaseLedger.last`). It never leaves
-the site. Writes are whole-file and atomic.
+released sets as sorted lists of salted hashes of patient ids, the studies a scope was frozen in, and the
+last answer released per scope and key (what a site answers again when a new one may not leave:
+:meth:`ReleaseLedger.last`). It never leaves the site. Writes are whole-file and atomic.
 """
 
 from __future__ import annotations
@@ -41,15 +48,18 @@ def digest_id(patient_id: str) -> str:
 class ReleaseLedger:
     """Released patient sets per scope, with the pairwise differencing rule of the module docstring."""
 
-    def __init__(self, site_id: str, path: Path | None, min_diff: int) -> None:
+    def __init__(self, site_id: str, path: Path | None, min_diff: int, max_refusals: int = 20) -> None:
         self.site_id = site_id
         self.path = None if path is None else Path(path)
         self.min_diff = int(min_diff)
+        self.max_refusals = int(max_refusals)
         self._sets: dict[str, list[frozenset[str]]] = {}
+        self._frozen: dict[str, list[str]] = {}
         self._last: dict[str, Any] = {}
         if self.path is not None and self.path.is_file():
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             self._sets = {scope: [frozenset(s) for s in sets] for scope, sets in raw.get("sets", {}).items()}
+            self._frozen = {scope: list(studies) for scope, studies in raw.get("frozen", {}).items()}
             self._last = dict(raw.get("last", {}))
 
     # ------------------------------------------------------------------------------------------ the rule
@@ -68,24 +78,37 @@ class ReleaseLedger:
                     worst = d
         return worst
 
-    def releasable(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]]) -> bool:
-        """Whether ``cells`` (sets of patient ids within ``universe``) may be released now."""
-        return self.conflict(scope, universe, cells) is None
+    def frozen(self, scope: str, study: str) -> bool:
+        """Whether ``scope`` answers as frozen in ``study`` (refused there before, or closed)."""
+        studies = self._frozen.get(scope, [])
+        return study in studies or len(studies) >= self.max_refusals
 
-    def release(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]]) -> None:
-        """Record ``cells`` and ``universe``; refused (rule ``release_ledger``) when they may not leave."""
+    def try_release(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]], study: str) -> bool:
+        """Record ``cells`` (sets of patient ids within ``universe``) and ``universe`` if they may leave, and
+        return True; else freeze ``scope`` for ``study`` and return False (the data is not looked at again)."""
+        if self.frozen(scope, study):
+            return False
         cells = [list(c) for c in cells]
-        worst = self.conflict(scope, universe, cells)
-        if worst is not None:
-            raise PolicyError(self.site_id, "release_ledger",
-                              f"scope {scope}: a released set would differ from an earlier one by {worst} patient(s) "
-                              f"(< {self.min_diff})")
+        if self.conflict(scope, universe, cells) is not None:
+            self._frozen.setdefault(scope, []).append(study)
+            self._save()
+            return False
         recorded = self._sets.setdefault(scope, [])
         for cell in [list(universe), *cells]:
             s = frozenset(digest_id(p) for p in cell)
             if s and s not in recorded:
                 recorded.append(s)
         self._save()
+        return True
+
+    def release(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]], study: str) -> None:
+        """:meth:`try_release`, refusing (rule ``release_ledger``) when the cells may not leave."""
+        if not self.try_release(scope, universe, cells, study):
+            closed = len(self._frozen.get(scope, [])) >= self.max_refusals
+            why = (f"closed after refusals in {self.max_refusals} studies" if closed else
+                   f"frozen for this study: a set differed from an earlier one by fewer than {self.min_diff} "
+                   "patient(s) (now, or at an earlier request of this study)")
+            raise PolicyError(self.site_id, "release_ledger", f"scope {scope}: {why}")
 
     # ------------------------------------------------------------------------------------------ answers
 
@@ -106,15 +129,12 @@ class ReleaseLedger:
         tmp = self.path.with_suffix(".json.tmp")
         data = {"format": FORMAT, "min_diff": self.min_diff,
                 "sets": {scope: [sorted(s) for s in sets] for scope, sets in self._sets.items()},
-                "last": self._last}
+                "frozen": self._frozen, "last": self._last}
         tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, self.path)
 
 
-def scope_of(kind: str, columns: Iterable[str]) -> str:
-    """A ledger scope: the kind of aggregate and a short hash of the columns it is over."""
-    names = sorted(str(c) for c in columns)
-    return f"{kind}:{hashlib.sha256(json.dumps(names).encode()).hexdigest()[:12]}"
+FEATURES, SURVIVAL, CLASSIFIER_SPLIT = "features", "survival", "classifier-split"  # the scopes a site keeps
 
 
 def partition(ids: Sequence[str], labels: np.ndarray) -> list[list[str]]:

@@ -27,12 +27,22 @@ def small_count(name: str, n: int, cell_floor: int) -> Payload:
     return {name: int(n) if n == 0 or n >= cell_floor else f"<{int(cell_floor)}"}
 
 
+def small_counts(cell_floor: int, **counts: int) -> Payload:
+    """Counts of one group of cases (they add up to a total the server may know from another reply): all exact
+    when each is 0 or at least ``cell_floor``; else each as ``"<k"`` or ``">=k"``, zeros included, so that
+    no count follows from the total minus the others, and no 0 says that every case of a few went one way."""
+    if all(n == 0 or n >= cell_floor for n in counts.values()):
+        return {name: int(n) for name, n in counts.items()}
+    k = int(cell_floor)
+    return {name: f"<{k}" if n < k else f">={k}" for name, n in counts.items()}
+
+
 def read_count(site: str, value: object) -> Count:
     """A count a site sent with :func:`small_count` (an int, or ``"<k"``); anything else is a ProtocolError."""
     if isinstance(value, str):
-        if value.startswith("<") and value[1:].isdigit():
+        if (value.startswith("<") and value[1:].isdigit()) or (value.startswith(">=") and value[2:].isdigit()):
             return value
-        raise ProtocolError(site, f"count {value[:20]!r} is neither a number nor '<k'")
+        raise ProtocolError(site, f"count {value[:20]!r} is neither a number nor '<k' / '>=k'")
     try:
         n = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError) as exc:

@@ -72,6 +72,7 @@ class SitePolicy(BaseModel):
     min_cohort: int = Field(5, ge=1)  # fewest patients any reply aggregates over
     min_cell: int | None = Field(None, ge=1)  # fewest patients per released cell; None: min_cohort
     exact_outcomes: bool = False  # allow exact event times, cells under min_cell and overlapping releases
+    max_ledger_refusals: int = Field(20, ge=1)  # studies a release-ledger scope may be frozen in, then closed
     time_bin_days: float = Field(7.0, gt=0)  # finest survival time bin the site releases
     noise_epsilon: float | None = Field(None, gt=0)  # set: survival tables leave with Gaussian noise of this epsilon
     time_horizon_days: float = Field(3650.0, gt=0)  # a noisy table's fixed time grid ends here (later: censored)

@@ -251,6 +251,7 @@ class NoisyRelease:
     charge: Callable[[], None]
     rng: np.random.Generator
     bins: int = 12
+    groups: tuple = ()  # every group the study has (k-means: 0..k-1), each answered even when empty; () = seen
 
 
 def noisy_table_payload(site_id: str, durations: Any, events: Any, groups: Any, time_bin_days: float,
@@ -263,7 +264,10 @@ def noisy_table_payload(site_id: str, durations: Any, events: Any, groups: Any, 
     late = t > horizon
     t, e = np.where(late, horizon, t), np.where(late, 0, e)  # followed beyond the grid: censored at its end
     grid = width * np.arange(1, noisy.bins + 1, dtype=np.float64)
-    labels = tuple(_sorted_labels(np.unique(g)))
+    labels = tuple(_sorted_labels(noisy.groups or np.unique(g)))
+    if not set(_plain(x) for x in np.unique(g)) <= set(labels):
+        raise ProtocolError(site_id, "a patient's group is not one of the study's groups",
+                            "label the patients with the study's k-means clusters")
     pos = np.clip(np.searchsorted(grid, t, side="left"), 0, grid.size - 1)  # bin (k-1)w < t <= kw
     removed = np.zeros((len(labels), grid.size))
     observed = np.zeros((len(labels), grid.size))
@@ -273,11 +277,11 @@ def noisy_table_payload(site_id: str, durations: Any, events: Any, groups: Any, 
         observed[j] = np.bincount(pos[sel], weights=e[sel].astype(np.float64), minlength=grid.size)
     noisy.charge()
     sd = noisy.noise_multiplier * np.sqrt(2.0)
+    removed = removed + noisy.rng.normal(0.0, sd, removed.shape)
+    observed = observed + noisy.rng.normal(0.0, sd, observed.shape)
     return {"mode": BINNED, "time_bin_days": float(width), "min_cell": 1, "noise_sd": float(sd),
-            "group_labels": [_plain(x) for x in labels], "times": grid,
-            "removed": removed + noisy.rng.normal(0.0, sd, removed.shape),
-            "observed": observed + noisy.rng.normal(0.0, sd, observed.shape),
-            "suppressed_groups": [], "n": float(removed.sum() + noisy.rng.normal(0.0, sd))}
+            "group_labels": [_plain(x) for x in labels], "times": grid, "removed": removed, "observed": observed,
+            "suppressed_groups": [], "n": int(max(round(float(removed.sum())), 0))}  # post-processing of removed
 
 
 def consistent_counts(table: SurvivalTable) -> SurvivalTable:

@@ -44,7 +44,7 @@ def release_ledger(site: Site) -> ReleaseLedger | None:
     policy = site.config.policy
     if policy.exact_outcomes:
         return None
-    return ReleaseLedger(site.site_id, work_dir(site) / LEDGER_FILE, policy.cell_floor)
+    return ReleaseLedger(site.site_id, work_dir(site) / LEDGER_FILE, policy.cell_floor, policy.max_ledger_refusals)
 
 
 def work_dir(site: Site) -> Path:

@@ -42,7 +42,7 @@ from common.config import StudyConfig
 from common.errors import ProtocolError
 from common.nyul import case_landmarks, site_nyul
 from common.protocol import Payload
-from common.release_ledger import scope_of
+from common.release_ledger import CLASSIFIER_SPLIT
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def released_split(site: Site, study: StudyConfig) -> SplitData:
     ledger = release_ledger(site)
     if ledger is not None:
         ids = [*split.train, *split.test]
-        ledger.release(scope_of("classifier-split", [study.classifier.label]), ids, [list(split.train)])
+        ledger.release(CLASSIFIER_SPLIT, ids, [list(split.train)], study.hash)
     return split
 
 

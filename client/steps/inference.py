@@ -22,7 +22,7 @@ from client.steps.base import SiteStep, work_dir
 from common.config import StudyConfig
 from common.imageio import read_image, write_image
 from common.protocol import Payload, unpack_weights
-from common.replies import small_count
+from common.replies import small_counts
 from common.segmentation.inference import SEGMENT
 from common.segmentation.protocol import PLAN_KEY
 from common.sitedata import Case, Site
@@ -90,8 +90,8 @@ def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) ->
         segmented += 1
     log.info("site %s: segmented %d case(s) without masks into %s (%d empty)", site.site_id, segmented, out_dir,
              empty)
-    floor = site.config.policy.cell_floor  # counts about named cases: 0 or >= cell_floor, else "<cell_floor"
-    return {**small_count("n_segmented", segmented, floor), **small_count("n_empty", empty, floor)}
+    # counts about named cases, adding up to the unlabelled cases: exact only when each is 0 or >= cell_floor
+    return small_counts(site.config.policy.cell_floor, n_segmented=segmented, n_empty=empty)
 
 
 STEPS: dict[str, SiteStep] = {SEGMENT: SiteStep("segmentation", segment_unlabelled_step)}

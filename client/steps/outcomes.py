@@ -69,13 +69,13 @@ def feature_table(site: Site, study: StudyConfig) -> tuple[pd.DataFrame, str]:
     return frame[complete].astype(np.float64), path.name
 
 
-def _policy_cohort(site: Site, **data: object) -> OutcomesCohort:
+def _policy_cohort(site: Site, study: StudyConfig, **data: object) -> OutcomesCohort:
     """A cohort limited by the site's policy: cells, time bins and, unless exact outcomes are allowed, the
     site's release ledger (``derived/release-ledger.json``) against differencing across replies."""
     policy = site.config.policy
     return OutcomesCohort(site.site_id, min_cohort=policy.min_cohort, min_cell=policy.cell_floor,
                           exact=bool(policy.exact_outcomes), ledger=release_ledger(site),
-                          time_floor=policy.time_bin_days, **data)  # type: ignore[arg-type]
+                          time_floor=policy.time_bin_days, study_key=study.hash, **data)  # type: ignore[arg-type]
 
 
 def kmeans_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
@@ -84,10 +84,14 @@ def kmeans_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
 
     def write_labels(labels: np.ndarray) -> None:
         out_path = work_dir(site) / CLUSTERS_FILE
+        if labels.size == 0:  # no partition the site may release: no groups for the survival steps
+            out_path.unlink(missing_ok=True)
+            log.info("site %s: no releasable cluster labels; survival steps will have no groups", site.site_id)
+            return
         pd.DataFrame({"patient_id": frame.index, "cluster": labels}).to_csv(out_path, index=False)
         log.info("site %s: cluster labels of %d patient(s) written to %s", site.site_id, labels.size, out_path)
 
-    return _policy_cohort(site, features=frame.to_numpy(), feature_names=tuple(str(c) for c in frame.columns),
+    return _policy_cohort(site, study, features=frame.to_numpy(), feature_names=tuple(str(c) for c in frame.columns),
                           source=source, label_sink=write_labels, ids=tuple(frame.index))
 
 
@@ -122,14 +126,15 @@ def noisy_release(site: Site, study: StudyConfig) -> NoisyRelease | None:
         charge_gaussian(site.site_id, site.root, policy, study_hash=study.hash, noise_multiplier=sigma,
                         model="survival_table")
 
-    return NoisyRelease(sigma, policy.time_horizon_days, charge, np.random.default_rng())
+    return NoisyRelease(sigma, policy.time_horizon_days, charge, np.random.default_rng(),
+                        groups=tuple(range(study.outcomes.k)))
 
 
 def survival_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
     """The clustered patients' durations, events and labels as a cohort."""
     data = survival_data(site, study)
     cfg = study.outcomes
-    return _policy_cohort(site, noisy=noisy_release(site, study), durations=data[cfg.duration_col].to_numpy(),
+    return _policy_cohort(site, study, noisy=noisy_release(site, study), durations=data[cfg.duration_col].to_numpy(),
                           events=data[cfg.event_col].to_numpy(),
                           labels=data["cluster"].to_numpy(), survival_ids=tuple(data.index),
                           survival_source=f"clinical.csv {cfg.duration_col}/{cfg.event_col}")

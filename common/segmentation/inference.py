@@ -28,8 +28,10 @@ SEGMENT = "segment_unlabelled"
 
 
 def lower_bound(count: Count) -> int:
-    """The smallest number a released count may stand for (``"<k"``: 1)."""
-    return count if isinstance(count, int) else 1
+    """The smallest number a released count stands for as a participant count (``"<k"``: 1, ``">=k"``: k)."""
+    if isinstance(count, int):
+        return count
+    return int(count[2:]) if count.startswith(">=") else 1
 
 
 @dataclass(frozen=True)

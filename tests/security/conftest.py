@@ -59,3 +59,13 @@ def copy_sites(tmp_path_factory: pytest.TempPathFactory, redteam_sites: list[Pat
         return [Path(shutil.copytree(p, root / p.name)) for p in redteam_sites]
 
     return copy
+
+
+def unlabel_last_case(site_dir: Path) -> str:
+    """Make the site's last patient a case without a mask (its mask moves to ``truth/``, as the simulator does
+    for unlabelled cases); returns its patient id."""
+    clinical = pd.read_csv(site_dir / "clinical.csv", dtype={"patient_id": str})
+    pid = str(clinical["patient_id"].iloc[-1])
+    (site_dir / "truth").mkdir(exist_ok=True)
+    shutil.move(site_dir / "masks" / f"{pid}.nii.gz", site_dir / "truth" / f"{pid}_mask.nii.gz")
+    return pid

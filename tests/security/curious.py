@@ -743,3 +743,160 @@ def file_read_attack(site_dirs: Sequence[Path]) -> Attack:
                 for i, target in enumerate(targets)}
 
     return attack_file_read
+
+
+# ============================================================================================ statistics and budget
+
+
+CLASSIFIER = {"models": ["logistic"], "features": "table", "holdout_fraction": 0.5, "fairness_attributes": [],
+              "bootstrap": 0, "shap": False, "rounds": 1, "auto_lr": False, "lr": 0.1}
+"""The attacker's classifier section: one logistic round on the radiomics table, the split of
+:func:`attack_refusal_texts` (holdout 0.5, seed 0), so that the site's release ledger sees the same split."""
+DP_SIGMA, DP_BATCH, DP_STEPS = 1.0, 2, 3  # the private rounds of :func:`attack_dp_bounds`
+BATCH_ONE_SIGMA = 5.0  # a private step over one patient, with plenty of noise (cheap in epsilon)
+
+
+def classifier_study(name: str = "curious-server", **classifier: object) -> StudyConfig:
+    """An attacker's classifier study: :data:`CLASSIFIER` updated with ``classifier``."""
+    return StudyConfig.model_validate({"name": name, "round_timeout_s": 60.0, "min_sites": 1,
+                                       "phases": ["classifier"], "classifier": {**CLASSIFIER, **classifier}})
+
+
+def dp_study(name: str, **dp: object) -> StudyConfig:
+    """A private classifier study of :data:`DP_STEPS` local steps (``dp`` over sigma, batch of the module)."""
+    return classifier_study(name, local_steps=DP_STEPS,
+                            dp={"enabled": True, "noise_multiplier": DP_SIGMA, "batch_size": DP_BATCH, **dp})
+
+
+def _classifier_payload(answer: Mapping[str, dict]) -> tuple[dict[str, object], _Scaling] | None:
+    """The entries of a feature model's message from a ``classifier_moments`` answer (names, pooled scaling,
+    a fresh logistic model's weights), and the scaling; None when no site sent its moments."""
+    from common.classifier.models import build_feature_model, model_weights
+    from common.protocol import pack_weights
+
+    names = next((list(r["feature_names"]) for r in replies_of(answer).values() if "feature_names" in r), None)
+    scaling = _pooled_scaling(answer)
+    if not names or scaling is None:
+        return None
+    scaling = _Scaling(scaling.mean, scaling.scale, [str(n) for n in names])
+    weights = model_weights(build_feature_model("logistic", len(names)))
+    return ({"model": "logistic", "feature_names": scaling.names, "x_mean": scaling.mean, "x_scale": scaling.scale,
+             "nyul_json": "", "lr": 0.1, **pack_weights(weights)}, scaling)
+
+
+def _logistic_reading(d: int, feature: int, a: float, b: float) -> dict[str, np.ndarray]:
+    """Logistic weights whose score is sigmoid(a * z[feature] + b): the model reads one standardised feature."""
+    from common.classifier.models import build_feature_model, model_weights
+
+    w = model_weights(build_feature_model("logistic", d))
+    weight = np.zeros((1, d), dtype=np.float64)
+    weight[0, feature] = a
+    return {**w, "0.weight": weight, "0.bias": np.array([b], dtype=np.float64)}
+
+
+def attack_score_bins(ask: Ask, a: float = 1.0, b: float = 0.0, bins: int = 64) -> dict:
+    """A logistic model that reads feature 0 alone, evaluated with the most score bins the site allows: each bin
+    holding one held-out case gives that case's label and, through its score sum, its exact feature value
+    (``x0 = (logit(psum) - b) / a * scale + mean``). Returns per site the recovered (value, label) pairs."""
+    from common.protocol import pack_weights
+
+    study = classifier_study(score_bins=bins, calibration_bins=2)
+    moments = ask("classifier_moments", {"model": "logistic"}, study)
+    built = _classifier_payload(moments)
+    if built is None:
+        return {"recovered": {}, "error": _first_error(moments)}
+    payload, scaling = built
+    payload.update(pack_weights(_logistic_reading(scaling.mean.size, 0, a, b)))
+    answer = ask("evaluate.classifier", payload, study)
+    recovered: dict[str, list[list[float]]] = {}
+    for site, reply in replies_of(answer).items():
+        try:
+            counts, psum = np.asarray(reply["counts"], float), np.asarray(reply["psum"], float)
+        except (KeyError, TypeError, ValueError):
+            continue
+        rows = []
+        for j in range(counts.shape[-1]):
+            if counts[:, j].sum() == 1 and 0.0 < psum[:, j].sum() < 1.0:
+                cls = int(np.argmax(counts[:, j]))
+                p = float(psum[cls, j])
+                rows.append([(math.log(p / (1.0 - p)) - b) / a * float(scaling.scale[0]) + float(scaling.mean[0]),
+                             float(cls)])
+        recovered[site] = rows
+    return {"feature": scaling.names[0], "recovered": recovered, "answer": answer,
+            "error": _first_error(answer) or _first_error(moments)}
+
+
+def attack_fingerprint_extremes(ask: Ask) -> dict:
+    """The fingerprint with percentiles 0 and 100 (each one voxel of one patient's tumour), and the honest
+    fingerprint's ``<sequence>/min_max`` (the same two voxels in the old reply). Returns both answers."""
+    extremes = ask("fingerprint", {}, study_of(phases=["fingerprint"], fingerprint={"percentiles": [0.0, 100.0]}))
+    inner = ask("fingerprint", {}, study_of(phases=["fingerprint"]))
+    return {"extremes": extremes, "inner": inner}
+
+
+def attack_dp_bounds(ask: Ask) -> dict:
+    """Training the site's patients past its privacy bounds, one ``train.classifier`` round each: without DP, a
+    private step over ONE patient, DP at delta 0.9 (the epsilon then counted at 0.9), and two studies whose
+    rounds each fit the site's ``max_epsilon`` but not together (an accountant per study adds nothing up).
+    Returns each answer (without the weights) and the moments' training counts."""
+    moments = ask("classifier_moments", {"model": "logistic"}, classifier_study())
+    built = _classifier_payload(moments)
+    out: dict[str, object] = {"n_train": {s: r.get("n") for s, r in replies_of(moments).items()},
+                              "moments_error": _first_error(moments)}
+    if built is None:
+        return out
+    payload = {**built[0], "round": 1}
+    studies = {
+        "no_dp": classifier_study("curious-no-dp", local_steps=DP_STEPS),
+        "batch_one": dp_study("curious-batch-one", batch_size=1, noise_multiplier=BATCH_ONE_SIGMA),
+        "delta_0.9": dp_study("curious-delta", delta=0.9),
+        "study_a": dp_study("curious-study-a"),
+        "study_b": dp_study("curious-study-b"),
+    }
+    for name, study in studies.items():
+        answer = ask("train.classifier", payload, study)
+        out[name] = {site: {k: v for k, v in reply.items() if not str(k).startswith("w/")}
+                     for site, reply in answer.items()}
+    return out
+
+
+SEGMENTATION = {"rounds": 1, "patch_size": [16, 16, 16], "batch_size": 2, "threads": 1, "overlays": 0,
+                "monai_channels": [4, 8], "sw_overlap": 0.0}
+_PLAN_FINGERPRINT = {"n_cases": 12, "spacing_median": [1.0, 1.0, 1.0], "shape_median": [16, 16, 16],
+                     "intensity": {s: {"mean": 500.0, "std": 100.0, "min": 0.0, "max": 1000.0,
+                                       "percentiles": {"p0.5": 10.0, "p50": 500.0, "p99.5": 990.0}}
+                                   for s in ("T2w", "CET1")}}
+
+
+def attack_small_counts(ask: Ask) -> dict:
+    """A site's unlabelled cases from its fingerprint (``manifest_cases`` - ``n_cases``), then the inference
+    round with any model (a freshly initialised one): with one unlabelled case, ``n_segmented`` / ``n_empty``
+    say what the model made of that patient. Returns per site the unlabelled count, the counts and what follows
+    from them for that one case (``inferred``: the exact number segmented, or None)."""
+    from common.segmentation.inference import SEGMENT, inference_request
+    from common.segmentation.networks import build_network, get_weights
+    from common.segmentation.plan import make_plan
+
+    fingerprint = ask("fingerprint", {}, study_of(phases=["fingerprint"]))
+    unlabelled: dict[str, int | None] = {}
+    for site, reply in replies_of(fingerprint).items():
+        try:
+            unlabelled[site] = int(reply["manifest_cases"]) - int(reply["n_cases"])  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError):
+            unlabelled[site] = None
+    study = study_of(phases=["segmentation"], segmentation=SEGMENTATION)
+    plan = make_plan(_PLAN_FINGERPRINT, study)
+    weights = get_weights(build_network(plan, seed=0))
+    answer = ask(SEGMENT, inference_request(weights, plan), study)
+    sites: dict[str, dict] = {}
+    for site, reply in replies_of(answer).items():
+        seg, empty, u = reply.get("n_segmented"), reply.get("n_empty"), unlabelled.get(site)
+        inferred = None
+        if isinstance(seg, int) and isinstance(empty, int):
+            inferred = seg
+        elif u is not None and isinstance(empty, int):
+            inferred = u - empty  # the rest of the unlabelled cases were segmented
+        elif u is not None and isinstance(seg, int):
+            inferred = seg
+        sites[site] = {"unlabelled": u, "n_segmented": seg, "n_empty": empty, "inferred": inferred}
+    return {"sites": sites, "error": _first_error(answer) or _first_error(fingerprint)}

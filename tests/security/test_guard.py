@@ -79,12 +79,15 @@ def test_a_reply_naming_a_patient_or_a_path_is_withheld(tmp_path: Path) -> None:
             check_reply(site, reply)
 
 
-def test_time_bins_are_multiples_of_the_site_floor() -> None:
-    """1e-6 days asked: the site's 7-day floor; 10 days asked: 14 -- so no two widths resolve finer than 7."""
-    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 1e-6}, 7.0) == 7.0
-    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 10.0}, 7.0) == 14.0
-    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 28.0}, 7.0) == 28.0
-    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 1e-6}, None) == 1e-6  # the unguarded width
+def test_time_bins_are_the_site_grid_whatever_the_request() -> None:
+    """1e-6 days or 10 days asked: the site's 7-day grid, one set of edges (two grids would isolate a patient
+    between their edges); without a site floor (the unguarded path) the request's width."""
+    for asked in (1e-6, 10.0, 28.0):
+        assert time_bin("s", False, {"mode": "binned", "time_bin_days": asked}, 7.0) == 7.0
+    assert time_bin("s", False, {"mode": "binned", "time_bin_days": 1e-6}, None) == 1e-6
+    for bad in (float("nan"), float("inf"), 0.0, -7.0):
+        with pytest.raises(ProtocolError):
+            time_bin("s", False, {"mode": "binned", "time_bin_days": bad}, 7.0)
     with pytest.raises(PolicyError, match="exact_outcomes"):
         time_bin("s", False, {"mode": "exact"}, 7.0)
 
@@ -92,17 +95,32 @@ def test_time_bins_are_multiples_of_the_site_floor() -> None:
 def test_release_ledger_pairwise_rule(tmp_path: Path) -> None:
     ids = [f"P{i}" for i in range(12)]
     ledger = ReleaseLedger("s", tmp_path / "ledger.json", min_diff=5)
-    ledger.release("f", ids, [ids[:6], ids[6:]])
-    assert ledger.releasable("f", ids, [ids[:6], ids[6:]])  # the same again: nothing new
-    assert not ledger.releasable("f", ids, [ids[:7], ids[7:]])  # one patient moved: differs by 1
-    assert not ledger.releasable("f", ids, [ids[:2], ids[2:]])  # a cell of 2 (and U minus it)
-    assert ledger.releasable("f", ids, [ids[:11:2], ids[1::2]])  # differs by 6 from every earlier set
-    assert ledger.releasable("g", ids, [ids[:7], ids[7:]])  # another scope (other columns)
+    ledger.release("f", ids, [ids[:6], ids[6:]], "study-1")
+    assert ledger.conflict("f", ids, [ids[:6], ids[6:]]) is None  # the same again: nothing new
+    assert ledger.conflict("f", ids, [ids[:7], ids[7:]]) == 1  # one patient moved
+    assert ledger.conflict("f", ids, [ids[:2], ids[2:]]) == 2  # a cell of 2 (and U minus it)
+    assert ledger.conflict("f", ids, [ids[:11:2], ids[1::2]]) is None  # differs by 6 from every earlier set
+    assert ledger.conflict("g", ids, [ids[:7], ids[7:]]) is None  # another scope
     with pytest.raises(PolicyError, match="release_ledger"):
-        ledger.release("f", ids, [ids[:7], ids[7:]])
+        ledger.release("f", ids, [ids[:7], ids[7:]], "study-2")
     again = ReleaseLedger("s", tmp_path / "ledger.json", min_diff=5)  # a restart reads what was released
-    assert not again.releasable("f", ids, [ids[:7], ids[7:]])
+    assert again.conflict("f", ids, [ids[:7], ids[7:]]) == 1
     assert all(p not in (tmp_path / "ledger.json").read_text() for p in ids)  # ids are kept hashed
+
+
+def test_a_refusal_freezes_its_scope_for_the_study_and_closes_it_after_max_refusals(tmp_path: Path) -> None:
+    """A refusal is a yes/no answer about a few patients: after the first one in a study the site answers that
+    scope as frozen without looking again, and after ``max_refusals`` frozen studies it refuses for good."""
+    ids = [f"P{i}" for i in range(12)]
+    ledger = ReleaseLedger("s", None, min_diff=5, max_refusals=3)
+    assert ledger.try_release("f", ids, [ids[:6], ids[6:]], "A")
+    assert not ledger.try_release("f", ids, [ids[:7], ids[7:]], "A")  # one patient moved: frozen for A
+    assert not ledger.try_release("f", ids, [ids[:6], ids[6:]], "A")  # even an answer that alone could leave
+    assert ledger.try_release("f", ids, [ids[:6], ids[6:]], "B")  # another study: the rule again
+    assert ledger.try_release("g", ids, [ids[:7], ids[7:]], "A")  # another scope
+    for study in ("C", "D"):
+        assert not ledger.try_release("f", ids, [ids[:7], ids[7:]], study)
+    assert ledger.frozen("f", "E") and not ledger.try_release("f", ids, [ids[:6], ids[6:]], "E")  # closed
 
 
 def _sweep_attack(step: Callable[[np.ndarray], dict], n: int, d: int, x_site: np.ndarray) -> int:
@@ -137,6 +155,7 @@ def test_kmeans_differencing_recovers_rows_without_the_ledger_and_none_with_it(t
 
     cohort = cohort_from_arrays("s", features=x, min_cohort=5, min_cell=5)
     cohort.ids, cohort.ledger = tuple(ids), ReleaseLedger("s", tmp_path / "ledger.json", 5)
+    cohort.study_key = "curious"
     OUTCOMES_STEPS[KMEANS_MOMENTS](cohort, {})
 
     def guarded(centres: np.ndarray) -> dict:
@@ -157,9 +176,31 @@ def test_survival_relabelling_is_refused_by_the_ledger(tmp_path: Path) -> None:
     cohort.survival_ids, cohort.ledger = ids, ReleaseLedger("s", tmp_path / "ledger.json", 5)
     cohort.time_floor, cohort.survival_source = 7.0, "clinical.csv os_days/os_event"
     request = {"mode": "binned", "time_bin_days": 7.0}
+    cohort.study_key = "study-1"
     OUTCOMES_STEPS[SURVIVAL_TABLE](cohort, request)
-    cohort.labels = np.array([0] * 11 + [1] * 9)  # the server moved patient P10
+    cohort.labels, cohort.study_key = np.array([0] * 11 + [1] * 9), "study-2"  # the server moved patient P10
     with pytest.raises(PolicyError, match="release_ledger"):
         OUTCOMES_STEPS[SURVIVAL_TABLE](cohort, request)
-    cohort.labels = np.array([0, 1] * 10)  # a different grouping that singles out no one: released
+    cohort.labels, cohort.study_key = np.array([0, 1] * 10), "study-3"  # a grouping singling out no one: released
     OUTCOMES_STEPS[SURVIVAL_TABLE](cohort, request)
+    cohort.study_key = "study-2"  # but not in the study that was refused: frozen there
+    with pytest.raises(PolicyError, match="release_ledger"):
+        OUTCOMES_STEPS[SURVIVAL_TABLE](cohort, request)
+
+
+def test_held_kmeans_answers_are_not_a_line_oracle(tmp_path: Path) -> None:
+    """The review's probe: "held" answered exactly when 1-4 patients lay beyond the server's line, a free yes/no
+    per request. Now the first hold freezes the study's k-means: every later answer is the same, wherever the
+    line is."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 2))
+    cohort = cohort_from_arrays("s", features=x, min_cohort=5, min_cell=5)
+    cohort.ids, cohort.ledger, cohort.study_key = tuple(f"P{i}" for i in range(12)), ReleaseLedger("s", None, 5), "q"
+    OUTCOMES_STEPS[KMEANS_MOMENTS](cohort, {})
+    answers = []
+    for t in np.linspace(x[:, 0].max() + 0.5, x[:, 0].min() - 0.5, 40):  # the line x0 = t swept across the site
+        centres = np.array([[t - 1.0, 0.0], [t + 1.0, 0.0]])
+        reply = OUTCOMES_STEPS[KMEANS_ASSIGN](cohort, {"mean": np.zeros(2), "scale": np.ones(2), "centres": centres})
+        answers.append((int(reply["held"]), tuple(np.asarray(reply["counts"]).tolist())))
+    first_hold = next(i for i, a in enumerate(answers) if a[0])
+    assert len(set(answers[first_hold:])) == 1  # after the first hold: one answer, whatever the line
