@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import ProtocolError
+from common.noise import GaussianNoise
 from common.pooled_moments import Moments, check_matrix, require_cohort
 from common.protocol import Payload
 
@@ -87,6 +88,37 @@ def site_cluster_sums(site_id: str, X: np.ndarray, centres: np.ndarray, previous
 
 
 @dataclass(frozen=True)
+class NoisyKMeans(GaussianNoise):
+    """How a site adds noise to its Lloyd answers (``policy.noise_epsilon``): each patient's standardised row is
+    scaled to an L2 norm of at most ``clip``, so one patient moves its cluster's sum by at most ``clip`` and its
+    count by 1 (L2 sensitivity ``sqrt(clip^2 + 1)``); sums and counts get the Gaussian noise of that
+    sensitivity. A study gets ``rounds`` noisy answers from the site; later rounds repeat the last one (the
+    cap does not depend on the data, so the repeat says nothing)."""
+
+    clip: float = 3.0
+    rounds: int = 10
+
+
+def noisy_cluster_sums(site_id: str, X: np.ndarray, centres: np.ndarray, noise: NoisyKMeans,
+                       min_cohort: int = 1) -> Payload:
+    """The site step of one Lloyd iteration in noisy mode: noisy per-cluster sums of the clipped rows and
+    noisy counts (``changed`` is always 1: a count of changed labels would be one more exact release)."""
+    arr = check_matrix(site_id, X)
+    require_cohort(site_id, arr.shape[0], min_cohort)
+    c = check_centres(centres, len(np.asarray(centres)), arr.shape[1])
+    labels = assign_labels(arr, c)
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    clipped = arr * np.minimum(1.0, noise.clip / np.maximum(norms, 1e-300))
+    sums = np.zeros_like(c)
+    np.add.at(sums, labels, clipped)
+    counts = np.bincount(labels, minlength=c.shape[0]).astype(np.float64)
+    sensitivity = float(np.sqrt(noise.clip ** 2 + 1.0))
+    noise.charge()
+    return {"sums": noise.add(sums, sensitivity), "counts": noise.add(counts, sensitivity), "changed": 1,
+            "suppressed": 0, "n": int(arr.shape[0]), "noise_sd": noise.sd(sensitivity)}
+
+
+@dataclass(frozen=True)
 class LloydStep:
     """The server's result of one Lloyd iteration."""
 
@@ -119,12 +151,14 @@ def lloyd_update(replies: Mapping[str, Mapping[str, object]], centres: np.ndarra
         if s.shape != c.shape or n.shape != (c.shape[0],):
             raise ProtocolError(site, f"k-means reply has sums {s.shape} / counts {n.shape}, expected {c.shape}",
                                 "run the same fedbiopsy version at every site")
-        if not np.all(np.isfinite(s)) or np.any(n < 0) or np.any(n != np.round(n)):
+        noisy = float(reply.get("noise_sd", 0.0)) > 0  # type: ignore[arg-type]
+        if not np.all(np.isfinite(s)) or not np.all(np.isfinite(n)) or \
+                (not noisy and (np.any(n < 0) or np.any(n != np.round(n)))):
             raise ProtocolError(site, "k-means reply holds non-finite sums or non-integer counts")
         sums += s
         counts += n
     new = c.copy()
-    filled = counts > 0
+    filled = counts >= 1.0  # noisy counts (noise_sd > 0) may be fractional or negative: a cluster needs one patient
     new[filled] = sums[filled] / counts[filled, None]
     empty = tuple(int(j) for j in np.flatnonzero(~filled))
     if empty:

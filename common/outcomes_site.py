@@ -38,7 +38,7 @@ import pandas as pd
 
 from common.cox import site_cox_summary, site_cox_sums, site_event_times
 from common.errors import PolicyError, ProtocolError
-from common.kmeans import assign_labels, inertia, site_cluster_sums, site_local_centres
+from common.kmeans import NoisyKMeans, assign_labels, inertia, noisy_cluster_sums, site_cluster_sums, site_local_centres
 from common.pooled_moments import check_matrix, require_cohort, site_moments
 from common.protocol import Payload, SiteFunction
 from common.release_ledger import FEATURES, SURVIVAL, ReleaseLedger, digest_id, partition
@@ -87,6 +87,7 @@ class OutcomesCohort:
     time_floor: float | None = None  # the finest time bin the site releases; coarser requests are multiples
     noisy: NoisyRelease | None = None  # set: event tables leave with calibrated noise (no merging, no ledger)
     study_key: str = ""  # the study the requests come from (a ledger scope freezes per study)
+    noisy_kmeans: NoisyKMeans | None = None  # set (with a ledger, which keeps its round count): noisy Lloyd answers
 
     def keep_labels(self, labels: np.ndarray) -> None:
         """Keep the patients' cluster labels here (and in :attr:`label_sink`)."""
@@ -254,6 +255,8 @@ def site_kmeans_assign(cohort: OutcomesCohort, request: Mapping[str, object]) ->
     previous = request.get("previous")
     z = _standardised(cohort, request)
     centres = _array(request, "centres", cohort.site_id)
+    if cohort.noisy_kmeans is not None:
+        return _noisy_assign(cohort, z, centres, cohort.noisy_kmeans)
     out = site_cluster_sums(cohort.site_id, z, centres, None if previous is None else np.asarray(previous, np.float64),
                             cohort.min_cell, cohort.min_cohort)
     if cohort.ledger is None:
@@ -270,6 +273,22 @@ def site_kmeans_assign(cohort: OutcomesCohort, request: Mapping[str, object]) ->
     digest = [sorted(digest_id(p) for p in c) for c in cells]
     out["changed"] = int(last is None or last.get("cells") != digest)
     ledger.keep(FEATURES, key, {"sums": out["sums"], "counts": out["counts"], "cells": digest})
+    out["held"] = 0
+    return out
+
+
+def _noisy_assign(cohort: OutcomesCohort, z: np.ndarray, centres: np.ndarray, noise: NoisyKMeans) -> Payload:
+    """A noisy Lloyd answer, or past the study's ``noise.rounds`` the last one again (``held`` = 1, no charge)."""
+    if cohort.ledger is None:
+        raise ProtocolError(cohort.site_id, "noisy k-means needs the site's release ledger (its round count)",
+                            "give the cohort a ReleaseLedger")
+    key = f"noisy-{_assign_key(cohort, centres.shape[0])}"
+    state = cohort.ledger.last(FEATURES, key)
+    if state and int(state["rounds"]) >= noise.rounds:
+        return {"sums": np.asarray(state["sums"]), "counts": np.asarray(state["counts"]), "changed": 0,
+                "suppressed": 0, "n": int(state["n"]), "noise_sd": float(state["noise_sd"]), "held": 1}
+    out = noisy_cluster_sums(cohort.site_id, z, centres, noise, cohort.min_cohort)
+    cohort.ledger.keep(FEATURES, key, {**out, "rounds": (int(state["rounds"]) if state else 0) + 1})
     out["held"] = 0
     return out
 
@@ -298,6 +317,10 @@ def site_kmeans_labels(cohort: OutcomesCohort, request: Mapping[str, object]) ->
     centres = _array(request, "centres", cohort.site_id)
     labels = assign_labels(z, centres)
     out: Payload = {"n": int(labels.size)}
+    if cohort.noisy_kmeans is not None:  # the labels stay here; the inertia would be one more exact release
+        cohort.keep_labels(labels)
+        out["held"] = 1
+        return out
     if cohort.ledger is not None:
         ids = cohort_ids(cohort.site_id, cohort.ids, z.shape[0])
         if not cohort.ledger.try_release(FEATURES, ids, partition(ids, labels), cohort.study_key):

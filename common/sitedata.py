@@ -74,7 +74,10 @@ class SitePolicy(BaseModel):
     exact_outcomes: bool = False  # allow exact event times, cells under min_cell and overlapping releases
     max_ledger_refusals: int = Field(20, ge=1)  # studies a release-ledger scope may be frozen in, then closed
     time_bin_days: float = Field(7.0, gt=0)  # finest survival time bin the site releases
-    noise_epsilon: float | None = Field(None, gt=0)  # set: survival tables leave with Gaussian noise of this epsilon
+    noise_epsilon: float | None = Field(None, gt=0)  # set: survival tables and k-means answers leave with Gaussian
+    # noise of this epsilon each (charged to the lifetime privacy ledger)
+    noise_clip: float = Field(3.0, gt=0)  # noisy k-means: each standardised row scaled to at most this L2 norm
+    noisy_kmeans_rounds: int = Field(10, ge=1)  # noisy Lloyd answers per study; later rounds repeat the last
     time_horizon_days: float = Field(3650.0, gt=0)  # a noisy table's fixed time grid ends here (later: censored)
     histogram_bins: int = Field(64, ge=2)  # most bins of any intensity or score histogram the site releases
     columns: dict[str, ClinicalColumn] = Field(default_factory=lambda: dict(DEFAULT_COLUMNS))

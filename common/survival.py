@@ -26,7 +26,7 @@ The round over a site's cohort is in :mod:`common.outcomes_site`, the driver is
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import ProtocolError
+from common.noise import GaussianNoise
 from common.pooled_moments import require_cohort
 from common.protocol import Payload
 
@@ -233,23 +234,17 @@ def survival_table_payload(rel: Released, time_bin_days: float | None, min_cell:
 
 
 @dataclass(frozen=True)
-class NoisyRelease:
+class NoisyRelease(GaussianNoise):
     """How a site adds noise to its event table: the Gaussian mechanism on a fixed, coarse time grid.
 
     One patient adds 1 to one ``removed`` cell and at most 1 to the same ``observed`` cell (L2 sensitivity
-    sqrt(2)); every cell of the grid of every group gets ``N(0, (sigma sqrt 2)^2)``, ``sigma`` the noise
-    multiplier Opacus' accountant gives for the site's epsilon at its delta. The grid (``bins`` cells up to
-    ``horizon_days``, each a multiple of the bin width) does not depend on the data, so the times a site has
-    patients at stay hidden, and is coarse because every cell pays the same noise. The noisy counts leave as
-    they are (unbiased); the server sums the sites' and makes the pooled table consistent
-    (:func:`consistent_counts`), which is post-processing. ``charge`` books the release in the site's privacy
-    ledger before anything leaves.
+    sqrt(2)). The grid (``bins`` cells up to ``horizon_days``, each a multiple of the bin width) and the groups
+    (every group of the study, empty or not) do not depend on the data, and the grid is coarse because every
+    cell pays the same noise. The noisy counts leave as they are (unbiased; ``n`` is their sum); the server sums
+    the sites' and makes the pooled table consistent (:func:`consistent_counts`), which is post-processing.
     """
 
-    noise_multiplier: float
-    horizon_days: float
-    charge: Callable[[], None]
-    rng: np.random.Generator
+    horizon_days: float = 3650.0
     bins: int = 12
     groups: tuple = ()  # every group the study has (k-means: 0..k-1), each answered even when empty; () = seen
 
@@ -276,10 +271,8 @@ def noisy_table_payload(site_id: str, durations: Any, events: Any, groups: Any, 
         removed[j] = np.bincount(pos[sel], minlength=grid.size)
         observed[j] = np.bincount(pos[sel], weights=e[sel].astype(np.float64), minlength=grid.size)
     noisy.charge()
-    sd = noisy.noise_multiplier * np.sqrt(2.0)
-    removed = removed + noisy.rng.normal(0.0, sd, removed.shape)
-    observed = observed + noisy.rng.normal(0.0, sd, observed.shape)
-    return {"mode": BINNED, "time_bin_days": float(width), "min_cell": 1, "noise_sd": float(sd),
+    removed, observed = noisy.add(removed, np.sqrt(2.0)), noisy.add(observed, np.sqrt(2.0))
+    return {"mode": BINNED, "time_bin_days": float(width), "min_cell": 1, "noise_sd": noisy.sd(np.sqrt(2.0)),
             "group_labels": [_plain(x) for x in labels], "times": grid, "removed": removed, "observed": observed,
             "suppressed_groups": [], "n": int(max(round(float(removed.sum())), 0))}  # post-processing of removed
 

@@ -40,9 +40,10 @@ def cases_with_masks(site: Site) -> int:
 
 
 def release_ledger(site: Site) -> ReleaseLedger | None:
-    """The site's release ledger (``derived/release-ledger.json``), None where its policy allows exact outcomes."""
+    """The site's release ledger (``derived/release-ledger.json``), None where its policy allows exact outcomes
+    (and releases no noisy statistics, whose round counts the ledger keeps)."""
     policy = site.config.policy
-    if policy.exact_outcomes:
+    if policy.exact_outcomes and policy.noise_epsilon is None:
         return None
     return ReleaseLedger(site.site_id, work_dir(site) / LEDGER_FILE, policy.cell_floor, policy.max_ledger_refusals)
 

@@ -23,6 +23,7 @@ from client.steps.base import SiteStep, release_ledger, work_dir
 from client.training.dp import noise_multiplier_for
 from common.config import StudyConfig
 from common.errors import SiteDataError
+from common.kmeans import NoisyKMeans
 from common.outcomes_site import (
     KMEANS_ACTIONS,
     OUTCOMES_STEPS,
@@ -92,7 +93,8 @@ def kmeans_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
         log.info("site %s: cluster labels of %d patient(s) written to %s", site.site_id, labels.size, out_path)
 
     return _policy_cohort(site, study, features=frame.to_numpy(), feature_names=tuple(str(c) for c in frame.columns),
-                          source=source, label_sink=write_labels, ids=tuple(frame.index))
+                          source=source, label_sink=write_labels, ids=tuple(frame.index),
+                          noisy_kmeans=noisy_kmeans(site, study))
 
 
 def survival_data(site: Site, study: StudyConfig) -> pd.DataFrame:
@@ -113,21 +115,37 @@ def survival_data(site: Site, study: StudyConfig) -> pd.DataFrame:
     return joined
 
 
-def noisy_release(site: Site, study: StudyConfig) -> NoisyRelease | None:
+def _site_noise(site: Site, study: StudyConfig, model: str) -> tuple[float, Callable[[], None]] | None:
     """The site's noisy mode (``policy.noise_epsilon``): the Gaussian mechanism's noise multiplier for that
-    epsilon at the site's delta (Opacus' RDP accountant, one release), booked in the site's lifetime privacy
-    ledger under ``statistics``; fresh OS randomness, never a seed the server could know."""
+    epsilon at the site's delta (Opacus' RDP accountant, one release), and the charge that books one release in
+    the site's lifetime privacy ledger under ``statistics``; None when the site releases no noisy statistics."""
     policy = site.config.policy
     if policy.noise_epsilon is None:
         return None
     sigma = noise_multiplier_for(policy.noise_epsilon, policy.max_delta, 1.0, 1)
 
     def charge() -> None:
-        charge_gaussian(site.site_id, site.root, policy, study_hash=study.hash, noise_multiplier=sigma,
-                        model="survival_table")
+        charge_gaussian(site.site_id, site.root, policy, study_hash=study.hash, noise_multiplier=sigma, model=model)
 
-    return NoisyRelease(sigma, policy.time_horizon_days, charge, np.random.default_rng(),
+    return sigma, charge
+
+
+def noisy_release(site: Site, study: StudyConfig) -> NoisyRelease | None:
+    """Noisy survival tables (fresh OS randomness, never a seed the server could know), or None."""
+    noise = _site_noise(site, study, "survival_table")
+    if noise is None:
+        return None
+    return NoisyRelease(noise[0], noise[1], np.random.default_rng(), site.config.policy.time_horizon_days,
                         groups=tuple(range(study.outcomes.k)))
+
+
+def noisy_kmeans(site: Site, study: StudyConfig) -> NoisyKMeans | None:
+    """Noisy Lloyd answers (rows clipped to ``policy.noise_clip``; ``policy.noisy_kmeans_rounds`` a study), or None."""
+    noise = _site_noise(site, study, "kmeans_assign")
+    if noise is None:
+        return None
+    policy = site.config.policy
+    return NoisyKMeans(noise[0], noise[1], np.random.default_rng(), policy.noise_clip, policy.noisy_kmeans_rounds)
 
 
 def survival_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
