@@ -48,6 +48,10 @@ RULES: dict[str, str] = {
     "release_ledger": "together with what the site already released, this answer would single out fewer "
                       "patients than policy.min_cell (such a refusal freezes the kind of answer for the study); "
                       "repeat an earlier request or change the groups by more",
+    "request_shape": "the request's shape does not fit the study (e.g. centres other than outcomes.k); send the "
+                     "study's shape",
+    "noisy_release": "this site releases outcomes only as noisy statistics (policy.noise_epsilon); ask for noisy "
+                     "survival tables or k-means",
     "histogram_bins": "more histogram or score bins than the site releases (policy.histogram_bins); use fewer",
     "percentiles": "a requested percentile is outside the range the site releases, or too many were asked; use "
                    "at most 16 inner percentiles",

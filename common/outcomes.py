@@ -198,6 +198,7 @@ class KMeansResult:
     empty: tuple[int, ...]
     inertia: float  # in the clustering space, summed over the sites
     cases: dict[str, int]  # patients labelled per site
+    held: tuple[str, ...] = ()  # sites whose final partition could not be released (they keep an earlier one)
 
     @property
     def sites(self) -> list[str]:
@@ -227,7 +228,7 @@ def run_kmeans(query: Query, options: KMeansOptions) -> KMeansResult:
                         suppressed=loop.suppressed, empty=loop.empty,
                         inertia=float(np.sum([float(r["inertia"]) for r in final.values()  # type: ignore[arg-type]
                                               if "inertia" in r])),
-                        cases=cases)
+                        cases=cases, held=tuple(sorted(s for s, r in final.items() if r.get("held"))))
 
 
 # ============================================================================================ survival

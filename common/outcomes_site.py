@@ -230,13 +230,19 @@ def site_kmeans_moments(cohort: OutcomesCohort, request: Mapping[str, object]) -
 def site_kmeans_local_centres(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """Federated k-means++: local centroids of the standardised features (seeded per site).
 
-    Under a release ledger the site sends one centroid, its mean (over the cohort whose moments it already
-    released): trying finer local partitions would itself answer which of them single out a few patients.
+    Under a release ledger the site sends no local partition (trying one would itself answer which partitions
+    single out a few patients): two pseudo-centroids ``mean +/- sd`` of its standardised features, half of its
+    cohort each, a function of the moments it already released -- so the server's k-means++ still spreads
+    its seeds over the data rather than putting one on each site.
     """
     seed = (int(request.get("seed", 0)) + zlib.crc32(cohort.site_id.encode())) % 2**31  # type: ignore[call-overload]
-    n_centres = 1 if cohort.ledger is not None else int(_array(request, "n_centres", cohort.site_id))
-    return site_local_centres(cohort.site_id, _standardised(cohort, request), n_centres, cohort.min_cell, seed,
-                              cohort.min_cohort)
+    z = _standardised(cohort, request)
+    if cohort.ledger is None:
+        n_centres = int(_array(request, "n_centres", cohort.site_id))
+        return site_local_centres(cohort.site_id, z, n_centres, cohort.min_cell, seed, cohort.min_cohort)
+    require_cohort(cohort.site_id, z.shape[0], cohort.min_cohort)
+    mean, sd = z.mean(axis=0), z.std(axis=0)
+    return {"centres": np.stack([mean - sd, mean + sd]), "counts": np.full(2, z.shape[0] / 2.0)}
 
 
 def _assign_key(cohort: OutcomesCohort, k: int) -> str:
@@ -282,7 +288,7 @@ def _noisy_assign(cohort: OutcomesCohort, z: np.ndarray, centres: np.ndarray, no
     if cohort.ledger is None:
         raise ProtocolError(cohort.site_id, "noisy k-means needs the site's release ledger (its round count)",
                             "give the cohort a ReleaseLedger")
-    key = f"noisy-{_assign_key(cohort, centres.shape[0])}"
+    key = f"noisy-assign|{cohort.study_key}"  # one count a study, whatever the k asked
     state = cohort.ledger.last(FEATURES, key)
     if state and int(state["rounds"]) >= noise.rounds:
         return {"sums": np.asarray(state["sums"]), "counts": np.asarray(state["counts"]), "changed": 0,
@@ -293,45 +299,37 @@ def _noisy_assign(cohort: OutcomesCohort, z: np.ndarray, centres: np.ndarray, no
     return out
 
 
-def _last_released_labels(cohort: OutcomesCohort, k: int) -> np.ndarray | None:
-    """The labels of the site's last released partition of the study (None: none released, or another cohort)."""
-    if cohort.ledger is None:
-        return None
-    last = cohort.ledger.last(FEATURES, _assign_key(cohort, k))
-    if not last:
-        return None
-    cell_of = {d: j for j, cell in enumerate(last["cells"]) for d in cell}
-    labels = [cell_of.get(digest_id(p)) for p in cohort.ids]
-    return None if any(x is None for x in labels) else np.asarray(labels, dtype=np.int64)
-
-
 def site_kmeans_labels(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """The final centres: the site labels its patients and keeps the labels; only count and inertia leave.
 
-    Under a release ledger the site keeps the labels of a partition it may release: the final one, or (frozen)
-    its last released one of the study, or none (then later survival steps have no groups); the inertia
-    leaves only with the final partition.
+    Under a release ledger a study gets one labels round (refused after: rule ``release_ledger``), the inertia
+    leaves only when the final partition may, and a partition that may not counts as a refusal of the study.
+    The labels stay at the site either way: the survival steps drop groups under ``min_cell`` and hold their
+    own groupings to the ledger's ``survival`` scope.
     """
     z = _standardised(cohort, request)
     require_cohort(cohort.site_id, z.shape[0], cohort.min_cohort)
     centres = _array(request, "centres", cohort.site_id)
     labels = assign_labels(z, centres)
     out: Payload = {"n": int(labels.size)}
-    if cohort.noisy_kmeans is not None:  # the labels stay here; the inertia would be one more exact release
+    ledger = cohort.ledger
+    if ledger is not None:
+        if ledger.closed(FEATURES) or not ledger.once(FEATURES, cohort.study_key, "kmeans_labels"):
+            raise PolicyError(cohort.site_id, "release_ledger", "one k-means labels round a study (or the scope "
+                              "is closed)")
+        ids = cohort_ids(cohort.site_id, cohort.ids, z.shape[0])
+        releasable = cohort.noisy_kmeans is None and not ledger.frozen(FEATURES, cohort.study_key) and \
+            ledger.try_release(FEATURES, ids, partition(ids, labels), cohort.study_key)
+        cohort.keep_labels(labels)
+        if not releasable:
+            out["held"] = 1
+            return out
+    elif cohort.noisy_kmeans is not None:
         cohort.keep_labels(labels)
         out["held"] = 1
         return out
-    if cohort.ledger is not None:
-        ids = cohort_ids(cohort.site_id, cohort.ids, z.shape[0])
-        if not cohort.ledger.try_release(FEATURES, ids, partition(ids, labels), cohort.study_key):
-            kept = _last_released_labels(cohort, centres.shape[0])
-            if kept is not None:
-                cohort.keep_labels(kept)
-            elif cohort.label_sink is not None:
-                cohort.label_sink(np.array([], dtype=np.int64))  # no released partition: no groups
-            out["held"] = 1
-            return out
-    cohort.keep_labels(labels)
+    else:
+        cohort.keep_labels(labels)
     out["inertia"] = inertia(z, centres, labels)
     return out
 

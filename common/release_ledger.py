@@ -12,11 +12,16 @@ This covers the cell itself (``|S|``), its complement (total minus the other cel
 against any earlier release; it does not bound combinations of three or more releases -- a pairwise rule,
 as in statistical disclosure control; ``policy.noise_epsilon`` is the site's stronger option.
 
-A refusal (or a held k-means answer) is itself an answer: "some set here would single out a few patients".
-So the first one in a scope *freezes* the scope for that study (every later request in it is answered as
-frozen, without looking at the data again), and a scope frozen in ``max_refusals`` studies is *closed* for
-good (every release in it is refused until the site's operator deletes the file on purpose): a server learns
-at most ``max_refusals`` such bits per scope over the site's lifetime.
+A refusal (or a held k-means answer) is itself an answer: "some set here would single out a few patients",
+and where it falls among a study's requests says more (a server sweeping a line learns where the first
+patient crossed it). So a study's ``max_holds``-th refusal in a scope *freezes* the scope for that study
+(every later request is answered as frozen, without looking at the data again: an honest Lloyd run may be
+held once early and once near convergence), a study gets at most ``max_requests`` requests per scope, and a
+scope refused in ``max_refusals`` studies is *closed* for good (every release refused until the site's
+operator deletes the file on purpose). A server learns at most about ``max_refusals x max_holds x
+log2(max_requests)`` bits per scope over the site's lifetime (20 x 2 x 6.6 by default), and nothing more by
+changing the study, since every study counts. A site that wants none sets ``approved_studies`` (one study,
+so at most ``max_holds x log2(max_requests)``) or ``noise_epsilon``.
 
 The file (``derived/release-ledger.json`` at a site; ``None`` keeps it in memory) holds, per scope, the
 released sets as sorted lists of salted hashes of patient ids, the studies a scope was frozen in, and the
@@ -48,18 +53,25 @@ def digest_id(patient_id: str) -> str:
 class ReleaseLedger:
     """Released patient sets per scope, with the pairwise differencing rule of the module docstring."""
 
-    def __init__(self, site_id: str, path: Path | None, min_diff: int, max_refusals: int = 20) -> None:
+    def __init__(self, site_id: str, path: Path | None, min_diff: int, max_refusals: int = 20,
+                 max_requests: int = 100, max_holds: int = 2) -> None:
         self.site_id = site_id
         self.path = None if path is None else Path(path)
         self.min_diff = int(min_diff)
         self.max_refusals = int(max_refusals)
+        self.max_requests = int(max_requests)
+        self.max_holds = int(max_holds)
         self._sets: dict[str, list[frozenset[str]]] = {}
-        self._frozen: dict[str, list[str]] = {}
+        self._frozen: dict[str, list[str]] = {}  # scope -> studies with a refusal (their count closes the scope)
+        self._holds: dict[str, dict[str, int]] = {}  # scope -> study -> refusals
+        self._requests: dict[str, dict[str, int]] = {}
         self._last: dict[str, Any] = {}
         if self.path is not None and self.path.is_file():
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             self._sets = {scope: [frozenset(s) for s in sets] for scope, sets in raw.get("sets", {}).items()}
             self._frozen = {scope: list(studies) for scope, studies in raw.get("frozen", {}).items()}
+            self._holds = {scope: dict(counts) for scope, counts in raw.get("holds", {}).items()}
+            self._requests = {scope: dict(counts) for scope, counts in raw.get("requests", {}).items()}
             self._last = dict(raw.get("last", {}))
 
     # ------------------------------------------------------------------------------------------ the rule
@@ -78,19 +90,45 @@ class ReleaseLedger:
                     worst = d
         return worst
 
-    def frozen(self, scope: str, study: str) -> bool:
-        """Whether ``scope`` answers as frozen in ``study`` (refused there before, or closed)."""
-        studies = self._frozen.get(scope, [])
-        return study in studies or len(studies) >= self.max_refusals
+    def closed(self, scope: str) -> bool:
+        """Whether ``scope`` was refused in ``max_refusals`` studies: every release in it is refused for good."""
+        return len(self._frozen.get(scope, [])) >= self.max_refusals
 
-    def try_release(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]], study: str) -> bool:
+    def once(self, scope: str, study: str, what: str) -> bool:
+        """True the first time ``what`` is asked in ``study`` (and records it), False after."""
+        key = f"once|{what}|{study}"
+        if self._last.get(f"{scope}|{key}"):
+            return False
+        self.keep(scope, key, {"asked": True})
+        return True
+
+    def frozen(self, scope: str, study: str) -> bool:
+        """Whether ``scope`` answers as frozen in ``study`` (``max_holds`` refusals or ``max_requests`` requests
+        there, or the scope closed)."""
+        if self.closed(scope):
+            return True
+        return self._holds.get(scope, {}).get(study, 0) >= self.max_holds or \
+            self._requests.get(scope, {}).get(study, 0) >= self.max_requests
+
+    def try_release(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]], study: str,
+                    count: bool = True) -> bool:
         """Record ``cells`` (sets of patient ids within ``universe``) and ``universe`` if they may leave, and
-        return True; else freeze ``scope`` for ``study`` and return False (the data is not looked at again)."""
+        return True; else count a refusal of ``scope`` in ``study`` and return False. A frozen scope (see
+        :meth:`frozen`) returns False without looking at the data.
+
+        ``count`` False: the request does not count against ``max_requests`` (for sets a study fixes once, such
+        as its classifier split, asked again at every round)."""
         if self.frozen(scope, study):
             return False
+        counts = self._requests.setdefault(scope, {})
+        counts[study] = counts.get(study, 0) + int(count)
         cells = [list(c) for c in cells]
         if self.conflict(scope, universe, cells) is not None:
-            self._frozen.setdefault(scope, []).append(study)
+            holds = self._holds.setdefault(scope, {})
+            holds[study] = holds.get(study, 0) + 1
+            studies = self._frozen.setdefault(scope, [])
+            if study not in studies:
+                studies.append(study)
             self._save()
             return False
         recorded = self._sets.setdefault(scope, [])
@@ -101,9 +139,10 @@ class ReleaseLedger:
         self._save()
         return True
 
-    def release(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]], study: str) -> None:
+    def release(self, scope: str, universe: Sequence[str], cells: Iterable[Iterable[str]], study: str,
+                count: bool = True) -> None:
         """:meth:`try_release`, refusing (rule ``release_ledger``) when the cells may not leave."""
-        if not self.try_release(scope, universe, cells, study):
+        if not self.try_release(scope, universe, cells, study, count):
             closed = len(self._frozen.get(scope, [])) >= self.max_refusals
             why = (f"closed after refusals in {self.max_refusals} studies" if closed else
                    f"frozen for this study: a set differed from an earlier one by fewer than {self.min_diff} "
@@ -129,7 +168,7 @@ class ReleaseLedger:
         tmp = self.path.with_suffix(".json.tmp")
         data = {"format": FORMAT, "min_diff": self.min_diff,
                 "sets": {scope: [sorted(s) for s in sets] for scope, sets in self._sets.items()},
-                "frozen": self._frozen, "last": self._last}
+                "frozen": self._frozen, "holds": self._holds, "requests": self._requests, "last": self._last}
         tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, self.path)
 

@@ -73,6 +73,8 @@ class SitePolicy(BaseModel):
     min_cell: int | None = Field(None, ge=1)  # fewest patients per released cell; None: min_cohort
     exact_outcomes: bool = False  # allow exact event times, cells under min_cell and overlapping releases
     max_ledger_refusals: int = Field(20, ge=1)  # studies a release-ledger scope may be frozen in, then closed
+    max_ledger_requests: int = Field(100, ge=1)  # requests a study may make of one ledger scope, then frozen
+    max_ledger_holds: int = Field(2, ge=1)  # refusals a study may meet in one ledger scope, then frozen
     time_bin_days: float = Field(7.0, gt=0)  # finest survival time bin the site releases
     noise_epsilon: float | None = Field(None, gt=0)  # set: survival tables and k-means answers leave with Gaussian
     # noise of this epsilon each (charged to the lifetime privacy ledger)

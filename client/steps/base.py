@@ -45,7 +45,8 @@ def release_ledger(site: Site) -> ReleaseLedger | None:
     policy = site.config.policy
     if policy.exact_outcomes and policy.noise_epsilon is None:
         return None
-    return ReleaseLedger(site.site_id, work_dir(site) / LEDGER_FILE, policy.cell_floor, policy.max_ledger_refusals)
+    return ReleaseLedger(site.site_id, work_dir(site) / LEDGER_FILE, policy.cell_floor, policy.max_ledger_refusals,
+                         policy.max_ledger_requests, policy.max_ledger_holds)
 
 
 def work_dir(site: Site) -> Path:

@@ -22,12 +22,13 @@ from client.privacy_ledger import charge_gaussian
 from client.steps.base import SiteStep, release_ledger, work_dir
 from client.training.dp import noise_multiplier_for
 from common.config import StudyConfig
-from common.errors import SiteDataError
+from common.errors import PolicyError, SiteDataError
 from common.kmeans import NoisyKMeans
 from common.outcomes_site import (
     KMEANS_ACTIONS,
     OUTCOMES_STEPS,
     SURVIVAL_ACTIONS,
+    SURVIVAL_TABLE,
     OutcomesCohort,
     time_bin,
 )
@@ -85,11 +86,7 @@ def kmeans_cohort(site: Site, study: StudyConfig) -> OutcomesCohort:
 
     def write_labels(labels: np.ndarray) -> None:
         out_path = work_dir(site) / CLUSTERS_FILE
-        if labels.size == 0:  # no partition the site may release: no groups for the survival steps
-            out_path.unlink(missing_ok=True)
-            log.info("site %s: no releasable cluster labels; survival steps will have no groups", site.site_id)
-            return
-        pd.DataFrame({"patient_id": frame.index, "cluster": labels}).to_csv(out_path, index=False)
+        pd.DataFrame({"patient_id": frame.index, "cluster": labels, "study": study.hash}).to_csv(out_path, index=False)
         log.info("site %s: cluster labels of %d patient(s) written to %s", site.site_id, labels.size, out_path)
 
     return _policy_cohort(site, study, features=frame.to_numpy(), feature_names=tuple(str(c) for c in frame.columns),
@@ -102,7 +99,11 @@ def survival_data(site: Site, study: StudyConfig) -> pd.DataFrame:
     path = work_dir(site) / CLUSTERS_FILE
     if not path.is_file():
         raise SiteDataError(path, "no cluster labels", "run the k-means step of the outcomes phase first")
-    clusters = pd.read_csv(path, dtype={"patient_id": str}).set_index("patient_id")
+    clusters = pd.read_csv(path, dtype={"patient_id": str, "study": str}).set_index("patient_id")
+    if "study" in clusters.columns:  # labels of another study's k-means are not this study's groups
+        clusters = clusters[clusters["study"] == study.hash].drop(columns="study")
+        if clusters.empty:
+            raise SiteDataError(path, "no cluster labels of this study", "run the k-means step of this study first")
     clinical = read_clinical(site.root).set_index("patient_id")
     cfg = study.outcomes
     for col in (cfg.duration_col, cfg.event_col):
@@ -162,9 +163,20 @@ def _kmeans_step(action: str) -> Callable[[Site, StudyConfig, Payload], Payload]
     function = OUTCOMES_STEPS[action]
 
     def run(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+        check_centres_count(site, study, payload)
         return function(kmeans_cohort(site, study), payload)
 
     return run
+
+
+def check_centres_count(site: Site, study: StudyConfig, payload: Payload) -> None:
+    """Refuse (rule ``request_shape``), before any data is read, centres other than the study's k: more would
+    label patients into groups the study does not have (an error there, or a tiny group, is an answer too)."""
+    for key in ("centres", "previous"):
+        if key in payload and np.atleast_2d(np.asarray(payload[key])).shape[0] != study.outcomes.k:
+            raise PolicyError(site.site_id, "request_shape",
+                              f"{key} hold {np.atleast_2d(np.asarray(payload[key])).shape[0]} centres, the study's "
+                              f"k is {study.outcomes.k}")
 
 
 def _survival_step(action: str) -> Callable[[Site, StudyConfig, Payload], Payload]:
@@ -172,6 +184,9 @@ def _survival_step(action: str) -> Callable[[Site, StudyConfig, Payload], Payloa
 
     def run(site: Site, study: StudyConfig, payload: Payload) -> Payload:
         time_bin(site.site_id, site.config.policy.exact_outcomes, payload)  # refuse exact times before reading data
+        if action != SURVIVAL_TABLE and site.config.policy.noise_epsilon is not None:
+            raise PolicyError(site.site_id, "noisy_release", "Cox sums were requested; this site releases outcomes "
+                              "only as noisy survival tables")
         return function(survival_cohort(site, study), payload)
 
     return run

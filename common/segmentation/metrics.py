@@ -85,13 +85,17 @@ def local_quantile(sorted_values: np.ndarray, q: float, k: int) -> float:
 def describe(values: Iterable[float], cell_floor: int = 1) -> dict[str, float]:
     """n, sum, sum of squares, median, quartiles, mean and SD of the finite values (zeros when none).
 
-    With ``cell_floor`` > 1 the quartiles are :func:`local_quantile` means of ``cell_floor`` cases (numpy's
-    interpolated percentiles otherwise).
+    With ``cell_floor`` > 1 the quartiles are :func:`local_quantile` means of ``cell_floor`` cases, whose windows
+    are disjoint and leave at least ``cell_floor`` cases outside them from ``4 x cell_floor + 2`` cases on; with fewer,
+    every quartile is the mean (the sum minus a clamped window would be a few cases' values). Numpy's
+    interpolated percentiles otherwise.
     """
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if v.size == 0:
         return dict.fromkeys(STATS, 0.0)
-    if cell_floor > 1:
+    if cell_floor > 1 and v.size < 4 * cell_floor + 2:  # overlapping or clamped windows: sum minus them, a few cases
+        q25 = med = q75 = float(v.mean())
+    elif cell_floor > 1:
         ordered = np.sort(v)
         q25, med, q75 = (local_quantile(ordered, q, cell_floor) for q in (0.25, 0.5, 0.75))
     else:

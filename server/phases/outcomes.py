@@ -44,6 +44,7 @@ def kmeans_summary(km: KMeansResult) -> dict:
         "empty_clusters": list(km.empty),
         "inertia": km.inertia,
         "n_patients": int(sum(km.cases.values())),
+        "held_sites": list(km.held),
     }
 
 

@@ -112,13 +112,15 @@ def test_a_refusal_freezes_its_scope_for_the_study_and_closes_it_after_max_refus
     """A refusal is a yes/no answer about a few patients: after the first one in a study the site answers that
     scope as frozen without looking again, and after ``max_refusals`` frozen studies it refuses for good."""
     ids = [f"P{i}" for i in range(12)]
-    ledger = ReleaseLedger("s", None, min_diff=5, max_refusals=3)
+    ledger = ReleaseLedger("s", None, min_diff=5, max_refusals=3, max_holds=2)
     assert ledger.try_release("f", ids, [ids[:6], ids[6:]], "A")
-    assert not ledger.try_release("f", ids, [ids[:7], ids[7:]], "A")  # one patient moved: frozen for A
+    assert not ledger.try_release("f", ids, [ids[:7], ids[7:]], "A")  # one patient moved: a first hold
+    assert ledger.try_release("f", ids, [ids[:6], ids[6:]], "A")  # a fine answer still leaves
+    assert not ledger.try_release("f", ids, [ids[:5], ids[5:]], "A")  # the second hold: frozen for A
     assert not ledger.try_release("f", ids, [ids[:6], ids[6:]], "A")  # even an answer that alone could leave
     assert ledger.try_release("f", ids, [ids[:6], ids[6:]], "B")  # another study: the rule again
     assert ledger.try_release("g", ids, [ids[:7], ids[7:]], "A")  # another scope
-    for study in ("C", "D"):
+    for study in ("C", "D"):  # a refusal in a study counts towards closing the scope
         assert not ledger.try_release("f", ids, [ids[:7], ids[7:]], study)
     assert ledger.frozen("f", "E") and not ledger.try_release("f", ids, [ids[:6], ids[6:]], "E")  # closed
 
@@ -173,7 +175,7 @@ def test_survival_relabelling_is_refused_by_the_ledger(tmp_path: Path) -> None:
     groups = np.array([0] * 10 + [1] * 10)
     cohort = cohort_from_arrays("s", durations=days, events=events, groups=groups, min_cohort=5, min_cell=5,
                                 exact=False)
-    cohort.survival_ids, cohort.ledger = ids, ReleaseLedger("s", tmp_path / "ledger.json", 5)
+    cohort.survival_ids, cohort.ledger = ids, ReleaseLedger("s", tmp_path / "ledger.json", 5, max_holds=1)
     cohort.time_floor, cohort.survival_source = 7.0, "clinical.csv os_days/os_event"
     request = {"mode": "binned", "time_bin_days": 7.0}
     cohort.study_key = "study-1"
@@ -190,7 +192,7 @@ def test_survival_relabelling_is_refused_by_the_ledger(tmp_path: Path) -> None:
 
 def test_held_kmeans_answers_are_not_a_line_oracle(tmp_path: Path) -> None:
     """The review's probe: "held" answered exactly when 1-4 patients lay beyond the server's line, a free yes/no
-    per request. Now the first hold freezes the study's k-means: every later answer is the same, wherever the
+    per request. Now the second hold freezes the study's k-means: every later answer is the same, wherever the
     line is."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(12, 2))
@@ -202,5 +204,60 @@ def test_held_kmeans_answers_are_not_a_line_oracle(tmp_path: Path) -> None:
         centres = np.array([[t - 1.0, 0.0], [t + 1.0, 0.0]])
         reply = OUTCOMES_STEPS[KMEANS_ASSIGN](cohort, {"mean": np.zeros(2), "scale": np.ones(2), "centres": centres})
         answers.append((int(reply["held"]), tuple(np.asarray(reply["counts"]).tolist())))
-    first_hold = next(i for i, a in enumerate(answers) if a[0])
-    assert len(set(answers[first_hold:])) == 1  # after the first hold: one answer, whatever the line
+    holds = [i for i, a in enumerate(answers) if a[0]]
+    assert len(set(answers[holds[1]:])) == 1  # after the second hold (max_ledger_holds): one answer, whatever the line
+
+
+def test_a_study_gets_a_bounded_number_of_requests_per_scope() -> None:
+    """Where the first refusal falls among a study's requests tells more than one bit (a sweep learns where the
+    first patient crossed the line): after ``max_requests`` a study's scope is frozen, so a study tells at most
+    log2(max_requests) bits; requests a study fixes once (``count=False``) do not count."""
+    ids = [f"P{i}" for i in range(12)]
+    ledger = ReleaseLedger("s", None, min_diff=5, max_refusals=3, max_requests=4)
+    for _ in range(4):
+        assert ledger.try_release("f", ids, [ids[:6], ids[6:]], "A")
+    assert not ledger.try_release("f", ids, [ids[:6], ids[6:]], "A") and ledger.frozen("f", "A")
+    for _ in range(10):
+        assert ledger.try_release("split", ids, [ids[:6]], "A", count=False)
+
+
+def test_kmeans_centres_other_than_the_study_k_are_refused_before_any_data(tmp_path: Path) -> None:
+    """The review's noisy-mode oracle: a third centre marking a half-space labelled patients into a group the
+    study lacks, and the error (or not) answered whether anyone lay there. The shape is checked first."""
+    from client.steps.outcomes import check_centres_count
+
+    study = StudyConfig(outcomes={"k": 2})
+    check_centres_count(_site(tmp_path), study, {"centres": np.zeros((2, 3))})
+    for payload in ({"centres": np.zeros((3, 3))}, {"centres": np.zeros((2, 3)), "previous": np.zeros((1, 3))}):
+        with pytest.raises(PolicyError, match="request_shape"):
+            check_centres_count(_site(tmp_path), study, payload)
+
+
+def test_segmentation_quartiles_are_block_means_or_the_mean() -> None:
+    """The review's probe: with 6 cases and cells of 5 the clamped q25 window and the exact sum gave the best
+    case's value (sum - 5 q25). Under 4 x 5 + 2 cases every quartile is the mean; from there on, disjoint means
+    of 5 cases, and no linear combination of the released values isolates fewer than 5 cases."""
+    from common.segmentation.metrics import describe
+
+    rng = np.random.default_rng(5)
+    for n in (6, 9, 11, 21):
+        v = rng.uniform(0.3, 0.9, n).round(4)
+        d = describe(v.tolist(), cell_floor=5)
+        assert d["q25"] == d["median"] == d["q75"] == pytest.approx(v.mean())  # sum - 5 q25: no case's value
+    v = np.sort(rng.uniform(0.3, 0.9, 22))
+    d = describe(v.tolist(), cell_floor=5)
+    assert d["median"] not in v and d["q25"] not in v and len({d["q25"], d["median"], d["q75"]}) == 3
+    assert describe(v.tolist(), cell_floor=1)["median"] == pytest.approx(np.median(v))  # exact policy unchanged
+
+
+def test_noisy_sites_refuse_exact_cox_sums(tmp_path: Path) -> None:
+    """In noisy mode Cox sums would be exact and uncharged (the review's probe): refused before any data."""
+    from client.steps.outcomes import STEPS
+    from common.outcomes_site import COX_MOMENTS, COX_SUMS
+
+    site = _site(tmp_path)
+    noisy = Site(site.root, site.config.model_copy(update={"policy": site.config.policy.model_copy(
+        update={"noise_epsilon": 1.0})}), site.cases)
+    for action in (COX_MOMENTS, COX_SUMS):
+        with pytest.raises(PolicyError, match="noisy_release"):
+            STEPS[action].run(noisy, StudyConfig(), {"mode": "binned", "time_bin_days": 7.0, "groups": [0, 1]})
