@@ -120,7 +120,8 @@ def _print_summary(summary: dict, out: Path) -> None:
                       f"{len(red['explained_variance'])} factors")
     for row in (outputs.get("classifier") or {}).get("comparison", []):
         console.print(f"[bold]Classifier {row['model']}[/bold]: pooled AUC {row['auc']:.3f}, accuracy "
-                      f"{row['accuracy']:.3f}, Brier {row['brier']:.3f}")
+                      f"{row['accuracy']:.3f}, Brier {row['brier']:.3f} (AUC and accuracy from the sites' score "
+                      "cells of at least min_cell held-out cases; the Brier score is exact)")
     oc = outputs.get("outcomes")
     if oc:
         sizes = {g: v.get("n") for g, v in (oc.get("groups") or {}).items()}
