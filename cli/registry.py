@@ -130,14 +130,18 @@ def touched_by(site: str = typer.Argument(..., help="A site id."), registry: str
 
 @app.command()
 def verify(registry: str = REGISTRY_OPTION, url: str = URL_OPTION,
-           head: str = typer.Option(None, "--head", help="An audit head hash published earlier; must be in the log.")
+           head: str = typer.Option(None, "--head", help="An audit head published earlier (<seq>:<sha256>, as "
+                                    "in study.json registry.head / registry-head.txt, or a bare sha256); must be in "
+                                    "the log.")
            ) -> None:
     """Recompute the audit chain and every artifact hash; exit 1 naming the first broken link."""
+    from server.registry.verify import format_head
+
     with _open(registry, url) as reg:
         report = reg.verify(expected_head=head)
     if report.ok:
         console.print(f"[green]ok[/green]: {report.n_events} audit event(s), {report.n_versions} version(s), "
-                      f"{report.n_artifacts} artifact(s) verified; head #{report.head[0]} {report.head[1]}")
+                      f"{report.n_artifacts} artifact(s) verified; head {format_head(report.head)}")
         return
     err_console.print(f"[red]BROKEN[/red]: {report.first}")
     if len(report.broken) > 1:

@@ -11,15 +11,19 @@ from common.errors import ConfigError
 from server.federation import Federation
 from server.phases import PHASES, PhaseContext
 from server.registry import Registry, open_registry
+from server.registry.verify import format_head
 
 log = logging.getLogger("fedbiopsy.server")
+HEAD_FILE = "registry-head.txt"  # the audit head after the run, <seq>:<sha256>, for `registry verify --head`
 
 
 def run_study(federation: Federation, result_dir: Path) -> dict:
     """Run the study's phases in order; each phase's result is written to ``result_dir/<phase>.json``.
 
     The study, the run, each phase with its participating sites and every artifact a phase lists are recorded
-    in the study's registry (:func:`open_study_registry`); a run that fails is recorded as failed.
+    in the study's registry (:func:`open_study_registry`); a run that fails is recorded as failed. The audit
+    head after the run (``<seq>:<sha256>``) goes into ``study.json`` and ``registry-head.txt``: published
+    outside the database, it makes ``fedbiopsy registry verify --head`` catch a later truncation or rewrite.
     """
     study = federation.study
     unknown = [p for p in study.phases if p not in PHASES]
@@ -46,10 +50,15 @@ def run_study(federation: Federation, result_dir: Path) -> dict:
             _close_run(registry, run_id, f"{type(exc).__name__}: {exc}")
             raise
         registry.finish_run(run_id)
+        head = format_head(registry.head())  # after the run's last event: publish it to pin the log
     summary = {"study": study.name, "study_hash": study.hash, "phases": list(study.phases),
                "participants": ctx.participants, "outputs": ctx.outputs,
-               "registry": {"location": registry.location.describe(), "run_id": run_id, "versions": versions}}
+               "registry": {"location": registry.location.describe(), "run_id": run_id, "versions": versions,
+                            "head": head}}
     (result_dir / "study.json").write_text(json.dumps(summary, indent=2, default=str))
+    (result_dir / HEAD_FILE).write_text(head + "\n", encoding="utf-8")
+    log.info("registry head after run %d: %s (check it with `fedbiopsy registry verify --head %s`)", run_id, head,
+             head)
     return summary
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from common.report import run_report
 from server.phases.base import PhaseContext
+from server.registry.verify import format_head
 from server.report import Section, build_report
 from server.report.html import table
 
@@ -66,7 +67,7 @@ def _cohort(ctx: PhaseContext) -> Section:
     body = table(rows) + (f"<p>{fp['n_cases']} cases over {fp['n_sites']} sites; target spacing "
                           f"{[round(s, 3) for s in fp['target_spacing']]} mm.</p>")
     if fp.get("refused"):
-        body += f"<p>Refused: {json.dumps(fp['refused'])}</p>"
+        body += f"<p>Refused: {_escape(json.dumps(fp['refused']))}</p>"
     return Section("cohort", "Cohort per site", body)
 
 
@@ -77,8 +78,9 @@ def _preprocessing(ctx: PhaseContext) -> Section:
     effect = pre.get("effect") or {}
     rows = [{"sequence": seq, "site-median spread before": v["before"], "after": v["after"], "shrink (x)": v["shrink"]}
             for seq, v in effect.get("spread", {}).items()]
-    body = (f"<p>Plan <code>{pre['plan_sha256'][:12]}</code>: steps {pre['plan']['preprocessing']['steps']}, "
-            f"target spacing {pre['plan']['target_spacing']} mm, delivered to {len(pre['delivered_to'])} site(s).</p>"
+    body = (f"<p>Plan <code>{_escape(str(pre['plan_sha256'])[:12])}</code>: steps "
+            f"{_escape(str(pre['plan']['preprocessing']['steps']))}, target spacing "
+            f"{_escape(str(pre['plan']['target_spacing']))} mm, delivered to {len(pre['delivered_to'])} site(s).</p>"
             + table(rows) + "<p class='muted'>Spread: SD of the sites' median foreground intensity over the "
             "pooled inter-quartile range, from each site's cohort histogram.</p>")
     return Section("preprocessing", "Preprocessing effect", body,
@@ -98,20 +100,21 @@ def _segmentation(ctx: PhaseContext) -> Section:
             if isinstance(stats, dict):
                 row[f"{metric} median"] = stats.get("median")
         rows.append(row)
-    body = (f"<p>Network {seg.get('network')} ({seg.get('n_parameters')} parameters), strategy "
-            f"{seg.get('strategy')}, {len(seg.get('rounds', [])) - 1} round(s). Median DSC "
+    body = (f"<p>Network {_escape(str(seg.get('network')))} ({_escape(str(seg.get('n_parameters')))} parameters), "
+            f"strategy {_escape(str(seg.get('strategy')))}, {len(seg.get('rounds', [])) - 1} round(s). Median DSC "
             f"{_num(seg.get('initial_dsc_median'))} (initial) to {_num(seg.get('final_dsc_median'))} (final).</p>"
             + table(rows))
     inference = ctx.outputs.get("inference")
     if inference:
         body += (f"<p>Cases without a radiologist's mask segmented locally by the final model: "
-                 f"{inference['segmented_per_site']} (empty predictions: {inference['empty_per_site']}); their "
+                 f"{_escape(str(inference['segmented_per_site']))} (empty predictions: "
+                 f"{_escape(str(inference['empty_per_site']))}); their "
                  f"masks stay at the sites and feed the features phase.</p>")
     body += ("<p class='muted'>Overlays of prediction vs ground truth are written at each site "
              "(<code>derived/segmentation/</code>) and never leave it.</p>")
     gap = seg.get("centralised")
     if isinstance(gap, dict):
-        body += "<p>Centralised baseline: " + json.dumps(gap, default=str)[:600] + "</p>"
+        body += "<p>Centralised baseline: " + _escape(json.dumps(gap, default=str)[:600]) + "</p>"
     return Section("segmentation", "Tumour segmentation", body,
                    [(p, p.stem.replace("_", " ")) for p in _fig(seg)][:6])
 
@@ -125,8 +128,9 @@ def _harmonisation(ctx: PhaseContext) -> Section:
     if not harm:
         return Section("harmonisation", "Feature harmonisation (federated ComBat)", ran=False)
     figures: list[tuple[Path, str]] = []
-    body = (f"<p>{harm['n_features']} features, {harm['n_cases']} cases, batches {harm['batches']}; options "
-            f"{harm['options']}; rounds {harm['rounds']}.</p>")
+    body = (f"<p>{_escape(str(harm['n_features']))} features, {_escape(str(harm['n_cases']))} cases, batches "
+            f"{_escape(str(harm['batches']))}; options {_escape(str(harm['options']))}; rounds "
+            f"{_escape(str(harm['rounds']))}.</p>")
     columns = _shift_features(ctx)
     if columns:
         replies = run_report(ctx.query(), columns)
@@ -190,7 +194,7 @@ def _signature(ctx: PhaseContext) -> Section:
     if not red:
         return Section("signature", "Image-based signature", ran=False)
     body = (f"<p>{len(red['kept'])} features kept of {len(red['kept']) + len(red['dropped'])} "
-            f"(low variance / correlation pruning); factors: {list(red['explained_variance'])}.</p>")
+            f"(low variance / correlation pruning); factors: {_escape(str(list(red['explained_variance'])))}.</p>")
     rows = [{"factor": f, "explained variance": v, "top features": ", ".join(map(str, red["top_features"][f][:3]))}
             for f, v in red["explained_variance"].items()]
     body += table(rows)
@@ -233,7 +237,7 @@ def _outcomes(ctx: PhaseContext) -> Section:
     rows = [{"group": g, **{k: v for k, v in (info or {}).items() if isinstance(v, (int, float, str))}}
             for g, info in (out.get("groups") or {}).items()]
     body = (f"<p>k-means into {out['kmeans']['k']} clusters on {len(out['kmeans']['features'])} signature "
-            f"scores; times {out['mode']}"
+            f"scores; times {_escape(str(out['mode']))}"
             f"{' to ' + str(out['time_bin_days']) + ' days' if out['mode'] != 'exact' else ''}. Log-rank "
             f"chi2 = {lr['test_statistic']:.3f}, p = {lr['p_value']:.4g}.</p>" + table(rows))
     cox = out.get("cox") or {}
@@ -299,7 +303,10 @@ def _lineage(ctx: PhaseContext) -> Section:
     report = reg.verify()
     status = "verifies" if report.ok else f"does NOT verify: {report.first}"
     body = (f"<p>Registry {reg.location.describe()}: {report.n_events} audit events, {report.n_versions} versions, "
-            f"{report.n_artifacts} artifacts; the hash chain {status} (head <code>{report.head[1][:16]}</code>).</p>"
+            f"{report.n_artifacts} artifacts; the hash chain {status}. Head when this report was written: "
+            f"<code>{_escape(format_head(report.head))}</code>; the head after the run is in "
+            "<code>registry-head.txt</code> and <code>study.json</code> (check either with "
+            "<code>fedbiopsy registry verify --head</code>).</p>"
             + table(rows))
     return Section("lineage", "Model lineage (registry)", body)
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from common.hashing import sha256_text
 from server.registry import audit
 from server.registry.audit import Broken
+from server.registry.errors import RegistryError
 from server.registry.models import Artifact, AuditEvent, ModelVersion, Phase, Run, Study
 from server.registry.records import (
     RECORD_EVENTS,
@@ -45,15 +46,33 @@ class VerifyReport:
         return self.broken[0] if self.broken else None
 
 
+def format_head(head: tuple[int, str]) -> str:
+    """A head as it is published (study results, report, ``registry verify --head``): ``<seq>:<sha256>``."""
+    return f"{int(head[0])}:{head[1]}"
+
+
+def parse_head(text: str) -> tuple[int | None, str]:
+    """``<seq>:<sha256>`` (as :func:`format_head` writes it) or a bare sha256, as (seq or None, hash)."""
+    raw = text.strip().lower()
+    seq_text, _, digest = raw.rpartition(":")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or (seq_text and not seq_text.isdigit()):
+        raise RegistryError(f"--head {text[:80]!r} is not <seq>:<sha256> or a sha256. Fix: copy the head from the "
+                            "study results (study.json registry.head) or the report")
+    return (int(seq_text) if seq_text else None), digest
+
+
 def verify_registry(s: Session, store: ArtifactStore, expected_head: str | None = None,
                     artifacts: bool | Iterable[str] = True) -> VerifyReport:
     """Everything :meth:`Registry.verify` checks, within the read transaction of ``s``."""
     only = None if isinstance(artifacts, bool) else set(artifacts)
     broken, n_events = audit.verify_chain(s)
     rows = list(s.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars())
-    if expected_head and not any(r.hash == expected_head.lower() for r in rows):
-        broken.append(Broken("audit head", f"the published head {expected_head[:16]}... is not in the log: "
-                             "the log was rewritten"))
+    if expected_head:
+        seq, digest = parse_head(expected_head)
+        if not any(r.hash == digest and (seq is None or r.seq == seq) for r in rows):
+            shown = f"#{seq} {digest[:16]}..." if seq is not None else f"{digest[:16]}..."
+            broken.append(Broken("audit head", f"the published head {shown} is not in the log: the log was "
+                                 "truncated or rewritten after it was published"))
     broken.extend(check_records(s, rows))
     arts = list(s.execute(select(Artifact).order_by(Artifact.sha256)).scalars())
     users: dict[str, list[int]] = {}

@@ -41,6 +41,11 @@ def test_list_show_lineage_touched_by(folder: str) -> None:
 def test_verify_exit_status_names_the_first_broken_link(folder: str) -> None:
     code, out = _run("verify", "-r", folder)
     assert code == 0 and "ok: 19 audit event(s), 7 version(s), 7 artifact(s)" in out
+    head = out.split("head ")[-1].split()[0]  # printed whole, <seq>:<sha256>, as study.json publishes it
+    assert head.startswith("19:") and len(head) == 3 + 64
+    assert _run("verify", "-r", folder, "--head", head)[0] == 0
+    code, out = _run("verify", "-r", folder, "--head", "20:" + head[3:])
+    assert code == 1 and "BROKEN: audit head: the published head #20" in out
     with sqlite3.connect(Path(folder) / "registry.sqlite") as db:
         db.execute("DELETE FROM audit_events WHERE seq = 12")
     code, out = _run("verify", "-r", folder)

@@ -57,7 +57,10 @@ def test_simulated_study_registers_exactly_the_sites_that_took_part(writable_sit
     # Assert: one plan version whose lineage holds the two sites that answered, with their data fingerprints
     took_part = {load_site_config(d).site_id: load_site(d) for d in writable_sites[:2]}
     assert summary["registry"]["versions"] == ["v1"] and summary["registry"]["run_id"] == 1
+    head = summary["registry"]["head"]  # published outside the database after the run's last event
+    assert (tmp_path / "results" / "study" / "registry-head.txt").read_text().strip() == head
     with open_registry(tmp_path / "results" / "registry", create=False) as reg:  # the default location
+        assert head == f"{reg.head()[0]}:{reg.head()[1]}" and reg.verify(expected_head=head).ok
         (plan,) = reg.versions()
         lineage = reg.lineage(plan.label)
         assert [v.kind for v in lineage] == ["plan"] and plan.phase == "fingerprint"

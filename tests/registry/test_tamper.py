@@ -129,3 +129,33 @@ def test_the_log_may_grow_after_a_published_head(history: Registry) -> None:
     _, published = history.head()
     history.append_event("version.promoted", "version:5", {"by": "qa-lead"})
     assert history.verify(expected_head=published).ok
+
+
+def test_a_consistent_truncation_is_caught_by_the_full_published_head(history: Registry) -> None:
+    """Erasing the whole second run -- its rows and its events -- and moving the head row back is consistent
+    (the registry alone verifies); the head published after the run, ``<seq>:<sha256>`` as study.json and
+    registry-head.txt hold it, exposes it."""
+    from server.registry.verify import format_head, parse_head
+
+    published = format_head(history.head())
+    assert parse_head(published) == (N_EVENTS, history.head()[1])
+    db = _db(history)
+    db.execute("DELETE FROM version_sites WHERE version_id IN (SELECT id FROM model_versions WHERE run_id = 2)")
+    db.execute("DELETE FROM model_versions WHERE run_id = 2")
+    db.execute("DELETE FROM participations WHERE phase_id IN (SELECT id FROM phases WHERE run_id = 2)")
+    db.execute("DELETE FROM phases WHERE run_id = 2")
+    db.execute("DELETE FROM runs WHERE id = 2")
+    db.execute("DELETE FROM studies WHERE id NOT IN (SELECT study_id FROM runs)")
+    db.execute("DELETE FROM audit_events WHERE seq >= 13")  # study 2 recorded .. run 2 finished
+    seq, h = db.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+    db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
+    db.close()
+    assert history.verify(artifacts=False).ok  # undetectable from inside the registry alone
+    report = history.verify(expected_head=published, artifacts=False)
+    assert not report.ok and report.first.where == "audit head" and "truncated or rewritten" in report.first.problem
+    # a head with the right hash but another sequence number is not the published one either
+    assert not history.verify(expected_head=f"{seq + 1}:{h}", artifacts=False).ok
+    assert history.verify(expected_head=f"{seq}:{h}", artifacts=False).ok
+    for bad in ("12:abc", "x:" + "0" * 64, "not a head"):
+        with pytest.raises(Exception, match="--head"):
+            history.verify(expected_head=bad)
