@@ -91,10 +91,38 @@ def server_spec(replies: Mapping[str, Mapping[str, object]], options: CombatOpti
     return CombatSpec.build(options, features, counts, {c: sorted(v) for c, v in levels.items()}, holders)
 
 
+def check_fit_reply(site: str, wtw: np.ndarray, batch_n: np.ndarray, raw_m2: np.ndarray, nb: int,
+                    ref_index: int | None = None) -> None:
+    """A site's round-1 sums must be sums over patients: ``W'W`` symmetric positive semi-definite, its batch
+    one-hot diagonal (and block) the site's batch counts, and centred sums of squares non-negative. A
+    poisoned reply (an update crafted to steer the pooled fit) breaks one of these; it is refused."""
+    scale = max(float(np.abs(wtw).max()), 1.0)
+    problems = []
+    if not np.allclose(wtw, wtw.T, rtol=0, atol=1e-9 * scale):
+        problems.append("W'W is not symmetric")
+    elif float(np.linalg.eigvalsh(wtw).min()) < -1e-8 * scale:
+        problems.append("W'W is not positive semi-definite")
+    expected = np.diag(np.asarray(batch_n, dtype=np.float64))
+    if ref_index is not None:  # the reference batch's column is all ones (neuroCombat's intercept)
+        expected[ref_index, :] = expected[:, ref_index] = batch_n
+        expected[ref_index, ref_index] = float(np.sum(batch_n))
+    if not np.allclose(wtw[:nb, :nb], expected, rtol=0, atol=1e-9 * scale):
+        problems.append("W'W's batch block does not match the site's batch counts")
+    if np.any(raw_m2 < -1e-9 * max(float(np.abs(raw_m2).max()), 1.0)):
+        problems.append("a centred sum of squares is negative")
+    if problems:
+        raise ProtocolError(site, f"ComBat fit reply is not a sum over patients ({problems[0]})",
+                            "check the site's fedbiopsy version and its feature table")
+
+
 def server_fit(replies: Mapping[str, Mapping[str, object]], spec: CombatSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Round 1: the pooled OLS fit (beta) and grand mean; raises on a feature constant within a batch."""
+    """Round 1: the pooled OLS fit (beta) and grand mean; raises on a feature constant within a batch or a
+    site reply that is not a sum over patients (:func:`check_fit_reply`)."""
     q, p = len(spec.design_columns), spec.n_features
-    _check_counts(replies, spec)
+    counts = _check_counts(replies, spec)
+    for site, reply in sorted(replies.items()):
+        check_fit_reply(site, _reply_array(site, reply, "wtw", (q, q)), counts[site],
+                        _reply_array(site, reply, "raw_m2", (spec.n_batch, p)), spec.n_batch, spec.ref_index)
     wtw = sum(_reply_array(s, r, "wtw", (q, q)) for s, r in sorted(replies.items()))
     wty = sum(_reply_array(s, r, "wty", (q, p)) for s, r in sorted(replies.items()))
     raw = _group_moments(replies, spec, "raw_mean", "raw_m2")
