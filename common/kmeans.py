@@ -155,6 +155,9 @@ def lloyd_update(replies: Mapping[str, Mapping[str, object]], centres: np.ndarra
         if not np.all(np.isfinite(s)) or not np.all(np.isfinite(n)) or \
                 (not noisy and (np.any(n < 0) or np.any(n != np.round(n)))):
             raise ProtocolError(site, "k-means reply holds non-finite sums or non-integer counts")
+        if not noisy and "n" in reply and float(n.sum()) > float(reply["n"]):  # type: ignore[arg-type]
+            raise ProtocolError(site, "k-means reply counts more patients in its clusters than it has",
+                                "check the site's fedbiopsy version")
         sums += s
         counts += n
     new = c.copy()

@@ -95,3 +95,17 @@ def test_bad_inputs_name_the_site() -> None:
         kmeans_from(wide, 2, init)
     with pytest.raises(ProtocolError, match="centres"):
         kmeans_from(X, 3, init)
+
+
+def test_a_reply_counting_more_patients_than_its_site_has_is_refused() -> None:
+    """Issue 21 (4): k-means sums consistent with the site's cohort: inflated counts (a site steering the
+    centres) are refused."""
+    from common.kmeans import lloyd_update, site_cluster_sums
+
+    x = np.random.default_rng(0).normal(size=(10, 2))
+    centres = np.array([[-1.0, 0.0], [1.0, 0.0]])
+    honest = site_cluster_sums("a", x, centres)
+    lloyd_update({"a": honest}, centres)
+    inflated = {**honest, "counts": np.asarray(honest["counts"]) * 10, "sums": np.asarray(honest["sums"]) * 10}
+    with pytest.raises(ProtocolError, match="more patients"):
+        lloyd_update({"a": inflated}, centres)
