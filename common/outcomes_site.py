@@ -28,6 +28,7 @@ event table that :func:`site_event_table` already releases.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -302,7 +303,8 @@ def _noisy_assign(cohort: OutcomesCohort, z: np.ndarray, centres: np.ndarray, no
 def site_kmeans_labels(cohort: OutcomesCohort, request: Mapping[str, object]) -> Payload:
     """The final centres: the site labels its patients and keeps the labels; only count and inertia leave.
 
-    Under a release ledger a study gets one labels round (refused after: rule ``release_ledger``), the inertia
+    Under a release ledger a study gets one labels round (another is refused, rule ``release_ledger``; the same
+    one again, e.g. a rerun of the study, is answered), the inertia
     leaves only when the final partition may, and a partition that may not counts as a refusal of the study.
     The labels stay at the site either way: the survival steps drop groups under ``min_cell`` and hold their
     own groupings to the ledger's ``survival`` scope.
@@ -314,7 +316,10 @@ def site_kmeans_labels(cohort: OutcomesCohort, request: Mapping[str, object]) ->
     out: Payload = {"n": int(labels.size)}
     ledger = cohort.ledger
     if ledger is not None:
-        if ledger.closed(FEATURES) or not ledger.once(FEATURES, cohort.study_key, "kmeans_labels"):
+        asked = hashlib.sha256(np.ascontiguousarray(np.concatenate([
+            centres.ravel(), _array(request, "mean", cohort.site_id), _array(request, "scale", cohort.site_id)])
+        ).tobytes()).hexdigest()
+        if ledger.closed(FEATURES) or not ledger.once(FEATURES, cohort.study_key, "kmeans_labels", asked):
             raise PolicyError(cohort.site_id, "release_ledger", "one k-means labels round a study (or the scope "
                               "is closed)")
         ids = cohort_ids(cohort.site_id, cohort.ids, z.shape[0])

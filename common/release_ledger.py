@@ -94,12 +94,14 @@ class ReleaseLedger:
         """Whether ``scope`` was refused in ``max_refusals`` studies: every release in it is refused for good."""
         return len(self._frozen.get(scope, [])) >= self.max_refusals
 
-    def once(self, scope: str, study: str, what: str) -> bool:
-        """True the first time ``what`` is asked in ``study`` (and records it), False after."""
+    def once(self, scope: str, study: str, what: str, request: str = "") -> bool:
+        """True the first time ``what`` is asked in ``study`` (recording ``request``, a digest of what was
+        asked) and when the very same request is asked again (a rerun: nothing new); False for another one."""
         key = f"once|{what}|{study}"
-        if self._last.get(f"{scope}|{key}"):
-            return False
-        self.keep(scope, key, {"asked": True})
+        seen = self._last.get(f"{scope}|{key}")
+        if seen:
+            return bool(request) and seen.get("request") == request
+        self.keep(scope, key, {"asked": True, "request": request})
         return True
 
     def frozen(self, scope: str, study: str) -> bool:

@@ -13,6 +13,7 @@ content does not depend on how many other sites or patients are generated.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,18 @@ def site_config_for(index: int, seed: int) -> SiteConfig:
     )
 
 
+def clear_simulated_site(site_dir: Path) -> None:
+    """Remove an earlier simulated site at ``site_dir`` (its images, and its ``derived/`` state: features, ledgers
+    of patients that no longer exist); refuse to touch a folder that is not a simulated site."""
+    if not site_dir.exists():
+        return
+    yaml_path = site_dir / "site.yaml"
+    text = yaml_path.read_text(encoding="utf-8") if yaml_path.is_file() else ""
+    if "simulation:" not in text:
+        raise FileExistsError(f"{site_dir} exists and is not a simulated site. Fix: simulate into an empty folder")
+    shutil.rmtree(site_dir)
+
+
 def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, seed: int = 0,
                write_truth: bool = True, unlabelled: int = 0) -> Path:
     """Generate one simulated site in the layout of ARCHITECTURE.md; returns its directory.
@@ -258,6 +271,7 @@ def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, s
     config = site_config_for(index, seed)
     scanner, bias_seed = scanner_for_site(index, seed)
     site_dir = Path(out_dir) / config.site_id
+    clear_simulated_site(site_dir)
     write_site_config(config, site_dir)
     rows = []
     for p in range(patients):
