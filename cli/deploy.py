@@ -56,7 +56,7 @@ def local(
     if sites_dir is None:
         sim = study.simulation
         site_dirs = simulate_sites(out / "sites", sites=sites, patients=sim.patients, size=sim.size, seed=sim.seed,
-                                   progress=True)
+                                   progress=True, unlabelled=sim.unlabelled)
     else:
         site_dirs = sorted(p for p in sites_dir.iterdir() if (p / "site.yaml").is_file())[:sites]
         if len(site_dirs) < sites:
@@ -64,7 +64,8 @@ def local(
                                      param_hint="--sites-dir")
     if len(site_dirs) < study.min_sites:
         console.print(f"[yellow]warning:[/yellow] {len(site_dirs)} site(s) but the study needs {study.min_sites}")
-    fed = LocalFederation(site_dirs, out / "work", tls=tls)
+    # simulated sites approve this checkout's app; a real site must have approved it in its site.yaml
+    fed = LocalFederation(site_dirs, out / "work", tls=tls, approve_app=sites_dir is None)
     try:
         with fed:
             console.print(f"[green]SuperLink[/green] {fed.address} "
@@ -93,7 +94,8 @@ def certs(
     sites: str = typer.Option("", "--sites", help="Comma-separated hospital names, one key pair each."),
     host: list[str] = _HOSTS,
     study: str = typer.Option("fedbiopsy", "--study", help="Organisation name in the CA certificate."),
-    reuse_ca: bool = typer.Option(False, "--reuse-ca", help="Keep the CA in --out; renew the SuperLink certificate."),
+    reuse_ca: bool = typer.Option(False, "--reuse-ca", help="Keep the CA (ca.crt in --out, ca.key in "
+                                  "<out>-ca-offline); renew the SuperLink certificate."),
 ) -> None:
     """Create a study CA, the SuperLink's TLS certificate and one EC P-384 key pair per hospital."""
     from deploy.certificates import create_study_pki

@@ -16,7 +16,6 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.apphash import running_app_hash
 from client.guard import check_reply, check_request, check_study, public_reason, record_error, record_refusal
 from client.sitecache import load_site_cached
 from client.steps import SITE_STEPS, SiteStep
@@ -80,8 +79,7 @@ def handle(step: SiteStep, msg: Message, context: Context) -> Message:
         study = StudyConfig.model_validate(json.loads(str(payload.pop(STUDY_KEY))))
         site = load_site_cached(site_dir_from_context(context))
         who = site.site_id
-        app_hash = running_app_hash() if site.config.policy.approved_apps else None
-        check_request(site.config, step.phase, study.hash, step.n_cases(site), app_hash=app_hash)
+        check_request(site.config, step.phase, study.hash, step.n_cases(site))
         check_study(site, step.phase, study)
         reply = step.run(site, study, payload)
         check_reply(site, reply)

@@ -28,10 +28,38 @@ def _digest(entries: dict[str, bytes]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def fab_app_hash(fab: bytes) -> str:
-    """The app hash of a FAB (the zip ``flwr build`` / ``flwr run`` produces)."""
+MAX_FAB_ENTRIES = 20_000
+MAX_FAB_UNPACKED = 512 * 1024 * 1024  # bytes read out of one FAB at most (a zip bomb stops here)
+
+
+def fab_app_hash(fab: bytes, max_entries: int = MAX_FAB_ENTRIES, max_unpacked: int = MAX_FAB_UNPACKED) -> str:
+    """The app hash of a FAB (the zip ``flwr build`` / ``flwr run`` produces).
+
+    Entries are hashed as they are read, in chunks; a FAB with more than ``max_entries`` entries or more than
+    ``max_unpacked`` bytes once unpacked raises ``ValueError`` (a FAB comes from whoever submitted the run).
+    """
+    lines, total = [], 0
     with zipfile.ZipFile(io.BytesIO(fab)) as zf:
-        return _digest({info.filename: zf.read(info) for info in zf.infolist() if not info.is_dir()})
+        infos = [info for info in zf.infolist() if not info.is_dir()]
+        if len(infos) > max_entries:
+            raise ValueError(f"the FAB holds {len(infos)} entries (at most {max_entries})")
+        for info in infos:
+            digest = hashlib.sha256()
+            with zf.open(info) as fh:
+                while chunk := fh.read(1 << 20):
+                    total += len(chunk)
+                    if total > max_unpacked:
+                        raise ValueError(f"the FAB unpacks to more than {max_unpacked} bytes")
+                    digest.update(chunk)
+            if not _skipped(info.filename):
+                lines.append(f"{info.filename}\t{digest.hexdigest()}")
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+
+
+def fab_files(fab: bytes) -> set[str]:
+    """The file names a FAB holds (its directory, without unpacking anything)."""
+    with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+        return {info.filename for info in zf.infolist() if not info.is_dir()}
 
 
 def directory_app_hash(root: Path) -> str:
@@ -51,7 +79,18 @@ def installed_app_root(module_file: str | Path) -> Path | None:
     return None
 
 
+_VERIFIED: list[str] = []
+
+
+def set_verified_app(app_hash: str) -> None:
+    """Record the app hash the site's SuperExec (:mod:`deploy.site_exec`) verified for the code of this process."""
+    _VERIFIED[:] = [app_hash]
+
+
 def running_app_hash() -> str | None:
-    """The app hash of the fedbiopsy app this process runs, None when it is not an installed FAB."""
+    """The app hash of the fedbiopsy app this process runs: the one the site's SuperExec verified, else that of
+    the installed FAB folder it runs from (Flower's own ``flwr-clientapp``), else None (simulation, tests)."""
+    if _VERIFIED:
+        return _VERIFIED[0]
     root = installed_app_root(__file__)
     return directory_app_hash(root) if root is not None else None

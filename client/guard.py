@@ -106,19 +106,25 @@ def record_error(site_dir: Path, err: BaseException, message_type: str, run_id: 
 # ============================================================================================ the study
 
 
-def check_request(config: SiteConfig, phase: str, study_hash: str, n_cases: int,
-                  app_hash: str | None = None) -> None:
+def check_app(config: SiteConfig, app_hash: str) -> None:
+    """Raise :class:`PolicyError` (rule ``approved_apps``) unless the site approved the app with this hash.
+
+    An empty ``policy.approved_apps`` approves nothing: the site's SuperExec (:mod:`deploy.site_exec`) runs
+    no submitted app until the site has reviewed one and listed its hash.
+    """
+    if app_hash not in config.policy.approved_apps:
+        raise PolicyError(config.site_id, "approved_apps", f"app {app_hash[:12]}... is not approved by this site")
+
+
+def check_request(config: SiteConfig, phase: str, study_hash: str, n_cases: int) -> None:
     """Raise :class:`PolicyError` naming the rule when the site must refuse this request outright.
 
-    ``app_hash`` is the hash of the Flower app running the request (:mod:`client.apphash`), None when it
-    does not run from an installed app; it is checked only when the site lists ``approved_apps``.
+    Which code may answer (``approved_apps``) is decided before any app code runs, by :func:`check_app` in the
+    site's SuperExec (:mod:`deploy.site_exec`).
     """
     policy, sid = config.policy, config.site_id
     if phase not in policy.allowed_phases:
         raise PolicyError(sid, "allowed_phases", f"phase {phase!r} is not allowed ({', '.join(policy.allowed_phases)})")
-    if policy.approved_apps and app_hash not in policy.approved_apps:
-        shown = f"app {app_hash[:12]}..." if app_hash else "code that is not an installed Flower app (FAB)"
-        raise PolicyError(sid, "approved_apps", f"{shown} is not approved by this site")
     if policy.approved_studies and study_hash not in policy.approved_studies:
         raise PolicyError(sid, "approved_studies", f"study config {study_hash[:12]}... is not approved by this site")
     if n_cases < policy.min_cohort:
@@ -209,5 +215,5 @@ def check_reply(site: Site, reply: Mapping[str, object]) -> None:
             raise PolicyError(site.site_id, "reply_check", f"a reply text names patient id(s) {sorted(hit)[:3]}")
 
 
-__all__ = ["RULES", "check_reply", "check_request", "check_study", "public_reason", "record_error",
+__all__ = ["RULES", "check_app", "check_reply", "check_request", "check_study", "public_reason", "record_error",
            "record_refusal", "require_column", "require_name"]

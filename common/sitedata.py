@@ -64,7 +64,7 @@ class SitePolicy(BaseModel):
 
     allowed_phases: tuple[str, ...] = ALL_PHASES
     approved_studies: tuple[str, ...] = ()  # study-config hashes; empty: any study
-    approved_apps: tuple[str, ...] = ()  # app hashes (client/apphash.py); empty: any app
+    approved_apps: tuple[str, ...] = ()  # app hashes (client/apphash.py); empty: the site SuperExec runs none
     max_epsilon: float = Field(8.0, gt=0)  # lifetime, over every study and phase, at the site's max_delta
     max_delta: float = Field(1e-5, gt=0, lt=1)  # the delta every epsilon is counted at; a study may ask less
     require_dp: bool = False  # training on this site's patients only with DP-SGD

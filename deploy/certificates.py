@@ -3,9 +3,12 @@
 Layout written by :func:`create_study_pki`::
 
     pki/
-      ca.crt  ca.key               the study CA (ca.key stays offline at the coordinating centre)
+      ca.crt                       the study CA's certificate (what everyone trusts)
       superlink.crt  superlink.key the SuperLink's TLS certificate (SAN: 127.0.0.1, localhost + given hosts)
       nodes/<site>.key <site>.pub  one EC P-384 key pair per hospital SuperNode (OpenSSH format, as Flower reads)
+    pki-ca-offline/
+      ca.key                       the CA's private key, apart: never on the SuperLink host (copying pki/ there
+                                   cannot carry it); only needed to renew the SuperLink certificate
 
 The CA certificate is what SuperNodes and the ``flwr`` CLI trust (``--root-certificates`` / ``root-certificates``);
 a node's private key stays at its hospital (``--auth-supernode-private-key``) and its public key is registered
@@ -90,8 +93,10 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def create_ca(out: Path, study: str = "fedbiopsy", days: int = 3650) -> tuple[Path, Path]:
-    """Write a self-signed study CA (``ca.crt``, ``ca.key``) under ``out``; returns their paths."""
+def create_ca(out: Path, study: str = "fedbiopsy", days: int = 3650, key_dir: Path | None = None
+              ) -> tuple[Path, Path]:
+    """Write a self-signed study CA, ``ca.crt`` under ``out`` and ``ca.key`` under ``key_dir`` (default ``out``);
+    returns their paths."""
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, study),
                       x509.NameAttribute(NameOID.COMMON_NAME, f"{study} study CA")])
@@ -107,10 +112,19 @@ def create_ca(out: Path, study: str = "fedbiopsy", days: int = 3650) -> tuple[Pa
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
+    key_dir = key_dir or out
     out.mkdir(parents=True, exist_ok=True)
+    key_dir.mkdir(parents=True, exist_ok=True)
+    key_dir.chmod(0o700)
     (out / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(out / "ca.key", _pem_key(key))
-    return out / "ca.crt", out / "ca.key"
+    _write_private(key_dir / "ca.key", _pem_key(key))
+    return out / "ca.crt", key_dir / "ca.key"
+
+
+def offline_key_dir(out: Path) -> Path:
+    """Where :func:`create_study_pki` keeps the CA key of the PKI folder ``out``: its sibling ``<out>-ca-offline``."""
+    out = Path(out).resolve()
+    return out.parent / f"{out.name}-ca-offline"
 
 
 def create_server_certificate(ca_cert: Path, ca_key: Path, out: Path, hosts: Sequence[str] = (),
@@ -163,13 +177,15 @@ def create_study_pki(out: Path | str, sites: Sequence[str], hosts: Sequence[str]
     """Create the CA, the SuperLink certificate and one node key pair per site under ``out``.
 
     ``reuse_ca`` keeps an existing ``ca.crt``/``ca.key`` and only issues a new SuperLink certificate (and the
-    listed sites' key pairs): certificate renewal without touching what SuperNodes trust.
+    listed sites' key pairs): certificate renewal without touching what SuperNodes trust. The CA key is written
+    apart, in :func:`offline_key_dir` (never inside ``out``).
     """
     root = Path(out)
-    if reuse_ca and (root / "ca.crt").is_file() and (root / "ca.key").is_file():
-        ca_cert, ca_key = root / "ca.crt", root / "ca.key"
+    key_dir = offline_key_dir(root)
+    if reuse_ca and (root / "ca.crt").is_file() and (key_dir / "ca.key").is_file():
+        ca_cert, ca_key = root / "ca.crt", key_dir / "ca.key"
     else:
-        ca_cert, ca_key = create_ca(root, study)
+        ca_cert, ca_key = create_ca(root, study, key_dir=key_dir)
     cert, key = create_server_certificate(ca_cert, ca_key, root, hosts)
     nodes = {site: create_node_keys(root / "nodes", site) for site in sites}
     log.info("wrote the study CA, the SuperLink certificate (%s) and %d node key pair(s) under %s",

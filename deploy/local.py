@@ -16,11 +16,12 @@ is seen to be up is :mod:`deploy.supervision`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -29,8 +30,10 @@ from common.sitedata import load_site_config
 from deploy import runs
 from deploy.app import REPO_ROOT, stage_app
 from deploy.certificates import StudyPki, create_node_keys, create_study_pki, flwr_env, register_node
+from deploy.hospital import SiteNode, install_site, site_exec_command, write_secret
 from deploy.processes import Processes, flower_command
 from deploy.runs import RunOutcome
+from deploy.supernode import POLL_VARIABLE
 from deploy.supervision import (
     CONNECTION,
     DeploymentError,
@@ -48,19 +51,6 @@ _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 __all__ = ["LocalFederation", "SiteNode"]
 
 
-@dataclass
-class SiteNode:
-    """One hospital of the local federation: its data folder, key pair and SuperNode state."""
-
-    name: str
-    data_path: Path
-    home: Path
-    port: int
-    private_key: Path | None = None
-    public_key: Path | None = None
-    node_id: int | None = None
-
-
 class LocalFederation:
     """A SuperLink and one SuperNode per site directory, on loopback; a context manager.
 
@@ -69,10 +59,19 @@ class LocalFederation:
     state in ``<work>/superlink/state.db``; with ``separate_superexec`` (default, as in the templates) the
     ServerApps run under a ``flower-superexec`` of their own (SuperLink ``--isolation process``), so a study
     survives a SuperLink restart; otherwise under the SuperLink's built-in one (Flower's default).
+
+    Each site runs its own SuperExec (:mod:`deploy.site_exec`; SuperNode ``--isolation process``) from its own
+    installed copy of the app, whose hash ``approve_app`` adds to the site's ``policy.approved_apps``: a
+    submitted app other than that copy is refused before any of its code runs. ``site_exec=False`` leaves
+    Flower's default (one ``flwr-clientapp`` per message, running whatever was submitted): only to show what
+    the site SuperExec prevents. SuperNodes poll every ``poll_s`` seconds when idle (:mod:`deploy.supernode`).
+    Hospitals reach the SuperLink only through the gateway (:mod:`deploy.gateway`, :attr:`address`: the Fleet
+    API alone); the SuperLink itself (:attr:`link_address`: Control and Runtime APIs) is the operator's.
     """
 
     def __init__(self, site_dirs: Sequence[Path], work_dir: Path, tls: bool = True, auth: bool | None = None,
-                 app_dir: Path = REPO_ROOT, startup_timeout_s: float = 90.0, separate_superexec: bool = True) -> None:
+                 app_dir: Path = REPO_ROOT, startup_timeout_s: float = 90.0, separate_superexec: bool = True,
+                 approve_app: bool = True, site_exec: bool = True, poll_s: float = 0.5) -> None:
         if not site_dirs:
             raise ConfigError("--sites", "no site directory given", "pass at least one simulated or real site")
         self.tls = tls
@@ -83,13 +82,19 @@ class LocalFederation:
         self.app_source = Path(app_dir)
         self.startup_timeout_s = startup_timeout_s
         self.separate_superexec = separate_superexec
+        self.approve_app = approve_app
+        self.site_exec = site_exec
+        self.poll_s = poll_s
         self.env = base_env()
         self.processes = Processes(self.work / "logs")
         self.superlink_home = self.work / "superlink"
         self.cli_home = self.work / "cli"
         self.database = self.superlink_home / "state.db"
-        self.port = free_port()
+        self.port = free_port()  # the gateway (deploy.gateway): all hospitals see, the Fleet API only
         self.address = f"127.0.0.1:{self.port}"
+        self.link_port = free_port()  # the SuperLink itself: Control and Runtime APIs, loopback only
+        self.link_address = f"127.0.0.1:{self.link_port}"
+        self.superexec_secret = self.superlink_home / "superexec.secret"
         self.pki: StudyPki | None = None
         self.app_dir: Path | None = None
         self.nodes: dict[str, SiteNode] = {}
@@ -123,6 +128,8 @@ class LocalFederation:
                 keys = self.pki.nodes[node.name]
                 node.private_key, node.public_key = keys.private_key, keys.public_key
         self.app_dir = stage_app(self.work / "app", self.app_source)
+        for node in self.nodes.values():
+            self.install_app(node)
         self._write_cli_config()
         self.start_superlink()
         if self.auth:
@@ -155,7 +162,7 @@ class LocalFederation:
     # -- SuperLink ---------------------------------------------------------------------------------------------
     def superlink_command(self) -> list[str]:
         """The ``flower-superlink`` command line of this federation."""
-        cmd = [flower_command("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [flower_command("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.link_port),
                "--database", str(self.database), "--disable-runtime-dependency-installation"]
         if self.tls and self.pki is not None:
             cmd += ["--ssl-certfile", str(self.pki.server_cert), "--ssl-keyfile", str(self.pki.server_key),
@@ -165,12 +172,23 @@ class LocalFederation:
         if self.auth:
             cmd += ["--enable-supernode-auth"]
         if self.separate_superexec:
-            cmd += ["--isolation", "process"]
+            cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(self.superexec_secret)]
+        return cmd
+
+    def gateway_command(self) -> list[str]:
+        """The gateway (:mod:`deploy.gateway`) that serves hospitals the Fleet API and nothing else."""
+        cmd = [sys.executable, "-m", "deploy.gateway", "--listen", self.address, "--upstream", self.link_address]
+        if self.tls and self.pki is not None:
+            cmd += ["--ssl-certfile", str(self.pki.server_cert), "--ssl-keyfile", str(self.pki.server_key),
+                    "--ca-certfile", str(self.pki.ca_cert)]
+        else:
+            cmd += ["--insecure"]
         return cmd
 
     def superexec_command(self) -> list[str]:
         """The ``flower-superexec`` that runs ServerApps when it is separate from the SuperLink."""
-        cmd = [flower_command("flower-superexec"), "--runtime-api-address", self.address]
+        cmd = [flower_command("flower-superexec"), "--runtime-api-address", self.link_address,
+               "--superexec-auth-secret-file", str(self.superexec_secret)]
         if self.tls and self.pki is not None:
             cmd += ["--root-certificates", str(self.pki.ca_cert)]
         else:
@@ -180,11 +198,19 @@ class LocalFederation:
     def start_superlink(self) -> None:
         """Start the SuperLink (its state persists in ``superlink/state.db``) and wait until it serves."""
         self.superlink_home.mkdir(parents=True, exist_ok=True)
+        if not self.superexec_secret.is_file():
+            write_secret(self.superexec_secret)
         offset = log_size(self.processes, "superlink")
         proc = self.processes.start("superlink", self.superlink_command(), self._env(self.superlink_home),
                                     cwd=self.superlink_home)
         self._wait_for(lambda: "Uvicorn running on" in log_since(self.processes, "superlink", offset)
-                       and port_open(self.port), "superlink", f"the SuperLink (pid {proc.pid}) to serve {self.address}")
+                       and port_open(self.link_port), "superlink",
+                       f"the SuperLink (pid {proc.pid}) to serve {self.link_address}")
+        gateway = self.processes.managed.get("gateway")
+        if gateway is None or not gateway.running():
+            self.processes.start("gateway", self.gateway_command(), {**self.env, "PYTHONPATH": str(self.app_dir)},
+                                 cwd=self.app_dir)
+            self._wait_for(lambda: port_open(self.port), "gateway", f"the gateway to serve {self.address}")
         superexec = self.processes.managed.get("superexec")
         if self.separate_superexec and (superexec is None or not superexec.running()):
             self.processes.start("superexec", self.superexec_command(), self._env(self.superlink_home),
@@ -225,10 +251,16 @@ class LocalFederation:
                 node.node_id = self.register(name)
         return node
 
+    def install_app(self, node: SiteNode) -> None:
+        """What the hospital does once (:func:`deploy.hospital.install_site`), approving with ``approve_app``."""
+        install_site(node, self.work / "nodes" / node.name, self.app_source, self.approve_app)
+
     def supernode_command(self, name: str) -> list[str]:
         """The ``flower-supernode`` command line of one site."""
         node = self.nodes[name]
-        cmd = [flower_command("flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1",
+        launcher = ([sys.executable, "-m", "deploy.supernode"] if self.site_exec
+                    else [flower_command("flower-supernode")])
+        cmd = [*launcher, "--superlink", self.address, "--host", "127.0.0.1",
                "--port", str(node.port), "--node-config", f'data-path="{node.data_path}"']
         if self.tls and self.pki is not None:
             cmd += ["--root-certificates", str(self.pki.ca_cert)]
@@ -236,6 +268,8 @@ class LocalFederation:
             cmd += ["--insecure"]
         if self.auth and node.private_key is not None:
             cmd += ["--auth-supernode-private-key", str(node.private_key)]
+        if self.site_exec:
+            cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(node.secret)]
         return cmd
 
     def start_node(self, name: str, wait: bool = True) -> None:
@@ -243,10 +277,29 @@ class LocalFederation:
         node = self.nodes[name]
         node.home.mkdir(parents=True, exist_ok=True)
         self._offsets[name] = log_size(self.processes, self._node_proc(name))
-        self.processes.start(self._node_proc(name), self.supernode_command(name), self._env(node.home),
-                             cwd=node.home)
+        if node.app_dir is None:
+            self.install_app(node)
+        env = self._env(node.home)
+        if self.site_exec:  # the site's launcher of Flower's SuperNode (deploy.supernode), from the site's app
+            env |= {"PYTHONPATH": str(node.app_dir), POLL_VARIABLE: str(self.poll_s)}
+        self.processes.start(self._node_proc(name), self.supernode_command(name), env, cwd=node.home)
+        if self.site_exec:
+            self.start_site_exec(name)
         if wait:
             self.wait_node(name)
+
+    def start_site_exec(self, name: str) -> None:
+        """(Re)start a site's own SuperExec, from the site's app folder (its modules are that folder's)."""
+        node, exec_proc = self.nodes[name], self._exec_proc(name)
+        if (old := self.processes.managed.get(exec_proc)) is not None and old.running():
+            self.processes.stop(exec_proc)
+        # a rehearsal's sites share this machine, as the simulation's virtual sites share its cores
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, len(self.nodes))))
+        env = {**self._env(node.home), "PYTHONPATH": str(node.app_dir), "PYTHONDONTWRITEBYTECODE": "1",
+               "OMP_NUM_THREADS": threads,
+               "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        self._offsets[exec_proc] = log_size(self.processes, exec_proc)
+        self.processes.start(exec_proc, site_exec_command(node), env, cwd=node.app_dir)
 
     def wait_node(self, name: str, timeout_s: float | None = None) -> int:
         """Wait until a site's SuperNode logs its node id (it is connected); returns the id."""
@@ -260,6 +313,10 @@ class LocalFederation:
         if node.node_id is not None and node.node_id != node_id:
             log.warning("site %s connected as node %d, registered as %d", name, node_id, node.node_id)
         node.node_id = node_id
+        if self.site_exec:
+            exec_proc, exec_offset = self._exec_proc(name), self._offsets.get(self._exec_proc(name), 0)
+            self._wait_for(lambda: "serving app" in log_since(self.processes, exec_proc, exec_offset), exec_proc,
+                           f"the site SuperExec of {name} to serve its approved app", timeout_s)
         return node_id
 
     def rejoin_node(self, name: str, timeout_s: float = 120.0, retry_s: float = 3.0) -> int:
@@ -285,7 +342,10 @@ class LocalFederation:
 
     def stop_node(self, name: str, crash: bool = False) -> None:
         """Stop a site's SuperNode and its descendants (``crash``: SIGKILL, as a power cut)."""
-        (self.processes.kill if crash else self.processes.stop)(self._node_proc(name))
+        stop = self.processes.kill if crash else self.processes.stop
+        stop(self._node_proc(name))
+        if self._exec_proc(name) in self.processes.managed:
+            stop(self._exec_proc(name))
 
     def node_running(self, name: str) -> bool:
         """Whether a site's SuperNode process is alive."""
@@ -320,7 +380,7 @@ class LocalFederation:
     def wait_superlink(self, timeout_s: float) -> bool:
         """Whether the SuperLink serves (again) within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while not (self.superlink_running() and port_open(self.port)):
+        while not (self.superlink_running() and port_open(self.link_port)):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
@@ -335,12 +395,16 @@ class LocalFederation:
     def _node_proc(name: str) -> str:
         return f"supernode-{name}"
 
+    @staticmethod
+    def _exec_proc(name: str) -> str:
+        return f"siteexec-{name}"
+
     def _env(self, flwr_home: Path) -> dict[str, str]:
         return self.processes.tagged_env(flwr_env(flwr_home, self.env))
 
     def _write_cli_config(self) -> None:
         self.cli_home.mkdir(parents=True, exist_ok=True)
-        conn = [f'address = "{self.address}"']
+        conn = [f'address = "{self.link_address}"']  # the operator's CLI: on the SuperLink's host
         if self.tls and self.pki is not None:
             conn.append(f'root-certificates = "{self.pki.ca_cert}"')
         else:

@@ -73,8 +73,10 @@ def run_study(fed: LocalFederation, study_path: Path, result_dir: Path, timeout_
     if fed.app_dir is None:
         raise DeploymentError("the federation is not started")
     result_dir = Path(result_dir).resolve()
-    config = {"study-config": str(Path(study_path).resolve()), "result-dir": str(result_dir),
-              **(extra_config or {})}
+    config: dict[str, object] = {"study-config": str(Path(study_path).resolve()), "result-dir": str(result_dir)}
+    if fed.nodes:  # each site counts only from its node (the one its registered key authenticates)
+        config["site-nodes"] = ",".join(f"{n.name}:{n.node_id}" for n in fed.nodes.values() if n.node_id is not None)
+    config.update(extra_config or {})
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
     cmd = [flower_command("flwr"), "run", str(fed.app_dir), CONNECTION, "--run-config", run_config, "--stream"]
     outcome = RunOutcome(None, "not started", result_dir)

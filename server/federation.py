@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -24,6 +26,30 @@ from common.protocol import ARRAYS_KEY, CONFIG_KEY, SITE_ID_KEY, STUDY_KEY, Payl
 
 log = logging.getLogger("fedbiopsy.server")
 _UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ReplyRejected(FedBiopsyError):
+    """A reply the server does not count: its site id is not its node's, or it holds a non-finite number."""
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "O":
+            return False
+        return value.dtype.kind not in "fc" or bool(np.isfinite(value).all())
+    if isinstance(value, (float, np.floating, complex, np.complexfloating)):
+        return bool(np.isfinite(value))
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def check_finite(payload: Mapping[str, object]) -> None:
+    """Raise :class:`ReplyRejected` naming the entry when a reply holds NaN, an infinity or an object array."""
+    for key, value in payload.items():
+        if not _finite(value):
+            raise ReplyRejected(f"entry {key!r} holds a non-finite value (or an object array)")
 
 
 class NotEnoughSitesError(FedBiopsyError):
@@ -57,10 +83,36 @@ class QueryResult:
 class Federation:
     """The sites of one study run behind a Flower :class:`Grid` (simulation or deployment engine)."""
 
-    def __init__(self, grid: Grid, study: StudyConfig) -> None:
+    def __init__(self, grid: Grid, study: StudyConfig, roster: Mapping[str, int] | None = None) -> None:
         self.grid = grid
         self.study = study
         self.node_ids: list[int] = []
+        self.roster = {int(node): str(site) for site, node in (roster or {}).items()}  # node -> registered site
+        self.site_of_node: dict[int, str] = {}  # every binding made in this run
+        self.max_pull_interval_s = 1.0
+
+    def bind(self, node: int, claimed: object) -> str:
+        """The site id of a reply from ``node``, bound to the node that sent it (raises :class:`ReplyRejected`).
+
+        With a roster (run config ``site-nodes``: the node id the SuperLink gave each hospital's registered key;
+        required on the deployment engine) a node answers only as its own site. Without one (the simulation
+        engine), the first id a node answers with in the run is its own: it may not change it, nor take the id
+        another node answered with.
+        """
+        if not isinstance(claimed, str) or not _SITE_ID.match(claimed):
+            raise ReplyRejected(f"node {node}: the reply names no valid site id")
+        if self.roster:
+            if self.roster.get(node) != claimed:
+                raise ReplyRejected(f"node {node}: the reply claims site {claimed!r}, the node is registered for "
+                                    f"{self.roster.get(node)!r}")
+        else:
+            if self.site_of_node.get(node, claimed) != claimed:
+                raise ReplyRejected(f"node {node} answered as site {self.site_of_node[node]!r}, now as {claimed!r}")
+            holders = [n for n, site in self.site_of_node.items() if site == claimed and n != node]
+            if holders:
+                raise ReplyRejected(f"node {node}: site {claimed!r} answers from node {holders[0]}")
+        self.site_of_node[node] = claimed
+        return claimed
 
     def connected(self) -> list[int]:
         """The node ids connected now."""
@@ -83,6 +135,26 @@ class Federation:
         """A query over ``nodes`` (default: the nodes connected at the start of the run); see :class:`FlowerQuery`."""
         return FlowerQuery(self, list(self.node_ids if nodes is None else nodes), fixed=fixed, minimum=minimum)
 
+    def _send_and_receive(self, messages: list[Message], timeout_s: float) -> list[Message]:
+        """Push ``messages``, then pull their replies until all are in or ``timeout_s`` passes.
+
+        Flower's ``Grid.send_and_receive`` does the same but pulls every 3 s on the deployment engine, which
+        every round pays. Here the pause starts at 50 ms and doubles up to :attr:`max_pull_interval_s`: a quick
+        round is seen at once, a long one costs the SuperLink a few requests, not ten a second.
+        """
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + timeout_s
+        replies: list[Message] = []
+        pause = 0.05
+        while pending and time.monotonic() < deadline:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(2 * pause, self.max_pull_interval_s)
+        return replies
+
     def send(self, action: str, payload: Mapping[str, object], nodes: list[int], minimum: int) -> QueryResult:
         """One round: ``action`` with ``payload`` to ``nodes``; raises when fewer than ``minimum`` answer validly."""
         study = self.study
@@ -95,7 +167,7 @@ class Federation:
         dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         result = QueryResult()
         lost: set[int] = set()
-        for reply in self.grid.send_and_receive(messages, timeout=study.round_timeout_s):
+        for reply in self._send_and_receive(messages, study.round_timeout_s):
             # the SuperLink answers for a node it lost (crashed, lease expired): map the reply to its query
             node = dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error() and reply.error.code in _UNAVAILABLE:
@@ -105,7 +177,13 @@ class Federation:
                 log.warning("%s: node %s answered an error: %s", kind, node, reply.error.reason)
             else:
                 content_in = decode(reply.content)
-                site_id = str(content_in.pop(SITE_ID_KEY, f"node-{node}"))
+                try:
+                    site_id = self.bind(node, content_in.pop(SITE_ID_KEY, None))
+                    check_finite(content_in)
+                except ReplyRejected as err:
+                    result.errors[node] = f"reply rejected by the server: {err}"
+                    log.warning("%s: %s", kind, result.errors[node])
+                    continue
                 result.replies[site_id] = content_in
                 result.node_of_site[site_id] = node
         answered = set(result.errors) | set(result.node_of_site.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from common.config import StudyConfig
@@ -38,9 +39,12 @@ def run_study(federation: Federation, result_dir: Path) -> dict:
             ctx = PhaseContext(federation=federation, study=study, result_dir=result_dir, registry=registry,
                                run_id=run_id)
             versions: list[str] = []
+            seconds: dict[str, float] = {}
             for phase in study.phases:
                 log.info("phase %s: start", phase)
+                started = time.perf_counter()
                 ctx.outputs[phase] = PHASES[phase](ctx)
+                seconds[phase] = round(time.perf_counter() - started, 2)
                 (result_dir / f"{phase}.json").write_text(json.dumps(ctx.outputs[phase], indent=2, default=str))
                 registered = registry.record_phase(run_id, phase, ctx.outputs[phase], ctx.participants.get(phase, {}),
                                                    result_dir)
@@ -52,7 +56,7 @@ def run_study(federation: Federation, result_dir: Path) -> dict:
         registry.finish_run(run_id)
         head = format_head(registry.head())  # after the run's last event: publish it to pin the log
     summary = {"study": study.name, "study_hash": study.hash, "phases": list(study.phases),
-               "participants": ctx.participants, "outputs": ctx.outputs,
+               "participants": ctx.participants, "outputs": ctx.outputs, "phase_seconds": seconds,
                "registry": {"location": registry.location.describe(), "run_id": run_id, "versions": versions,
                             "head": head}}
     (result_dir / "study.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -42,6 +42,10 @@ def test_pki_chain_san_and_node_keys(tmp_path: Path) -> None:
     assert len(publics) == 2  # one distinct key pair per hospital
     for secret in (pki.ca_key, pki.server_key):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    # the CA key is written apart: nothing under pki/ (what goes to the SuperLink host) can sign certificates
+    assert not pki.ca_key.is_relative_to(pki.root) and stat.S_IMODE(pki.ca_key.parent.stat().st_mode) == 0o700
+    assert not [p for p in pki.root.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()
+                and p not in (pki.server_key, *[k.private_key for k in pki.nodes.values()])]
 
 
 def test_node_name_must_be_a_plain_file_name(tmp_path: Path) -> None:

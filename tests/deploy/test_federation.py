@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -184,6 +185,54 @@ def test_study_over_tls_with_node_authentication(fed: LocalFederation, site_data
     assert "--enable-supernode-auth" in fed.superlink_command()
     assert "--disable-runtime-dependency-installation" in fed.superlink_command()
     assert fed.env["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+def test_hospitals_reach_only_the_fleet_api(fed: LocalFederation) -> None:
+    from flwr.proto.control_pb2 import ListNodesRequest, ListNodesResponse
+
+    # Prepare: a Control API request without any credential (the flwr CLI's list-nodes)
+    assert fed.pki is not None
+    ca, body = str(fed.pki.ca_cert), ListNodesRequest().SerializeToString()
+    headers = {"Content-Type": "application/protobuf"}
+
+    # Execute / Assert: the SuperLink's own port answers it to anyone who reaches it (no login in OSS Flower:
+    # node ids and public keys; start-run would take code), which is why it listens on loopback only ...
+    direct = httpx.post(f"https://{fed.link_address}/v1/control/list-nodes", content=body, headers=headers,
+                        verify=ca)
+    assert direct.status_code == 200
+    assert len(ListNodesResponse.FromString(direct.content).nodes_info) == len(fed.nodes)
+    # ... while the address hospitals use refuses every path that is not exactly a Fleet API route
+    probes = [("POST", "/v1/control/list-nodes"), ("POST", "/v1/control/start-run"),
+              ("POST", "/v1/control/register-node"), ("POST", "/v1/runtime/pull-messages"),
+              ("POST", "/v1/fleet/../control/list-nodes"), ("POST", "/v1/fleet/%2e%2e/control/list-nodes"),
+              ("POST", "//v1/control/list-nodes"), ("POST", "/v1/fleet//pull-messages"),
+              ("GET", "/v1/fleet/pull-messages"), ("POST", "/v1/fleet/pull-messages?next=/v1/control/list-nodes"),
+              ("GET", "/docs"), ("GET", "/openapi.json")]
+    for method, path in probes:
+        refused = httpx.request(method, f"https://{fed.address}{path}", content=body, headers=headers, verify=ca)
+        assert refused.status_code == 403 and "only the Flower Fleet API" in refused.text, (method, path)
+    assert httpx.get(f"https://{fed.address}/health", verify=ca).status_code == 200
+    # every SuperNode of this module connects through that address (the studies above ran through it)
+    assert all(f"--superlink {fed.address}" in " ".join(fed.supernode_command(n)) for n in fed.nodes)
+    assert fed.address != fed.link_address
+
+
+def test_only_superexec_secret_holders_are_given_tasks(fed: LocalFederation) -> None:
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+    # Prepare: a process on a hospital's (or the centre's) machine that asks for the next task -- it would get
+    # the message, the run's FAB and the site's context -- without the SuperExec secret
+    assert fed.pki is not None
+    body = AcquireTaskRequest(supported_task_types=["flwr-clientapp", "flwr-serverapp"]).SerializeToString()
+    headers = {"Content-Type": "application/protobuf"}
+
+    # Execute / Assert: each SuperNode and the SuperLink refuse it
+    for node in fed.nodes.values():
+        refused = httpx.post(f"http://127.0.0.1:{node.port}/v1/runtime/acquire-task", content=body, headers=headers)
+        assert refused.status_code == 401, node.name
+    refused = httpx.post(f"https://{fed.link_address}/v1/runtime/acquire-task", content=body, headers=headers,
+                         verify=str(fed.pki.ca_cert))
+    assert refused.status_code == 401
 
 
 def test_training_round_over_deployment(fed: LocalFederation, tmp_path: Path) -> None:

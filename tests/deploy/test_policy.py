@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client.apphash import directory_app_hash, fab_app_hash, installed_app_root
-from client.guard import check_request, record_refusal
+from client.guard import check_app, check_request, record_refusal
 from common.errors import PolicyError
 from common.sitedata import SiteConfig, SitePolicy, load_site_config
 
@@ -24,15 +24,16 @@ def _config(small_sites: list[Path], **policy: object) -> SiteConfig:
 
 def test_approved_apps_rule(small_sites: list[Path]) -> None:
     config = _config(small_sites, approved_apps=(APPROVED,))
-    check_request(config, "rollcall", "s" * 64, 6, app_hash=APPROVED)  # approved: no error
+    check_app(config, APPROVED)  # approved: no error
     with pytest.raises(PolicyError, match="approved_apps") as err:
-        check_request(config, "rollcall", "s" * 64, 6, app_hash="b" * 64)
+        check_app(config, "b" * 64)
     assert err.value.rule == "approved_apps" and "bbbbbbbbbbbb" in str(err.value)
-    with pytest.raises(PolicyError, match="not an installed Flower app"):
-        check_request(config, "rollcall", "s" * 64, 6, app_hash=None)
-    # without approved apps the hash is not looked at; the other rules still apply, in order
+    # an empty list approves nothing: the site's SuperExec runs no app until the site lists one
+    with pytest.raises(PolicyError, match="approved_apps"):
+        check_app(_config(small_sites), APPROVED)
+    # the request rules do not look at the app (checked before any app code runs); they apply in order
     open_config = _config(small_sites, allowed_phases=("fingerprint",))
-    check_request(open_config, "fingerprint", "s" * 64, 6, app_hash=None)
+    check_request(open_config, "fingerprint", "s" * 64, 6)
     with pytest.raises(PolicyError) as err:
         check_request(open_config, "rollcall", "s" * 64, 6)
     assert err.value.rule == "allowed_phases"
