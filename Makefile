@@ -43,7 +43,7 @@ test: install data browser
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy common client server simulations cli
+	$(BIN)/mypy common client server simulations deploy cli
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

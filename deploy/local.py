@@ -71,7 +71,7 @@ class LocalFederation:
 
     def __init__(self, site_dirs: Sequence[Path], work_dir: Path, tls: bool = True, auth: bool | None = None,
                  app_dir: Path = REPO_ROOT, startup_timeout_s: float = 90.0, separate_superexec: bool = True,
-                 approve_app: bool = True, site_exec: bool = True, poll_s: float = 0.5) -> None:
+                 approve_app: bool = True, site_exec: bool = True, poll_s: float = 0.25) -> None:
         if not site_dirs:
             raise ConfigError("--sites", "no site directory given", "pass at least one simulated or real site")
         self.tls = tls

@@ -40,6 +40,7 @@ from common.errors import ConfigError, PolicyError
 from common.protocol import ERROR_INTERNAL, ERROR_POLICY
 from common.sitedata import load_site_config
 from deploy.app import build_fab
+from server.federation import set_pull_backoff
 
 log = logging.getLogger("fedbiopsy.site_exec")
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
@@ -80,7 +81,7 @@ class SiteExec:
     """Takes the SuperNode's ClientApp tasks one at a time; answers each only from approved, installed code."""
 
     def __init__(self, runtime_api_address: str, site_dir: Path, app_dir: Path, secret: bytes | None = None,
-                 poll_s: float = 0.25) -> None:
+                 poll_s: float = 0.1) -> None:
         self.address = runtime_api_address
         self.site_dir = Path(site_dir).resolve()
         self.app_dir = Path(app_dir).resolve()
@@ -225,6 +226,7 @@ class SiteExec:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _ignore)
+        set_pull_backoff()  # a task's message may still be arriving at the SuperNode when the task is taken
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if self.secret:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods={ACQUIRE}))
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--site", type=Path, required=True, help="the site folder (its site.yaml decides)")
     parser.add_argument("--app-dir", type=Path, required=True, help="the app folder this hospital installed")
     parser.add_argument("--superexec-auth-secret-file", type=Path, help="the secret the SuperNode was given")
-    parser.add_argument("--poll", type=float, default=0.25, help="seconds between polls for a task")
+    parser.add_argument("--poll", type=float, default=0.1, help="seconds between polls for a task")
     return parser
 
 

@@ -21,8 +21,21 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common.config import StudyConfig
-from common.errors import FedBiopsyError
-from common.protocol import ARRAYS_KEY, CONFIG_KEY, SITE_ID_KEY, STUDY_KEY, Payload, from_wire, message_type, to_wire
+from common.errors import FedBiopsyError, ProtocolError
+from common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    MANIFEST_KEY,
+    PACKED_KEY,
+    SITE_ID_KEY,
+    STUDY_KEY,
+    Payload,
+    from_wire,
+    message_type,
+    pack_arrays,
+    to_wire,
+    unpack_arrays,
+)
 
 log = logging.getLogger("fedbiopsy.server")
 _UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
@@ -33,10 +46,11 @@ class ReplyRejected(FedBiopsyError):
     """A reply the server does not count: its site id is not its node's, or it holds a non-finite number."""
 
 
+_CHECKED_FINITE = ("train.", "evaluate.")  # model updates and evaluation replies: every number finite
+
+
 def _finite(value: object) -> bool:
     if isinstance(value, np.ndarray):
-        if value.dtype.kind == "O":
-            return False
         return value.dtype.kind not in "fc" or bool(np.isfinite(value).all())
     if isinstance(value, (float, np.floating, complex, np.complexfloating)):
         return bool(np.isfinite(value))
@@ -46,10 +60,38 @@ def _finite(value: object) -> bool:
 
 
 def check_finite(payload: Mapping[str, object]) -> None:
-    """Raise :class:`ReplyRejected` naming the entry when a reply holds NaN, an infinity or an object array."""
+    """Raise :class:`ReplyRejected` naming the entry when a reply holds NaN or an infinity (arrays, numbers,
+    lists of them)."""
     for key, value in payload.items():
         if not _finite(value):
-            raise ReplyRejected(f"entry {key!r} holds a non-finite value (or an object array)")
+            raise ReplyRejected(f"entry {key!r} holds a non-finite value")
+
+
+def check_reply_values(kind: str, payload: Mapping[str, object]) -> None:
+    """What every reply must pass before it counts: no object arrays, and for model updates and evaluation
+    replies (``train.*``, ``evaluate.*``) only finite numbers. The statistics protocols check their own sums
+    (a one-patient SD may be NaN there), see e.g. :func:`common.harmonisation_server.check_fit_reply`."""
+    for key, value in payload.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "O":
+            raise ReplyRejected(f"entry {key!r} is an object array")
+    if kind.startswith(_CHECKED_FINITE):
+        check_finite(payload)
+
+
+def set_pull_backoff(initial_s: float = 0.05, cap_s: float = 1.0) -> bool:
+    """Retry an object that is not uploaded yet after ``initial_s``, doubling up to ``cap_s``, in every object
+    pull of this process (Flower 1.42: 1 s doubling up to 10 s, which a round pays whenever a message is picked
+    up before its contents are in); False where Flower's pull functions are not the expected ones."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    defaults = [f.__kwdefaults__ for f in (inflatable_utils.pull_objects,
+                                           inflatable_utils.pull_and_inflate_object_from_tree)]
+    if not all(d and "initial_backoff" in d and "backoff_cap" in d for d in defaults):
+        log.warning("flwr's object pulls have changed; keeping their own backoff")
+        return False
+    for kwdefaults in defaults:
+        kwdefaults.update(initial_backoff=initial_s, backoff_cap=cap_s)  # type: ignore[union-attr]
+    return True
 
 
 class NotEnoughSitesError(FedBiopsyError):
@@ -59,15 +101,19 @@ class NotEnoughSitesError(FedBiopsyError):
 def encode(payload: Mapping[str, object]) -> RecordDict:
     """A payload as a message's content (one ArrayRecord, one ConfigRecord)."""
     arrays, config = to_wire(payload)
-    return RecordDict({ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+    packed, config[MANIFEST_KEY] = pack_arrays(arrays)
+    return RecordDict({ARRAYS_KEY: ArrayRecord({PACKED_KEY: Array(packed)}),
                        CONFIG_KEY: ConfigRecord(config)})  # type: ignore[arg-type]
 
 
 def decode(content: RecordDict) -> Payload:
     """A message's content as a payload."""
-    arrays = content.array_records.get(ARRAYS_KEY)
-    config = content.config_records.get(CONFIG_KEY)
-    return from_wire({k: a.numpy() for k, a in (arrays or {}).items()}, dict(config or {}))
+    record = content.array_records.get(ARRAYS_KEY)
+    config = dict(content.config_records.get(CONFIG_KEY) or {})
+    arrays = {k: a.numpy() for k, a in (record or {}).items()}
+    if MANIFEST_KEY in config or arrays:
+        arrays = unpack_arrays(arrays, config.pop(MANIFEST_KEY, None))
+    return from_wire(arrays, config)
 
 
 @dataclass
@@ -90,6 +136,7 @@ class Federation:
         self.roster = {int(node): str(site) for site, node in (roster or {}).items()}  # node -> registered site
         self.site_of_node: dict[int, str] = {}  # every binding made in this run
         self.max_pull_interval_s = 1.0
+        set_pull_backoff()
 
     def bind(self, node: int, claimed: object) -> str:
         """The site id of a reply from ``node``, bound to the node that sent it (raises :class:`ReplyRejected`).
@@ -176,10 +223,13 @@ class Federation:
                 result.errors[node] = str(reply.error.reason)
                 log.warning("%s: node %s answered an error: %s", kind, node, reply.error.reason)
             else:
-                content_in = decode(reply.content)
                 try:
+                    try:
+                        content_in = decode(reply.content)
+                    except ProtocolError as exc:
+                        raise ReplyRejected(f"node {node}: the reply cannot be decoded ({exc.problem})") from exc
                     site_id = self.bind(node, content_in.pop(SITE_ID_KEY, None))
-                    check_finite(content_in)
+                    check_reply_values(kind, content_in)
                 except ReplyRejected as err:
                     result.errors[node] = f"reply rejected by the server: {err}"
                     log.warning("%s: %s", kind, result.errors[node])

@@ -8,11 +8,17 @@ import pytest
 
 from common.errors import ProtocolError
 from common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    MANIFEST_KEY,
+    PACKED_KEY,
     InMemoryQuery,
     message_type,
+    pack_arrays,
     pack_weights,
     round_trip,
     to_wire,
+    unpack_arrays,
     unpack_weights,
 )
 
@@ -83,3 +89,43 @@ def test_flower_codec_of_the_site_and_of_the_server_agree_with_the_common_one() 
         out = decode(encode(payload))
         np.testing.assert_array_equal(out["x"], payload["x"])
         assert {k: v for k, v in out.items() if k != "x"} == {"k": 3, "names": ["a", "b"], "text": "é"}
+
+
+def test_a_message_carries_all_its_arrays_as_one_packed_array() -> None:
+    from server.federation import encode
+
+    weights = {f"w/layer{i}": np.full((3, 4), float(i), dtype=np.float32) for i in range(48)}
+    content = encode({**weights, "labels": np.array(["a", "bc"]), "empty": np.zeros((0, 2)), "n": 5})
+    record = content.array_records[ARRAYS_KEY]
+    assert list(record) == [PACKED_KEY]  # one Flower object, not 50: one request per hop instead of ~100
+    out = unpack_arrays({PACKED_KEY: record[PACKED_KEY].numpy()}, content.config_records[CONFIG_KEY][MANIFEST_KEY])
+    assert set(out) == {*weights, "labels", "empty"}
+    assert all(np.array_equal(out[k], v) and out[k].dtype == v.dtype for k, v in weights.items())
+    assert out["labels"].tolist() == ["a", "bc"] and out["empty"].shape == (0, 2)
+
+
+@pytest.mark.parametrize("tamper", ["extra_bytes", "overlap", "object_dtype", "void_dtype", "too_big", "twice",
+                                    "not_json", "second_array"])
+def test_a_packed_message_that_does_not_add_up_is_refused(tamper: str) -> None:
+    import json
+
+    buffer, manifest = pack_arrays({"a": np.arange(4, dtype=np.int64), "b": np.ones(2)})
+    entries = json.loads(manifest)
+    arrays: dict[str, np.ndarray] = {PACKED_KEY: buffer}
+    if tamper == "extra_bytes":
+        arrays[PACKED_KEY] = np.concatenate([buffer, np.zeros(8, np.uint8)])
+    elif tamper == "overlap":
+        entries[1][3] = 0
+    elif tamper == "object_dtype":
+        entries[1][1] = "|O"
+    elif tamper == "void_dtype":
+        entries[1][1] = "|V16"
+    elif tamper == "too_big":
+        entries[1][2] = [10**12]
+    elif tamper == "twice":
+        entries[1][0] = "a"
+    elif tamper == "second_array":
+        arrays["other"] = np.zeros(1)
+    text = "{" if tamper == "not_json" else json.dumps(entries)
+    with pytest.raises(ProtocolError, match="packed arrays"):
+        unpack_arrays(arrays, text)

@@ -20,7 +20,7 @@ import yaml
 
 from common.config import StudyConfig, load_study_config
 from common.protocol import CONFIG_KEY, SITE_ID_KEY
-from server.federation import Federation, ReplyRejected, check_finite
+from server.federation import Federation, ReplyRejected, check_finite, check_reply_values
 
 pytestmark = pytest.mark.timeout(300)
 VICTIM, SPOOFER = "site-001", "site-003"
@@ -91,6 +91,11 @@ def test_replies_with_non_finite_numbers_are_rejected() -> None:
                   "ids": ["site-1", 2, 0.5], "flag": True})
     for bad in ({"w/a": np.array([1.0, np.nan])}, {"w/b": np.array([np.inf])}, {"auc": float("nan")},
                 {"brier": float("-inf")}, {"z": np.array([1 + 0j, complex(np.nan, 0)])}, {"l": [0.1, [float("nan")]]},
-                {"s": np.float32("nan")}, {"o": np.array([1.0, None], dtype=object)}):
+                {"s": np.float32("nan")}):
         with pytest.raises(ReplyRejected, match="finite"):
             check_finite(bad)
+        with pytest.raises(ReplyRejected, match="finite"):
+            check_reply_values("evaluate.classifier", bad)
+    check_reply_values("query.report_moments", {"sd": float("nan")})  # statistics protocols check their own
+    with pytest.raises(ReplyRejected, match="object array"):
+        check_reply_values("query.fingerprint", {"o": np.array([1.0, None], dtype=object)})
