@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"deployment engine : per round median {dep_med:7.3f} s  (rounds {[round(s, 2) for s in dep_rounds]}); "
           f"federation up in {up:5.1f} s ({mode}), run {outcome.seconds:5.1f} s, total {dep_total:6.1f} s")
     print(f"per-round overhead ratio deployment/simulation: {dep_med / sim_med:6.1f}x "
-          f"(+{dep_med - sim_med:.2f} s per round: one flwr-clientapp process per message at each SuperNode)")
+          f"(+{dep_med - sim_med:.2f} s per round: polls, object transfers over HTTP, TLS)")
     print(f"end-to-end ratio deployment/simulation: {dep_total / sim_total:6.2f}x")
 
 

@@ -337,8 +337,9 @@ def test_node_with_unregistered_key_is_refused(fed: LocalFederation) -> None:
 
 def test_superlink_restart_during_study_resumes(fed: LocalFederation, tmp_path: Path) -> None:
     # Prepare: two rounds that need both sites each time
+    # (the pause keeps round 2 from finishing before the SuperLink is gone: a round takes ~1 s now)
     study_path = _study(tmp_path, phases=["rollcall"], min_sites=2, round_timeout_s=300,
-                        rollcall={"rounds": 2, "pause_s": 2})
+                        rollcall={"rounds": 2, "pause_s": 10})
     results = tmp_path / "results"
     before = fed.processes.managed["superlink"].pid
 

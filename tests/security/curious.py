@@ -170,18 +170,22 @@ class _RecordingGrid:
     def __init__(self, grid: Any) -> None:
         self._grid = grid
         self.codes: dict[int, int] = {}
+        self._dst_of: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
         messages = list(messages)
-        dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         self.codes = {}
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
+        replies = list(self._grid.pull_messages(message_ids))
         for reply in replies:
             if reply.has_error():
-                node = dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                node = self._dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 self.codes[int(node)] = int(reply.error.code)
         return replies
 
