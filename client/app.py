@@ -27,16 +27,12 @@ from common.protocol import (
     ERROR_DATA,
     ERROR_INTERNAL,
     ERROR_POLICY,
-    MANIFEST_KEY,
-    PACKED_KEY,
     SITE_ID_KEY,
     STUDY_KEY,
     Payload,
-    from_wire,
+    from_records,
     message_type,
-    pack_arrays,
-    to_wire,
-    unpack_arrays,
+    to_records,
 )
 from common.sitedata import Site
 
@@ -45,21 +41,17 @@ DATA_PATH_KEY = "data-path"
 
 
 def encode(payload: Payload) -> RecordDict:
-    """A reply payload as a message's content (one ArrayRecord, one ConfigRecord)."""
-    arrays, config = to_wire(payload)
-    packed, config[MANIFEST_KEY] = pack_arrays(arrays)
-    return RecordDict({ARRAYS_KEY: ArrayRecord({PACKED_KEY: Array(packed)}),
+    """A payload as a message's content: one ArrayRecord (the packed arrays), one ConfigRecord."""
+    arrays, config = to_records(payload)
+    return RecordDict({ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                        CONFIG_KEY: ConfigRecord(config)})  # type: ignore[arg-type]
 
 
 def decode(content: RecordDict) -> Payload:
-    """A request message's content as a payload."""
-    record = content.array_records.get(ARRAYS_KEY)
-    config = dict(content.config_records.get(CONFIG_KEY) or {})
-    arrays = {k: a.numpy() for k, a in (record or {}).items()}
-    if MANIFEST_KEY in config or arrays:
-        arrays = unpack_arrays(arrays, config.pop(MANIFEST_KEY, None))
-    return from_wire(arrays, config)
+    """A message's content as a payload (:func:`common.protocol.from_records`)."""
+    arrays = content.array_records.get(ARRAYS_KEY)
+    config = content.config_records.get(CONFIG_KEY)
+    return from_records({k: a.numpy() for k, a in (arrays or {}).items()}, dict(config or {}))
 
 
 def site_dir_from_context(context: Context) -> Path:

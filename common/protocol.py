@@ -163,6 +163,22 @@ def unpack_arrays(arrays: Mapping[str, np.ndarray], manifest: object) -> dict[st
     return out
 
 
+def to_records(payload: Mapping[str, object]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """A payload as the contents of a message's two records: ``{PACKED_KEY: bytes}`` and the scalars/lists
+    with the manifest of the packed arrays (:func:`pack_arrays`)."""
+    arrays, config = to_wire(payload)
+    packed, config[MANIFEST_KEY] = pack_arrays(arrays)
+    return {PACKED_KEY: packed}, config
+
+
+def from_records(arrays: Mapping[str, np.ndarray], config: Mapping[str, object]) -> Payload:
+    """The payload :func:`to_records` split (raises :class:`ProtocolError` on a packing that does not add up)."""
+    scalars = dict(config)
+    if MANIFEST_KEY in scalars or arrays:
+        arrays = unpack_arrays(arrays, scalars.pop(MANIFEST_KEY, None))
+    return from_wire(arrays, scalars)
+
+
 def round_trip(payload: Mapping[str, object]) -> Payload:
     """``payload`` through the codec, as the receiving side sees it (arrays copied, tuples as lists)."""
     arrays, config = to_wire(payload)

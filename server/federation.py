@@ -25,16 +25,12 @@ from common.errors import FedBiopsyError, ProtocolError
 from common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    MANIFEST_KEY,
-    PACKED_KEY,
     SITE_ID_KEY,
     STUDY_KEY,
     Payload,
-    from_wire,
+    from_records,
     message_type,
-    pack_arrays,
-    to_wire,
-    unpack_arrays,
+    to_records,
 )
 
 log = logging.getLogger("fedbiopsy.server")
@@ -99,21 +95,17 @@ class NotEnoughSitesError(FedBiopsyError):
 
 
 def encode(payload: Mapping[str, object]) -> RecordDict:
-    """A payload as a message's content (one ArrayRecord, one ConfigRecord)."""
-    arrays, config = to_wire(payload)
-    packed, config[MANIFEST_KEY] = pack_arrays(arrays)
-    return RecordDict({ARRAYS_KEY: ArrayRecord({PACKED_KEY: Array(packed)}),
+    """A payload as a message's content: one ArrayRecord (the packed arrays), one ConfigRecord."""
+    arrays, config = to_records(payload)
+    return RecordDict({ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                        CONFIG_KEY: ConfigRecord(config)})  # type: ignore[arg-type]
 
 
 def decode(content: RecordDict) -> Payload:
-    """A message's content as a payload."""
-    record = content.array_records.get(ARRAYS_KEY)
-    config = dict(content.config_records.get(CONFIG_KEY) or {})
-    arrays = {k: a.numpy() for k, a in (record or {}).items()}
-    if MANIFEST_KEY in config or arrays:
-        arrays = unpack_arrays(arrays, config.pop(MANIFEST_KEY, None))
-    return from_wire(arrays, config)
+    """A message's content as a payload (:func:`common.protocol.from_records`)."""
+    arrays = content.array_records.get(ARRAYS_KEY)
+    config = content.config_records.get(CONFIG_KEY)
+    return from_records({k: a.numpy() for k, a in (arrays or {}).items()}, dict(config or {}))
 
 
 @dataclass
