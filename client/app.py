@@ -33,6 +33,7 @@ from common.protocol import (
     from_records,
     message_type,
     to_records,
+    wire_array,
 )
 from common.sitedata import Site
 
@@ -51,7 +52,8 @@ def decode(content: RecordDict) -> Payload:
     """A message's content as a payload (:func:`common.protocol.from_records`)."""
     arrays = content.array_records.get(ARRAYS_KEY)
     config = content.config_records.get(CONFIG_KEY)
-    return from_records({k: a.numpy() for k, a in (arrays or {}).items()}, dict(config or {}))
+    return from_records({k: wire_array(a.stype, a.data, a.numpy) for k, a in (arrays or {}).items()},
+                        dict(config or {}))
 
 
 def site_dir_from_context(context: Context) -> Path:

@@ -13,7 +13,9 @@ Flower messages of that type (weights in, weights or metrics out); every other a
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -120,39 +122,55 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
     return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), json.dumps(manifest)
 
 
+MAX_MANIFEST_CHARS = 1_000_000
+MAX_ARRAY_BYTES = 1 << 30  # one array of a message at most (a message's packed arrays are one array)
+_MAX_DIM = 2**40
+
+
+def _manifest_entries(manifest: object) -> list:
+    """The manifest's entries, each ``[name, dtype, shape, offset, size]`` with plain ints (no bools)."""
+    if not isinstance(manifest, str) or len(manifest) > MAX_MANIFEST_CHARS:
+        raise ValueError("the manifest is not a string of a sane length")
+    entries = json.loads(manifest)
+    if not isinstance(entries, list):
+        raise ValueError("the manifest is not a list")
+
+    def plain(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_DIM
+
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
+                and isinstance(entry[1], str) and isinstance(entry[2], list) and len(entry[2]) <= 32
+                and all(plain(d) for d in entry[2]) and plain(entry[3]) and plain(entry[4])):
+            raise ValueError("a manifest entry is malformed")
+    return entries
+
+
 def unpack_arrays(arrays: Mapping[str, np.ndarray], manifest: object) -> dict[str, np.ndarray]:
     """The arrays :func:`pack_arrays` packed; raises :class:`ProtocolError` unless the manifest describes the
     buffer exactly (known dtypes, sizes that add up, no overlap, unique names): the sender chose both."""
     def bad(why: str) -> ProtocolError:
         return ProtocolError("(message)", f"packed arrays: {why}", "send arrays packed by fedbiopsy's codec")
 
-    if set(arrays) != {PACKED_KEY} or not isinstance(manifest, str):
+    if set(arrays) != {PACKED_KEY}:
         raise bad("expected one packed array and its manifest")
     buffer = np.ascontiguousarray(arrays[PACKED_KEY])
     if buffer.dtype != np.uint8 or buffer.ndim != 1:
         raise bad("the packed array is not a flat byte array")
     try:
-        entries = json.loads(manifest)
-    except ValueError as exc:
-        raise bad("the manifest is not JSON") from exc
-    if not isinstance(entries, list):
-        raise bad("the manifest is not a list")
+        entries = _manifest_entries(manifest)
+    except (ValueError, RecursionError) as exc:  # json's errors are ValueErrors
+        raise bad(str(exc)[:80]) from exc
     out: dict[str, np.ndarray] = {}
     offset = 0
-    for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
-                and isinstance(entry[1], str) and isinstance(entry[2], list) and len(entry[2]) <= 32
-                and all(isinstance(d, int) and d >= 0 for d in entry[2])
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[3:])):
-            raise bad("a manifest entry is malformed")
-        name, dtype_str, shape, start, size = entry
+    for name, dtype_str, shape, start, size in entries:
         try:
             dtype = np.dtype(dtype_str)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise bad(f"unknown dtype for {name!r}") from exc
-        if dtype.kind not in _PACKABLE or dtype.hasobject or name in out:
+        if dtype.kind not in _PACKABLE or dtype.hasobject or dtype.itemsize == 0 or name in out:
             raise bad(f"entry {name!r}: dtype {dtype} not allowed, or a repeated name")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         if start != offset or size != count * dtype.itemsize or start + size > buffer.size:
             raise bad(f"entry {name!r} does not fit the buffer")
         out[name] = (np.frombuffer(buffer, dtype=dtype, count=count, offset=start).reshape(shape).copy() if count
@@ -163,12 +181,38 @@ def unpack_arrays(arrays: Mapping[str, np.ndarray], manifest: object) -> dict[st
     return out
 
 
+def check_npy(stype: str, data: bytes, max_bytes: int) -> None:
+    """Raise :class:`ProtocolError` unless ``data`` is one ``.npy`` array (Flower's ``Array`` wire form) of a
+    plain dtype whose header promises no more bytes than it holds: numpy allocates what a header says before
+    it reads, and the header is the sender's."""
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError("(message)", f"array: {why}", "send arrays packed by fedbiopsy's codec")
+
+    if stype != "numpy.ndarray" or len(data) > max_bytes:
+        raise bad("not a numpy array of a sane size")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(stream)
+    except (ValueError, TypeError, SyntaxError, OverflowError) as exc:
+        raise bad("unreadable header") from exc
+    if dtype.hasobject or dtype.kind not in _PACKABLE or math.prod(shape) * dtype.itemsize > len(data):
+        raise bad("a dtype or shape its bytes do not hold")
+
+
 def to_records(payload: Mapping[str, object]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """A payload as the contents of a message's two records: ``{PACKED_KEY: bytes}`` and the scalars/lists
     with the manifest of the packed arrays (:func:`pack_arrays`)."""
     arrays, config = to_wire(payload)
     packed, config[MANIFEST_KEY] = pack_arrays(arrays)
     return {PACKED_KEY: packed}, config
+
+
+def wire_array(stype: str, data: bytes, load: Callable[[], np.ndarray]) -> np.ndarray:
+    """One received array: ``load()`` (Flower's ``Array.numpy``) once :func:`check_npy` passed its bytes."""
+    check_npy(stype, data, MAX_ARRAY_BYTES)
+    return load()
 
 
 def from_records(arrays: Mapping[str, np.ndarray], config: Mapping[str, object]) -> Payload:
@@ -180,10 +224,11 @@ def from_records(arrays: Mapping[str, np.ndarray], config: Mapping[str, object])
 
 
 def round_trip(payload: Mapping[str, object]) -> Payload:
-    """``payload`` through the codec, as the receiving side sees it (arrays copied, tuples as lists)."""
-    arrays, config = to_wire(payload)
-    return from_wire({k: v.copy() for k, v in arrays.items()}, {k: list(v) if isinstance(v, list) else v
-                                                                 for k, v in config.items()})
+    """``payload`` through the codec of a message (:func:`to_records`, :func:`from_records`), as the receiving
+    side sees it: arrays packed and copied, tuples as lists."""
+    arrays, config = to_records(payload)
+    return from_records({k: v.copy() for k, v in arrays.items()},
+                        {k: list(v) if isinstance(v, list) else v for k, v in config.items()})
 
 
 Wire = Callable[[str, str, str, Payload], Payload]

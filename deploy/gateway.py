@@ -15,6 +15,7 @@ answered ``403`` without reaching the SuperLink. The operator runs ``flwr`` on t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -34,7 +35,8 @@ REFUSAL = ("this port serves only the Flower Fleet API (SuperNodes); the Control
 _HOP_BY_HOP = {b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
                b"te", b"trailer", b"content-length"}
 _CLIENT_CLAIMS = {b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded", b"x-real-ip"}
-MAX_BODY_BYTES = 256 * 1024 * 1024  # one Fleet request (a message object, a model's weights) at most
+MAX_BODY_BYTES = 32 * 1024 * 1024  # one Fleet request at most (Flower's objects are <= 5 MB chunks, a FAB <= 10 MB)
+BODY_TIMEOUT_S = 60.0  # a request body must arrive within this (no slow trickle holds a worker)
 
 
 def fleet_routes() -> frozenset[tuple[str, str]]:
@@ -75,9 +77,12 @@ class FleetGateway:
             log.warning("refused %s %r from %s", request.method, path[:200], request.client)
             await PlainTextResponse(REFUSAL, status_code=403)(scope, receive, send)
             return
-        body = await self._body(request)
+        try:
+            body = await asyncio.wait_for(self._body(request), BODY_TIMEOUT_S)
+        except TimeoutError:
+            body = None
         if body is None:
-            await PlainTextResponse("request body too large", status_code=413)(scope, receive, send)
+            await PlainTextResponse("request body too large or too slow", status_code=413)(scope, receive, send)
             return
         if self.client is None:
             self.client = httpx.AsyncClient(base_url=self.upstream, verify=self.verify, timeout=self.timeout_s)

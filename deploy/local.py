@@ -289,10 +289,10 @@ class LocalFederation:
             self.wait_node(name)
 
     def start_site_exec(self, name: str) -> None:
-        """(Re)start a site's own SuperExec, from the site's app folder (its modules are that folder's)."""
+        """Start a site's own SuperExec (unless it runs), from the site's app folder (its modules are that folder's)."""
         node, exec_proc = self.nodes[name], self._exec_proc(name)
         if (old := self.processes.managed.get(exec_proc)) is not None and old.running():
-            self.processes.stop(exec_proc)
+            return  # it survives its SuperNode's restarts (it retries the Runtime API): no re-import per retry
         # a rehearsal's sites share this machine, as the simulation's virtual sites share its cores
         threads = str(max(1, (os.cpu_count() or 1) // max(1, len(self.nodes))))
         env = {**self._env(node.home), "PYTHONPATH": str(node.app_dir), "PYTHONDONTWRITEBYTECODE": "1",

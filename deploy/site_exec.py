@@ -221,7 +221,9 @@ class SiteExec:
             raise SystemExit(0)
 
         def _ignore(_sig: int, _frame: FrameType | None) -> None:
-            # Flower's HTTP retry and heartbeat code SIGINT their own process on a refused token: not a stop
+            # Flower's HTTP retry and task heartbeat SIGINT their own process when a token is refused or a task
+            # is no longer valid (e.g. `flwr stop`): not a stop of the site. The task at hand runs to its end
+            # (its reply is then dropped by the SuperNode); the next task is taken as usual.
             log.warning("SIGINT ignored (stop the site SuperExec with SIGTERM)")
 
         signal.signal(signal.SIGTERM, _stop)

@@ -38,7 +38,7 @@ def _roster(text: str) -> dict[str, int]:
     roster: dict[str, int] = {}
     for entry in filter(None, (e.strip() for e in text.split(","))):
         site, sep, node = entry.rpartition(":")
-        if not sep or not site or not node.isdigit() or site in roster:
+        if not sep or not site or not node.isdigit() or site in roster or int(node) in roster.values():
             raise ConfigError("--run-config site-nodes", "not a list of site-id:node-id pairs",
                               "pass e.g. site-nodes=\"hospital-a:4711,hospital-b:4712\" (ids: `flwr supernode list`)")
         roster[site] = int(node)

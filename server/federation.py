@@ -31,6 +31,7 @@ from common.protocol import (
     from_records,
     message_type,
     to_records,
+    wire_array,
 )
 
 log = logging.getLogger("fedbiopsy.server")
@@ -86,7 +87,9 @@ def set_pull_backoff(initial_s: float = 0.05, cap_s: float = 1.0) -> bool:
         log.warning("flwr's object pulls have changed; keeping their own backoff")
         return False
     for kwdefaults in defaults:
-        kwdefaults.update(initial_backoff=initial_s, backoff_cap=cap_s)  # type: ignore[union-attr]
+        # as many tries as Flower's own schedule allows in time (~80 min), so a slow upload is not given up sooner
+        kwdefaults.update(initial_backoff=initial_s, backoff_cap=cap_s,  # type: ignore[union-attr]
+                          max_tries_per_object=5000)
     return True
 
 
@@ -105,7 +108,8 @@ def decode(content: RecordDict) -> Payload:
     """A message's content as a payload (:func:`common.protocol.from_records`)."""
     arrays = content.array_records.get(ARRAYS_KEY)
     config = content.config_records.get(CONFIG_KEY)
-    return from_records({k: a.numpy() for k, a in (arrays or {}).items()}, dict(config or {}))
+    return from_records({k: wire_array(a.stype, a.data, a.numpy) for k, a in (arrays or {}).items()},
+                        dict(config or {}))
 
 
 @dataclass
@@ -154,8 +158,9 @@ class Federation:
         return claimed
 
     def connected(self) -> list[int]:
-        """The node ids connected now."""
-        return sorted(self.grid.get_node_ids())
+        """The node ids connected now (with a roster, only the rostered ones: no other node is ever asked)."""
+        ids = sorted(self.grid.get_node_ids())
+        return [n for n in ids if n in self.roster] if self.roster else ids
 
     def wait(self, minimum: int, timeout_s: float = 120.0) -> list[int]:
         """The connected node ids, once at least ``minimum`` are there (raises after ``timeout_s``)."""
@@ -220,6 +225,8 @@ class Federation:
                         content_in = decode(reply.content)
                     except ProtocolError as exc:
                         raise ReplyRejected(f"node {node}: the reply cannot be decoded ({exc.problem})") from exc
+                    except Exception as exc:  # noqa: BLE001 - whatever a peer's bytes raise, its reply does not count
+                        raise ReplyRejected(f"node {node}: the reply cannot be decoded ({type(exc).__name__})") from exc
                     site_id = self.bind(node, content_in.pop(SITE_ID_KEY, None))
                     check_reply_values(kind, content_in)
                 except ReplyRejected as err:

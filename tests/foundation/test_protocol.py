@@ -105,7 +105,8 @@ def test_a_message_carries_all_its_arrays_as_one_packed_array() -> None:
 
 
 @pytest.mark.parametrize("tamper", ["extra_bytes", "overlap", "object_dtype", "void_dtype", "too_big", "twice",
-                                    "not_json", "second_array"])
+                                    "not_json", "second_array", "zero_itemsize", "bool_shape", "wrapping_shape",
+                                    "deep_json", "datetime"])
 def test_a_packed_message_that_does_not_add_up_is_refused(tamper: str) -> None:
     import json
 
@@ -126,6 +127,14 @@ def test_a_packed_message_that_does_not_add_up_is_refused(tamper: str) -> None:
         entries[1][0] = "a"
     elif tamper == "second_array":
         arrays["other"] = np.zeros(1)
-    text = "{" if tamper == "not_json" else json.dumps(entries)
+    elif tamper == "zero_itemsize":
+        entries[1][1] = "<U0"
+    elif tamper == "bool_shape":
+        entries[1][2] = [True, True]
+    elif tamper == "wrapping_shape":  # 2**64 elements: an int64 product would wrap to 0
+        entries[1][2] = [2**32, 2**32]
+    elif tamper == "datetime":
+        entries[1][1] = "<M8[s]"
+    text = {"not_json": "{", "deep_json": "[" * 100_000}.get(tamper, json.dumps(entries))
     with pytest.raises(ProtocolError, match="packed arrays"):
         unpack_arrays(arrays, text)

@@ -99,3 +99,89 @@ def test_replies_with_non_finite_numbers_are_rejected() -> None:
     check_reply_values("query.report_moments", {"sd": float("nan")})  # statistics protocols check their own
     with pytest.raises(ReplyRejected, match="object array"):
         check_reply_values("query.fingerprint", {"o": np.array([1.0, None], dtype=object)})
+
+
+class _ScriptedGrid:
+    """Delivers each message to a scripted site function and answers its reply (the Grid API Federation uses)."""
+
+    def __init__(self, sites: dict[int, Callable[[Any], Any]]) -> None:
+        self.sites, self.replies = sites, []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def push_messages(self, messages: list[Any]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            self.replies.append(self.sites[msg.metadata.dst_node_id](msg))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Any]:
+        out, self.replies = self.replies, []
+        return out
+
+
+def _honest(site_id: str) -> Callable[[Any], Any]:
+    from flwr.app import Message
+
+    from server.federation import encode
+
+    return lambda msg: Message(encode({"n_cases": 6, "round": 1, "app_hash": "", SITE_ID_KEY: site_id}), reply_to=msg)
+
+
+@pytest.fixture
+def in_a_run() -> Any:
+    """Flower builds messages only inside a run (as a ServerApp does): give this process one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    names = ("_task_id", "_run_id", "_node_id")  # Flower's private class state; restored after the test
+    before = [getattr(TaskIdentity, n) for n in names]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    for name, value in zip(names, before, strict=True):
+        setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.parametrize("poison", ["stype", "pickled", "huge_header", "manifest"])
+def test_an_undecodable_reply_is_that_sites_error_not_the_rounds(poison: str, in_a_run: None) -> None:
+    import io as _io
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from common.protocol import ARRAYS_KEY, MANIFEST_KEY, PACKED_KEY
+
+    def evil(msg: Any) -> Any:
+        buffer = _io.BytesIO()
+        if poison == "pickled":
+            np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        else:
+            np.save(buffer, np.zeros(4, np.uint8))
+        data = buffer.getvalue()
+        if poison == "huge_header":  # a header promising 10**13 bytes over four: numpy would allocate them first
+            header = _io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                          "shape": (10**13,)})
+            data = header.getvalue() + bytes(4)
+        array = Array(dtype="uint8", shape=(4,), stype="evil" if poison == "stype" else "numpy.ndarray", data=data)
+        config = ConfigRecord({SITE_ID_KEY: "site-003", MANIFEST_KEY: "[" * 100_000 if poison == "manifest" else "[]"})
+        return Message(RecordDict({ARRAYS_KEY: ArrayRecord({PACKED_KEY: array}), CONFIG_KEY: config}), reply_to=msg)
+
+    federation = Federation(_ScriptedGrid({1: _honest("site-001"), 2: _honest("site-002"), 3: evil}), _study())
+    result = federation.send("rollcall", {"round": 1}, [1, 2, 3], minimum=2)
+    assert sorted(result.replies) == ["site-001", "site-002"]
+    assert list(result.errors) == [3] and "cannot be decoded" in result.errors[3]
+
+
+def test_the_roster_names_each_node_once_and_only_rostered_nodes_are_asked() -> None:
+    from common.errors import ConfigError
+    from server.app import _roster
+
+    assert _roster("site-001:11,site-002:12") == {"site-001": 11, "site-002": 12} and _roster("") == {}
+    for bad in ("site-001:11,site-002:11", "site-001:11,site-001:12", "site-001", "site-001:x", ":4"):
+        with pytest.raises(ConfigError, match="site-nodes"):
+            _roster(bad)
+    grid = _ScriptedGrid({11: _honest("site-001"), 12: _honest("site-002"), 13: _honest("site-003")})
+    federation = Federation(grid, _study(), roster={"site-001": 11, "site-002": 12})
+    assert federation.connected() == [11, 12]  # node 13 is connected but never asked: it is not in the roster
