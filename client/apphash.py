@@ -23,8 +23,9 @@ def _skipped(rel: str) -> bool:
     return parts[0] == ".info" or "__pycache__" in parts or rel.endswith((".pyc", ".pyo"))
 
 
-def _digest(entries: dict[str, bytes]) -> str:
-    lines = sorted(f"{rel}\t{hashlib.sha256(data).hexdigest()}" for rel, data in entries.items() if not _skipped(rel))
+def _listing_hash(files: dict[str, str]) -> str:
+    """The app hash of ``{relative path: sha256 of its bytes}`` (skipped files left out)."""
+    lines = sorted(f"{rel}\t{digest}" for rel, digest in files.items() if not _skipped(rel))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -38,7 +39,8 @@ def fab_app_hash(fab: bytes, max_entries: int = MAX_FAB_ENTRIES, max_unpacked: i
     Entries are hashed as they are read, in chunks; a FAB with more than ``max_entries`` entries or more than
     ``max_unpacked`` bytes once unpacked raises ``ValueError`` (a FAB comes from whoever submitted the run).
     """
-    lines, total = [], 0
+    files: dict[str, str] = {}
+    total = 0
     with zipfile.ZipFile(io.BytesIO(fab)) as zf:
         infos = [info for info in zf.infolist() if not info.is_dir()]
         if len(infos) > max_entries:
@@ -51,9 +53,8 @@ def fab_app_hash(fab: bytes, max_entries: int = MAX_FAB_ENTRIES, max_unpacked: i
                     if total > max_unpacked:
                         raise ValueError(f"the FAB unpacks to more than {max_unpacked} bytes")
                     digest.update(chunk)
-            if not _skipped(info.filename):
-                lines.append(f"{info.filename}\t{digest.hexdigest()}")
-    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+            files[info.filename] = digest.hexdigest()
+    return _listing_hash(files)
 
 
 def fab_files(fab: bytes) -> set[str]:
@@ -64,7 +65,8 @@ def fab_files(fab: bytes) -> set[str]:
 
 def directory_app_hash(root: Path) -> str:
     """The app hash of an installed app folder."""
-    return _digest({p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()})
+    return _listing_hash({p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                          for p in root.rglob("*") if p.is_file()})
 
 
 def installed_app_root(module_file: str | Path) -> Path | None:

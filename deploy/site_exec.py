@@ -38,7 +38,7 @@ from client.apphash import fab_app_hash, fab_files, set_verified_app
 from client.guard import check_app, public_reason, record_refusal
 from common.errors import ConfigError, PolicyError
 from common.protocol import ERROR_INTERNAL, ERROR_POLICY
-from common.sitedata import load_site_config
+from common.sitedata import SiteConfig, load_site_config
 from deploy.app import build_fab
 from server.federation import set_pull_backoff
 
@@ -135,7 +135,7 @@ class SiteExec:
             message, context, _run, fab = pull_task_input(client)
             config = load_site_config(self.site_dir)
             try:
-                self.check_task(config.site_id, fab.content, fab.hash_str, context.node_config)
+                self.check_task(config, fab.content, fab.hash_str, context.node_config)
             except PolicyError as err:
                 log.warning("refused a message of run %s: rule %s (%s)", context.run_id, err.rule, err)
                 record_refusal(self.site_dir, err, message.metadata.message_type, context.run_id)
@@ -166,9 +166,10 @@ class SiteExec:
             self._invokers.remove(task_invoker)
         return outcome
 
-    def check_task(self, site_id: str, content: bytes, fab_hash: str, node_config: Any) -> None:
+    def check_task(self, config: SiteConfig, content: bytes, fab_hash: str, node_config: Any) -> None:
         """Raise :class:`PolicyError` (rule ``approved_apps``) unless the task's FAB is the approved, installed app
         and the SuperNode serves this SuperExec's site folder. Reads the FAB's bytes only; verdicts are cached."""
+        site_id = config.site_id
         if len(content) > FAB_MAX_BYTES:
             raise PolicyError(site_id, "approved_apps", f"the FAB is {len(content)} bytes (at most {FAB_MAX_BYTES})")
         sha = hashlib.sha256(content).hexdigest()
@@ -183,7 +184,7 @@ class SiteExec:
         submitted = self._verdicts[sha]
         if not submitted:
             raise PolicyError(site_id, "approved_apps", "the FAB cannot be read as an app")
-        check_app(load_site_config(self.site_dir), submitted)
+        check_app(config, submitted)
         if submitted != self.app_hash:
             raise PolicyError(site_id, "approved_apps", f"app {submitted[:12]}... is approved but not installed here")
         served = Path(str(node_config.get("data-path", ""))).resolve()

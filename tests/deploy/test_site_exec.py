@@ -49,25 +49,24 @@ def test_only_the_approved_installed_app_is_answered(writable_sites: list[Path],
     content, sha = _fab(installed)
     approved = fab_app_hash(content)
     node = {"data-path": str(site)}
-    site_id = load_site_config(site).site_id
     site_exec = _site_exec(site, approved)
     # not (yet) approved by the site: refused, although it is the installed app
     with pytest.raises(PolicyError, match="not approved") as err:
-        site_exec.check_task(site_id, content, sha, node)
+        site_exec.check_task(load_site_config(site), content, sha, node)
     assert err.value.rule == "approved_apps"
     approve_app(site, approved)
-    site_exec.check_task(site_id, content, sha, node)  # approved and installed: answered
+    site_exec.check_task(load_site_config(site), content, sha, node)  # approved and installed: answered
     # a FAB whose bytes are not those its hash names
     with pytest.raises(PolicyError, match="does not match its hash"):
-        site_exec.check_task(site_id, content, "0" * 64, node)
+        site_exec.check_task(load_site_config(site), content, "0" * 64, node)
     # approved, but another version than the one installed here
     other, other_sha = _fab(modified)
     approve_app(site, fab_app_hash(other))
     with pytest.raises(PolicyError, match="not installed here"):
-        site_exec.check_task(site_id, other, other_sha, node)
+        site_exec.check_task(load_site_config(site), other, other_sha, node)
     # a SuperNode that serves another folder than this SuperExec's site
     with pytest.raises(ConfigError, match="data-path"):
-        site_exec.check_task(site_id, content, sha, {"data-path": str(writable_sites[1])})
+        site_exec.check_task(load_site_config(site), content, sha, {"data-path": str(writable_sites[1])})
 
 
 def test_oversized_unreadable_and_bomb_fabs_are_refused_unread(writable_sites: list[Path]) -> None:
@@ -76,10 +75,10 @@ def test_oversized_unreadable_and_bomb_fabs_are_refused_unread(writable_sites: l
     node = {"data-path": str(site)}
     big = b"0" * (FAB_MAX_BYTES + 1)
     with pytest.raises(PolicyError, match="at most"):
-        site_exec.check_task("s", big, hashlib.sha256(big).hexdigest(), node)
+        site_exec.check_task(load_site_config(site), big, hashlib.sha256(big).hexdigest(), node)
     junk = b"not a zip file"
     with pytest.raises(PolicyError, match="cannot be read"):
-        site_exec.check_task("s", junk, hashlib.sha256(junk).hexdigest(), node)
+        site_exec.check_task(load_site_config(site), junk, hashlib.sha256(junk).hexdigest(), node)
     # 64 MB of zeros in a ~64 kB zip: hashing stops at the unpacked-size cap, in chunks
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("client/app.py", "w") as fh:
