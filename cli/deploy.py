@@ -56,7 +56,8 @@ def local(
     if sites_dir is None:
         sim = study.simulation
         site_dirs = simulate_sites(out / "sites", sites=sites, patients=sim.patients, size=sim.size, seed=sim.seed,
-                                   progress=True, unlabelled=sim.unlabelled)
+                                   progress=True, unlabelled=sim.unlabelled, raters=sim.raters,
+                                   rated_fraction=sim.rated_fraction)
     else:
         site_dirs = sorted(p for p in sites_dir.iterdir() if (p / "site.yaml").is_file())[:sites]
         if len(site_dirs) < sites:

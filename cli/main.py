@@ -85,7 +85,8 @@ def study_run(
         n = sites or sim.sites
         sites_dir = out / "sites"
         site_dirs = simulate_sites(sites_dir, sites=n, patients=sim.patients, size=sim.size, seed=sim.seed,
-                                   progress=True, unlabelled=sim.unlabelled)
+                                   progress=True, unlabelled=sim.unlabelled, raters=sim.raters,
+                                   rated_fraction=sim.rated_fraction)
     else:
         site_dirs = sorted(p for p in sites_dir.iterdir() if (p / "site.yaml").is_file())
         if sites:
@@ -147,6 +148,7 @@ app.command("preprocess")(preprocess.preprocess)
 app.command("ingest")(ingest.ingest)
 app.command("harmonise")(harmonise.harmonise)
 app.command("compare-masks")(segmentation.compare_masks)
+app.command("segmentation-study")(segmentation.segmentation_study)
 app.add_typer(registry.app, name="registry")
 app.add_typer(deploy.app, name="deploy")
 app.add_typer(experiment.app, name="experiment")

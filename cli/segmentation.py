@@ -1,4 +1,5 @@
-"""``fedbiopsy compare-masks A_DIR B_DIR``: agreement of two mask sets as the seed's variability tables."""
+"""``fedbiopsy compare-masks A_DIR B_DIR`` (two mask sets) and ``fedbiopsy segmentation-study RESULTS`` (a study's
+federated variability tables), as the seed's variability tables."""
 
 from __future__ import annotations
 
@@ -47,3 +48,35 @@ def compare_masks(
             "per_case": {c: {k: clean(v) for k, v in m.items()} for c, m in result.per_case.items()},
             "summary": result.summary, "only_a": result.only_a, "only_b": result.only_b,
         }, indent=2))
+
+
+def segmentation_study(
+    results: Annotated[Path, typer.Argument(help="A study's result folder (holding inference.json).")],
+) -> None:
+    """The seed's segmentation study of a finished study: inter-observer and automatic variability tables (DSC,
+    AUC ROC, 1-FPR, 1-FNR: median, IQR, mean, SD) merged from the sites' aggregates, and the time leverage."""
+    path = results / "inference.json"
+    if not path.is_file():
+        console.print(f"[red]error:[/red] {path}: not found. Fix: pass the result folder of a study that ran the "
+                      "inference phase (make demo writes demo-output/study)")
+        raise typer.Exit(2)
+    study = json.loads(path.read_text()).get("segmentation_study")
+    if not study:
+        console.print(f"[red]error:[/red] {path}: the study ran without the segmentation study. Fix: set "
+                      "segmentation.variability_tables: true and give cases further raters' masks (raters/)")
+        raise typer.Exit(2)
+    for name in ("inter", "auto"):
+        t = study["tables"][name]
+        if not t["rows"]:
+            console.print(f"[yellow]{t['title']}: withheld (no site had enough rated cases)[/yellow]")
+            continue
+        table = Table(title=f"{t['title']} (n={t['n_cases']}, sites: {', '.join(t['sites'])})")
+        for col in t["rows"][0]:
+            table.add_column(col)
+        for row in t["rows"]:
+            table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+        console.print(table)
+    lev = study.get("time_leverage")
+    if lev:
+        console.print(f"Time leverage: {study['model_seconds_per_case']:.2f} s per case by the model vs "
+                      f"{study['manual_seconds_per_case']:.0f} s by hand: {lev:.0f}x")

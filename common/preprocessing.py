@@ -34,6 +34,16 @@ from common.replies import read_count
 log = logging.getLogger(__name__)
 NYUL_LANDMARKS, PLAN, APPLY = "nyul_landmarks", "preprocessing_plan", "preprocessing_apply"
 Edges = dict[str, tuple[np.ndarray, np.ndarray]]
+PREPROCESSED, RAW = "preprocessed", "raw"
+
+
+def imaging_inputs(study: StudyConfig) -> str:
+    """What the imaging phases of ``study`` read: ``"preprocessed"`` (the sites' ``derived/preprocessed/`` cases
+    on the plan's target grid) when the study runs the preprocessing phase and applies it at the sites (which
+    needs the fingerprint phase), else ``"raw"`` (the site's own images on their native grids)."""
+    phases = set(study.phases)
+    applied = {"fingerprint", "preprocessing"} <= phases and study.preprocessing.apply_at_sites
+    return PREPROCESSED if applied else RAW
 
 
 def bin_edges(study: StudyConfig, fingerprint: Mapping) -> Edges:

@@ -7,6 +7,8 @@ Layout (see docs/ARCHITECTURE.md)::
       clinical.csv                      patient_id, age, sex, label, os_days, os_event, ...
       images/<patient_id>/<sequence>.nii.gz
       masks/<patient_id>.nii.gz
+      raters/<patient_id>/<rater>.nii.gz  optional: other radiologists' masks of the case (masks/ is rater 1),
+                                          for the segmentation study's inter-observer table
 """
 
 from __future__ import annotations
@@ -196,6 +198,18 @@ def case_paths(site_dir: Path, patient_id: str,
     images = {seq: find_image(site_dir / "images" / patient_id, seq) for seq in sequences}
     mask = find_image(site_dir / "masks", patient_id)
     return images, mask
+
+
+RATERS_DIR = "raters"
+
+
+def rater_masks(site_dir: Path | str, patient_id: str) -> dict[str, Path]:
+    """The further raters' masks of a case (``raters/<patient_id>/<rater>.nii.gz``), by rater name, sorted."""
+    folder = Path(site_dir) / RATERS_DIR / patient_id
+    if not folder.is_dir():
+        return {}
+    found = {p.name[: -len(".nii.gz")]: p for p in folder.glob("*.nii.gz") if p.is_file()}
+    return dict(sorted(found.items()))
 
 
 def read_clinical(site_dir: Path | str) -> pd.DataFrame:

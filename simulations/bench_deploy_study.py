@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-deploy-study-") as tmp:
         root = args.keep or Path(tmp)
         made = simulate_sites(root / "sites", sites=args.sites, patients=sim.patients, size=sim.size, seed=sim.seed,
-                              unlabelled=sim.unlabelled)
+                              unlabelled=sim.unlabelled, raters=sim.raters,
+                              rated_fraction=sim.rated_fraction)
         copies = {}
         for engine in ("simulation", "deployment"):
             shutil.rmtree(root / engine, ignore_errors=True)

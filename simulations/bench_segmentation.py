@@ -3,10 +3,15 @@
     python -m simulations.bench_segmentation                 # 3 sites, 64^3, the issue's targets
     python -m simulations.bench_segmentation --dp            # ... and a DP-SGD run at epsilon <= 8
     python -m simulations.bench_segmentation --tiny          # a smoke run (32^3, a few steps)
+    python -m simulations.bench_segmentation --pipeline --seed 1   # the default study's chain on hidden hospitals
+
+``--pipeline``: the default study (``common/studies/default.yaml``: its segmentation settings and simulated sizes)
+with its fingerprint and preprocessing phases, so the network trains and is scored on the preprocessed cases on
+the plan's grid, over hospitals simulated with another seed than the demo's (``--seed``).
 
 Prints the federated pooled median DSC (exact, per case, on every site's held-out cases), the centralised
 baseline's (same plan, same patches seen and sequential steps), their gap, and with ``--dp`` the DSC drop.
-Targets (CPU, <= 15 min): median DSC >= 0.90 and gap <= 0.02.
+Targets: every site's median held-out DSC (exact, per case) >= 0.90 and |federated - centralised| <= 0.02.
 """
 
 from __future__ import annotations
@@ -24,8 +29,24 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 log = logging.getLogger("bench_segmentation")
 
 
+def _pipeline_study(args: argparse.Namespace, dp: bool):  # noqa: ANN202 - StudyConfig, imported lazily
+    import yaml
+
+    from common.config import StudyConfig
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "common" / "studies" / "default.yaml").read_text())
+    raw["phases"] = ["fingerprint", "preprocessing", "segmentation"]
+    raw["name"] = f"bench-segmentation-pipeline{'-dp' if dp else ''}"
+    raw["segmentation"] = {**raw.get("segmentation", {}), "overlays": 0,
+                           "dp": {"enabled": dp, "target_epsilon": args.epsilon, "max_grad_norm": args.clip}}
+    return StudyConfig.model_validate(raw)
+
+
 def _study(args: argparse.Namespace, dp: bool):  # noqa: ANN202 - StudyConfig, imported lazily
     from common.config import StudyConfig
+
+    if args.pipeline:
+        return _pipeline_study(args, dp)
 
     seg = {"rounds": args.rounds, "steps_per_epoch": args.steps, "patch_size": [args.patch] * 3,
            "batch_size": args.batch, "lr": args.lr, "holdout_fraction": args.holdout, "overlays": 0,
@@ -79,13 +100,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--tiny", action="store_true", help="smoke settings: 32^3, 8 patients, 2 rounds of 5 steps")
+    p.add_argument("--pipeline", action="store_true", help="the default study's settings and sizes, preprocessed")
+    p.add_argument("--seed", type=int, default=0, help="of the simulated hospitals (the demo's: 0)")
     args = p.parse_args(argv)
+    if args.pipeline:
+        sim = _pipeline_study(args, False).simulation
+        args.sites, args.patients, args.size = sim.sites, sim.patients, sim.size
     if args.tiny:
         args.size, args.patients, args.rounds, args.steps, args.sites = 32, 8, 2, 5, min(args.sites, 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("flwr", "ray", "numexpr", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    import numpy as np
     import torch
 
     from common.sitedata import load_site_config, write_site_config
@@ -95,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    site_dirs = simulate_sites(args.out / "sites", sites=args.sites, patients=args.patients, size=args.size, seed=0)
+    unlabelled = _pipeline_study(args, False).simulation.unlabelled if args.pipeline else 0
+    site_dirs = simulate_sites(args.out / "sites", sites=args.sites, patients=args.patients, size=args.size,
+                               seed=args.seed, unlabelled=unlabelled)
     if args.tiny:
         for d in site_dirs:
             cfg = load_site_config(d)
@@ -108,10 +137,16 @@ def main(argv: list[str] | None = None) -> dict:
     fed_dsc = cmp["federated"]["pooled"]["dsc"]["median"]
     cen_dsc = cmp["centralised"]["pooled"]["dsc"]["median"]
     gap = cmp["dsc_gap_federated_minus_centralised"]
+    per_site = {s: float(np.median([v for k, v in cmp["federated"]["dsc_per_case"].items() if k.startswith(f"{s}/")]))
+                for s in cmp["federated"]["sites"]}
     figures = {
-        "sites": args.sites, "patients_per_site": args.patients, "size": args.size, "rounds": args.rounds,
-        "local_steps": args.steps, "patch": args.patch, "batch": args.batch, "network": fed["plan"]["network"],
-        "augment": args.augment, "foreground_ratio": args.foreground_ratio,
+        "mode": "pipeline (default study, preprocessed)" if args.pipeline else "segmentation only (raw)",
+        "seed": args.seed, "inputs": seg.get("inputs"), "grid_spacing": seg.get("grid_spacing"),
+        "federated_dsc_median_per_site": per_site,
+        "sites": args.sites, "patients_per_site": args.patients, "size": args.size, "rounds": study.segmentation.rounds,
+        "local_steps": study.segmentation.local_steps, "patch": fed["plan"]["patch_size"],
+        "batch": fed["plan"]["batch_size"], "network": fed["plan"]["network"],
+        "augment": study.segmentation.augment, "foreground_ratio": study.segmentation.foreground_ratio,
         "n_train": cmp["n_train"], "n_heldout": cmp["n_heldout"],
         "federated_dsc_median": fed_dsc,
         "federated_dsc_iqr": cmp["federated"]["pooled"]["dsc"]["q75"] - cmp["federated"]["pooled"]["dsc"]["q25"],
@@ -128,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "dp_dsc_median": dp_score["pooled"]["dsc"]["median"],
                         "dp_dsc_drop": fed_dsc - dp_score["pooled"]["dsc"]["median"], "dp_seconds": dp_seconds})
     figures["total_seconds"] = time.perf_counter() - t_start
-    figures["targets_met"] = bool(fed_dsc >= 0.90 and gap >= -0.02 and figures["total_seconds"] <= 900)
+    figures["targets_met"] = bool(min(per_site.values()) >= 0.90 and abs(gap) <= 0.02)
     (args.out / "bench.json").write_text(json.dumps({"figures": figures, "comparison": cmp}, indent=1, default=str))
     print(json.dumps(figures, indent=1, default=str))  # noqa: T201 - a benchmark prints its figures
     return figures

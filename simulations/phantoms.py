@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import ndimage
 
 from common.imageio import array_to_image, write_image
-from common.sitedata import Scanner, SimulatedEffects, SiteConfig, write_site_config
+from common.sitedata import RATERS_DIR, Scanner, SimulatedEffects, SiteConfig, write_site_config
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,31 @@ class PatientPhantom:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     clinical: dict[str, object]
+
+
+def rater_mask(truth: np.ndarray, spacing: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
+    """Another radiologist's outline of the tumour ``truth`` (z, y, x): the boundary moved by a smooth field of
+    about half a voxel plus the rater's own tendency to draw wider or tighter, and now and then a missed part at
+    the edge or an extra island beside the tumour (the disagreements of the seed's inter-observer table)."""
+    t = truth > 0
+    sampling = tuple(float(v) for v in spacing[::-1])
+    unit = float(np.mean(spacing))
+    sdf = (ndimage.distance_transform_edt(t, sampling=sampling)
+           - ndimage.distance_transform_edt(~t, sampling=sampling)) / unit  # voxels, > 0 inside
+    shift = 0.6 * _smooth_noise(rng, t.shape, 2.0) + float(rng.normal(0.0, 0.25))
+    mask = (sdf + shift) > 0.0
+    zz, yy, xx = np.indices(t.shape)
+    edge = np.argwhere(t & ~ndimage.binary_erosion(t))
+    if edge.size and rng.uniform() < 0.3:  # a part at the edge left out
+        c = edge[int(rng.integers(len(edge)))]
+        mask &= ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) > float(rng.uniform(1.5, 2.5)) ** 2
+    if edge.size and rng.uniform() < 0.3:  # an extra island a few voxels outside
+        ring = ndimage.binary_dilation(t, iterations=6) & ~ndimage.binary_dilation(t, iterations=3)
+        spots = np.argwhere(ring)
+        if spots.size:
+            c = spots[int(rng.integers(len(spots)))]
+            mask |= ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= float(rng.uniform(1.0, 1.8)) ** 2
+    return mask.astype(np.uint8)
 
 
 def site_id_for(index: int) -> str:
@@ -262,11 +287,13 @@ def clear_simulated_site(site_dir: Path) -> None:
 
 
 def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, seed: int = 0,
-               write_truth: bool = True, unlabelled: int = 0) -> Path:
+               write_truth: bool = True, unlabelled: int = 0, raters: int = 1, rated_fraction: float = 1.0) -> Path:
     """Generate one simulated site in the layout of ARCHITECTURE.md; returns its directory.
 
     The last ``unlabelled`` patients get no ``masks/`` file (cases for the federated model to segment); their
-    ground-truth mask goes to ``truth/<patient_id>_mask.nii.gz`` with the tissue labels.
+    ground-truth mask goes to ``truth/<patient_id>_mask.nii.gz`` with the tissue labels. With ``raters`` > 1, a
+    ``rated_fraction`` of the labelled patients (drawn per patient) also get the outlines of raters 2..``raters``
+    (:func:`rater_mask`) under ``raters/<patient_id>/rater<k>.nii.gz``; ``masks/`` is rater 1.
     """
     config = site_config_for(index, seed)
     scanner, bias_seed = scanner_for_site(index, seed)
@@ -283,6 +310,11 @@ def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, s
         mask_path = (site_dir / "masks" / f"{ph.patient_id}.nii.gz" if labelled
                      else site_dir / "truth" / f"{ph.patient_id}_mask.nii.gz")
         write_image(array_to_image(ph.mask, ph.spacing, ph.origin), mask_path)
+        rater_rng = np.random.default_rng([seed, index, p, 4_242])
+        if labelled and raters > 1 and rater_rng.uniform() < rated_fraction:
+            for k in range(2, raters + 1):
+                write_image(array_to_image(rater_mask(ph.mask, ph.spacing, rater_rng), ph.spacing, ph.origin),
+                            site_dir / RATERS_DIR / ph.patient_id / f"rater{k}.nii.gz")
         if write_truth:
             write_image(array_to_image(ph.tissues, ph.spacing, ph.origin),
                         site_dir / "truth" / f"{ph.patient_id}_tissues.nii.gz")
@@ -292,10 +324,12 @@ def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, s
 
 
 def simulate_sites(out_dir: Path | str, sites: int = 3, patients: int | list[int] = 12, size: int = 64,
-                   seed: int = 0, progress: bool = False, unlabelled: int = 0) -> list[Path]:
+                   seed: int = 0, progress: bool = False, unlabelled: int = 0, raters: int = 1,
+                   rated_fraction: float = 1.0) -> list[Path]:
     """Generate ``sites`` simulated hospitals under ``out_dir``; ``patients`` may differ per site.
 
-    ``unlabelled`` patients per site come without a tumour mask (see :func:`write_site`).
+    ``unlabelled`` patients per site come without a tumour mask, ``raters`` > 1 gives a ``rated_fraction`` of the
+    labelled ones further raters' masks (see :func:`write_site`).
     """
     counts = list(patients) if isinstance(patients, list) else [patients] * sites
     if len(counts) != sites:
@@ -309,6 +343,7 @@ def simulate_sites(out_dir: Path | str, sites: int = 3, patients: int | list[int
         iterator = track(iterator, description="Simulating hospitals")
     if any(unlabelled >= c for c in counts):
         raise ValueError(f"unlabelled={unlabelled} leaves a site without any labelled patient")
-    paths = [write_site(out, i, counts[i], size=size, seed=seed, unlabelled=unlabelled) for i in iterator]
+    paths = [write_site(out, i, counts[i], size=size, seed=seed, unlabelled=unlabelled, raters=raters,
+                        rated_fraction=rated_fraction) for i in iterator]
     log.info("wrote %d simulated sites under %s", sites, out)
     return paths

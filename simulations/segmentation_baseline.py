@@ -34,12 +34,15 @@ log = logging.getLogger(__name__)
 
 def pooled_volumes(site_dirs: Sequence[Path], study: StudyConfig, sequences: Sequence[str]
                    ) -> tuple[list[Volume], dict[str, list[Volume]]]:
-    """(training volumes of all sites, held-out volumes by site), each site split as it splits itself."""
+    """(training volumes of all sites, held-out volumes by site), each site split as it splits itself, on the
+    study's imaging inputs (the preprocessed cases when the study preprocesses; :mod:`client.steps.inputs`)."""
+    from client.steps.inputs import imaging_site
+
     cfg = study.segmentation
     train: list[Volume] = []
     held: dict[str, list[Volume]] = {}
     for d in site_dirs:
-        site = load_site(d)
+        site = imaging_site(load_site(d), study)
         tr, ho = split_cases(site.cases, cfg.holdout_fraction, cfg.seed)
         train += [load_volume(c, sequences) for c in tr]
         held[site.site_id] = [load_volume(c, sequences) for c in ho]
@@ -56,6 +59,7 @@ def score(plan: Mapping[str, Any], weights: Mapping[str, np.ndarray], held: Mapp
     per_site, all_cases, per_case = {}, [], {}
     for site_id, vols in held.items():
         res = evaluate_volumes(net, vols, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
+                               mirror=study.segmentation.mirror, keep_largest=study.segmentation.keep_largest,
                                overlay_dir=overlay_dir / site_id if overlay_dir else None,
                                overlays=overlays_per_site)
         per_site[site_id] = summarise_cases([r.metrics for r in res])

@@ -113,10 +113,11 @@ def compact_features(cases: Sequence[Case], sequences: Sequence[str], standardis
 
 
 def compact_settings_hash(sequences: Sequence[str], standardise: str, nyul: Mapping[str, Any] | None = None,
-                          settings: Mapping[str, Any] | None = None) -> str:
-    """sha256 of everything that determines the compact features (registered with the classifier)."""
+                          settings: Mapping[str, Any] | None = None, inputs: str = "raw") -> str:
+    """sha256 of everything that determines the compact features (registered with the classifier); ``inputs``:
+    which images they are computed on ("raw", or the preprocessing plan's sha256)."""
     return sha256_json({"sequences": list(sequences), "standardise": standardise, "nyul": dict(nyul or {}),
-                        "settings": dict(settings or COMPACT_SETTINGS)})
+                        "settings": dict(settings or COMPACT_SETTINGS), "inputs": inputs})
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -129,7 +130,7 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def site_feature_table(site: Site, source: str, tables: Sequence[str], sequences: Sequence[str], standardise: str,
-                       cache_dir: Path) -> pd.DataFrame:
+                       cache_dir: Path, inputs: str = "raw") -> pd.DataFrame:
     """The site's feature table for the classifier (see the module docstring); rows follow ``site.cases``.
 
     ``tables``: candidate file names under the site's ``derived/`` folder, the first existing one is read.
@@ -143,7 +144,7 @@ def site_feature_table(site: Site, source: str, tables: Sequence[str], sequences
         frame = read_table(found)
         where: Path = found
     else:
-        key = compact_settings_hash(sequences, standardise)[:16]
+        key = compact_settings_hash(sequences, standardise, inputs=inputs)[:16]
         where = cache_dir / f"compact-{key}.csv"
         if where.is_file():
             frame = read_table(where)

@@ -36,8 +36,9 @@ class FeatureTable:
     settings_hash: str
     sequences: tuple[str, ...] = field(default=())
 
-    def write(self, path: Path | str) -> Path:
-        """Write ``path`` (CSV, full float precision) and ``path`` with ``.json`` (settings, hash, failures)."""
+    def write(self, path: Path | str, inputs: Mapping[str, Any] | None = None) -> Path:
+        """Write ``path`` (CSV, full float precision) and ``path`` with ``.json`` (settings, hash, failures, and
+        ``inputs``: which images the features were computed on)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.frame.to_csv(path, index=True, float_format=None)
@@ -48,6 +49,7 @@ class FeatureTable:
             "n_cases": int(len(self.frame)),
             "n_features": int(self.frame.shape[1]),
             "failures": self.failures,
+            **dict(inputs or {"inputs": "raw"}),
         }, indent=2), encoding="utf-8")
         return path
 

@@ -8,6 +8,7 @@ sequence shares the reference's geometry afterwards; the mask, drawn on the refe
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,14 +21,37 @@ from client.preprocessing.foreground import foreground_mask
 from client.preprocessing.resample import resample_onto
 from common.errors import ConfigError
 
+log = logging.getLogger(__name__)
 
-def register_rigid(fixed: sitk.Image, moving: sitk.Image, histogram_bins: int = 32,
+
+def _mattes(fixed: sitk.Image, moving: sitk.Image, histogram_bins: int, sampling_fraction: float,
+            seed: int) -> sitk.ImageRegistrationMethod:
+    """A registration method with the metric both the optimisation and the final check use."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(histogram_bins))
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(float(sampling_fraction), int(seed))
+    reg.SetMetricFixedMask(sitk.BinaryDilate(foreground_mask(fixed, "reference sequence"), [2, 2, 2]))
+    reg.SetInterpolator(sitk.sitkLinear)
+    return reg
+
+
+def _metric_at(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, histogram_bins: int,
+               sampling_fraction: float, seed: int) -> float:
+    reg = _mattes(fixed, moving, histogram_bins, sampling_fraction, seed)
+    reg.SetInitialTransform(transform, inPlace=False)
+    return float(reg.MetricEvaluate(fixed, moving))
+
+
+def register_rigid(fixed: sitk.Image, moving: sitk.Image, histogram_bins: int = 16,
                    sampling_fraction: float = 0.25, iterations: int = 200,
                    shrink_factors: Sequence[int] = (2, 1), seed: int = 1) -> tuple[sitk.Euler3DTransform, float]:
     """The rigid transform mapping fixed-image points to moving-image points, and the final metric value.
 
     ``seed`` (>= 1) fixes the metric's random sample, so a registration is repeatable (SimpleITK takes 0 to mean
-    "seed from the wall clock").
+    "seed from the wall clock"). A result whose full-resolution metric is worse than the starting transform's
+    (the optimiser walked off, as Mattes MI with 32 bins did on denoised, bias-corrected 1.5T phantoms: 5-12 mm
+    off on images aligned to 0.1 mm) is discarded for the starting transform (logged).
     """
     if seed < 1:
         raise ConfigError("preprocessing.registration.seed", f"{seed} is not >= 1",
@@ -36,12 +60,7 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, histogram_bins: int = 
     moving_f = sitk.Cast(moving, sitk.sitkFloat32)
     initial = sitk.CenteredTransformInitializer(fixed_f, moving_f, sitk.Euler3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(histogram_bins))
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(float(sampling_fraction), int(seed))
-    reg.SetMetricFixedMask(sitk.BinaryDilate(foreground_mask(fixed_f, "reference sequence"), [2, 2, 2]))
-    reg.SetInterpolator(sitk.sitkLinear)
+    reg = _mattes(fixed_f, moving_f, histogram_bins, sampling_fraction, seed)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=int(iterations),
                                                  relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
@@ -52,7 +71,13 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, histogram_bins: int = 
     result = reg.Execute(fixed_f, moving_f)
     composite = sitk.CompositeTransform(result)
     euler = sitk.Euler3DTransform(composite.GetNthTransform(composite.GetNumberOfTransforms() - 1))
-    return euler, float(reg.GetMetricValue())
+    final = _metric_at(fixed_f, moving_f, euler, histogram_bins, sampling_fraction, seed)
+    start = _metric_at(fixed_f, moving_f, initial, histogram_bins, sampling_fraction, seed)
+    if final > start:  # Mattes MI is minimised (its negative): the optimiser made the alignment worse
+        log.info("rigid registration ended worse than it started (Mattes MI %.3f > %.3f): keeping the "
+                    "starting transform", final, start)
+        return sitk.Euler3DTransform(initial), start
+    return euler, final
 
 
 @register_step
@@ -63,7 +88,7 @@ class RigidRegister(Step):
     name = "register"
     libraries = ("SimpleITK", "numpy")
 
-    histogram_bins: int = 32
+    histogram_bins: int = 16
     sampling_fraction: float = 0.25
     iterations: int = 200
     shrink_factors: tuple[int, ...] = (2, 1)

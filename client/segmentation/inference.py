@@ -1,18 +1,40 @@
-"""Whole-volume prediction by sliding windows (``monai.inferers.sliding_window_inference``)."""
+"""Whole-volume prediction by sliding windows (``monai.inferers.sliding_window_inference``), with nnU-Net's test-time
+mirroring (the mean of the predictions of the volume flipped along every subset of its three axes), and the
+post-processing every use of a prediction shares: keep the largest connected component."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from client.training.device import autocast
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a binary mask (an empty mask stays empty)."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return np.asarray(mask).astype(np.uint8)
+    sizes = np.bincount(labels.ravel())[1:]
+    return (labels == int(np.argmax(sizes)) + 1).astype(np.uint8)
+
+
 def predict_probability(net: Any, image: np.ndarray, patch: Sequence[int], device: Any, overlap: float = 0.25,
-                        amp: bool = False, sw_batch_size: int = 2) -> np.ndarray:
-    """Tumour probability (Z, Y, X) of one (C, Z, Y, X) image; Gaussian-weighted window blending."""
+                        amp: bool = False, sw_batch_size: int = 2, mirror: bool = False) -> np.ndarray:
+    """Tumour probability (Z, Y, X) of one (C, Z, Y, X) image; Gaussian-weighted window blending. ``mirror``: the
+    mean over the 8 flips of the volume (nnU-Net's ``use_mirroring``), each flipped back."""
+    if mirror:
+        flips = [axes for k in range(4) for axes in itertools.combinations((0, 1, 2), k)]
+        total = np.zeros(image.shape[1:], dtype=np.float64)
+        for axes in flips:
+            flipped = np.ascontiguousarray(np.flip(image, axis=tuple(a + 1 for a in axes))) if axes else image
+            one = predict_probability(net, flipped, patch, device, overlap, amp, sw_batch_size)
+            total += np.flip(one, axis=axes) if axes else one
+        return (total / len(flips)).astype(np.float32)
     import torch
     from monai.inferers import sliding_window_inference
 

@@ -14,6 +14,7 @@ from client.steps import (
     report,
     rollcall,
     segmentation,
+    segmentation_study,
 )
 from client.steps.base import SiteStep, work_dir
 
@@ -29,6 +30,7 @@ SITE_STEPS: dict[str, SiteStep] = {
     **classifier.STEPS,
     **report.STEPS,
     **inference.STEPS,
+    **segmentation_study.STEPS,
 }
 
 __all__ = ["SITE_STEPS", "SiteStep", "work_dir"]

@@ -14,7 +14,8 @@ privacy ledger ``derived/privacy-ledger.json`` (:mod:`client.privacy_ledger`), s
 phase, so the site's policy's ``max_epsilon`` bounds the total; the epsilon a site reports is what the study has
 spent there (all its models), at the site's ``max_delta``. Each model's accountant state (its fixed noise
 multiplier) is ``derived/classifier/dp-state-<study hash>-<model>.json``; both survive a SuperNode restart. Every
-step runs over the cases with a tumour mask (:func:`with_tumour`).
+step runs over the cases with a tumour mask (:func:`with_tumour`) of the study's imaging inputs
+(:mod:`client.steps.inputs`: the preprocessed cases on the plan's grid when the study preprocesses, else raw).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from client.classifier.features import site_feature_table, standardised_images
 from client.classifier.site import evaluate_reply, local_settings, train_reply
 from client.privacy_ledger import SiteBudget
 from client.steps.base import SiteStep, release_ledger, work_dir
-from client.steps.inference import with_predicted_masks
+from client.steps.inputs import ImagingInputs, load_imaging_inputs, raw_inputs
 from client.training.dp import check_training_policy, read_ledger, write_ledger
 from common.classifier.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
 from common.classifier.training import site_feature_moments
@@ -59,13 +60,15 @@ def classifier_dir(site: Site) -> Path:
 def feature_frame(site: Site, study: StudyConfig, nyul: Mapping | None = None) -> pd.DataFrame:
     """The site's feature table for the study's classifier (see :mod:`client.classifier.features`)."""
     cfg = study.classifier
+    inputs = load_imaging_inputs(site, study).plan_sha256 or "raw"  # the compact features' images
     if cfg.standardise == "nyul" and cfg.features != "table":
         from client.classifier.features import compact_features, compact_settings_hash
 
         if not nyul:
             raise ProtocolError(site.site_id, "Nyúl standardisation without the federated standard scale",
                                 "run the classifier phase, which learns it first")
-        cache = classifier_dir(site) / f"compact-{compact_settings_hash(study.sequences, 'nyul', nyul)[:16]}.csv"
+        key = compact_settings_hash(study.sequences, "nyul", nyul, inputs=inputs)[:16]
+        cache = classifier_dir(site) / f"compact-{key}.csv"
         if cache.is_file():
             frame = pd.read_csv(cache, dtype={"patient_id": str}).set_index("patient_id")
         else:
@@ -73,7 +76,8 @@ def feature_frame(site: Site, study: StudyConfig, nyul: Mapping | None = None) -
             frame.to_csv(cache)
         return frame.loc[[c.patient_id for c in site.cases]]
     tables = (study.harmonisation.output_file, study.harmonisation.features_file)
-    return site_feature_table(site, cfg.features, tables, study.sequences, cfg.standardise, classifier_dir(site))
+    return site_feature_table(site, cfg.features, tables, study.sequences, cfg.standardise, classifier_dir(site),
+                              inputs)
 
 
 def feature_source(site: Site, study: StudyConfig) -> str:
@@ -140,7 +144,7 @@ def _inputs(site: Site, study: StudyConfig, payload: Payload, split: SplitData, 
     y = split.labels.loc[ids].to_numpy()
     kind = str(payload["model"])
     if kind == "image":
-        by_id = {c.patient_id: c for c in with_predicted_masks(site)}  # unlabelled: the federated model's mask
+        by_id = {c.patient_id: c for c in site.cases}  # with_tumour: unlabelled ones carry the federated model's mask
         crops, masks = tumour_crops([by_id[i] for i in ids], study.sequences, study.classifier.crop_size)
         return crops, y, masks, ids
     names = [str(n) for n in cast(list, payload["feature_names"])]
@@ -199,15 +203,17 @@ def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     return reply
 
 
-def with_tumour(site: Site) -> Site:
-    """The site restricted to cases with a tumour mask (a radiologist's, or the federated model's from the
-    inference phase) and with features: a case the model found no tumour in, or whose radiomics failed (e.g. a
-    one-voxel prediction), takes no part."""
+def with_tumour(site: Site | ImagingInputs) -> Site:
+    """The input cases (a site: its raw ones) restricted to those with a tumour mask (a radiologist's, or the
+    federated model's from the inference phase) and with features: a case the model found no tumour in, or whose
+    radiomics failed (e.g. a one-voxel prediction), takes no part."""
+    inputs = raw_inputs(site) if isinstance(site, Site) else site
+    site = inputs.site
     failed: set[str] = set()
     info = work_dir(site) / "features.json"  # written by the features phase, with the cases it could not extract
     if info.is_file():
         failed = set(json.loads(info.read_text(encoding="utf-8")).get("failures", {}))
-    cases = tuple(c for c in with_predicted_masks(site) if c.mask is not None and c.patient_id not in failed)
+    cases = tuple(c for c in inputs.with_predicted_masks() if c.mask is not None and c.patient_id not in failed)
     if len(cases) < len(site.cases):
         log.info("site %s: classifier over %d of %d case(s) (the others have no tumour mask)", site.site_id,
                  len(cases), len(site.cases))
@@ -217,7 +223,7 @@ def with_tumour(site: Site) -> Site:
 def _on_cases_with_tumour(step: Callable[[Site, StudyConfig, Payload], Payload]
                           ) -> Callable[[Site, StudyConfig, Payload], Payload]:
     def run(site: Site, study: StudyConfig, payload: Payload) -> Payload:
-        return step(with_tumour(site), study, payload)
+        return step(with_tumour(load_imaging_inputs(site, study)), study, payload)
 
     return run
 

@@ -2,8 +2,12 @@
 settings hash go back.
 
 The table is ``work_dir(site)/features.csv`` (index ``patient_id``) with ``features.json`` beside it (resolved
-settings, their sha256, the failed cases and why), read by the later federated phases (harmonisation,
-reduction, classifier, outcomes) at the same site.
+settings, their sha256, the failed cases and why, and ``inputs``: which images it was computed on), read by
+the later federated phases (harmonisation, reduction, classifier, outcomes) at the same site.
+
+The images are the study's imaging inputs (:mod:`client.steps.inputs`): with the preprocessing phase the
+preprocessed cases on the plan's grid (their masks resampled with them, or the federated model's mask on that
+grid for a case without one), else the raw cases.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from client.features.table import FeatureTable, extract_cases
 from client.steps.base import SiteStep, work_dir
 from client.steps.inference import with_predicted_masks
+from client.steps.inputs import load_imaging_inputs
 from common.config import StudyConfig
 from common.errors import PolicyError, ProtocolError
 from common.features.protocol import FEATURES, SETTINGS_KEY, SPACING_KEY
@@ -55,13 +60,17 @@ def _spacing(site: Site, payload: Payload) -> tuple[float, float, float] | None:
 def write_site_features(site: Site, study: StudyConfig, spacing: Sequence[float] | None = None,
                         settings: RadiomicsSettings | None = None, workers: int | None = None,
                         progress: bool = False) -> tuple[Path, FeatureTable]:
-    """Extract the site's radiomics table (study sequences) and write it to :func:`features_path`."""
+    """Extract the site's radiomics table (study sequences, on the study's imaging inputs) and write it to
+    :func:`features_path`."""
     settings = settings or load_radiomics_settings(study.features.settings)
-    table = extract_cases(with_predicted_masks(site), study.sequences, settings, spacing,
+    inputs = load_imaging_inputs(site, study)
+    table = extract_cases(inputs.with_predicted_masks(), study.sequences, settings, spacing,
                           workers=workers or study.features.workers, progress=progress)
-    path = table.write(features_path(site))
-    log.info("site %s: %d case(s) x %d feature(s) -> %s (settings %s, %d failed)", site.site_id,
-             len(table.frame), table.frame.shape[1], path, table.settings_hash[:12], len(table.failures))
+    path = table.write(features_path(site), inputs={"inputs": inputs.kind, "grid_spacing": inputs.grid_spacing,
+                                                    "plan_sha256": inputs.plan_sha256})
+    log.info("site %s: %d case(s) x %d feature(s) -> %s (settings %s, %d failed, inputs %s)", site.site_id,
+             len(table.frame), table.frame.shape[1], path, table.settings_hash[:12], len(table.failures),
+             inputs.kind)
     return path, table
 
 

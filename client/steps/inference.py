@@ -2,23 +2,27 @@
 
 The round is :func:`common.segmentation.inference.run_inference`'s: the server sends the final segmentation
 weights and plan; the site predicts a tumour mask for every valid case that has none (sliding-window
-inference, largest connected component) and writes it to ``derived/predicted_masks/<patient_id>.nii.gz`` on
-the reference sequence's grid. The features phase then uses these masks for those cases. Only the count of
-segmented cases goes back (each count 0 or at least the policy's ``cell_floor``, else ``"<k"``).
+inference, largest connected component) on the study's imaging inputs (:mod:`client.steps.inputs`: the
+preprocessed cases on the plan's grid, or the raw ones). The mask on that grid is what the features and
+classifier phases read (:meth:`client.steps.inputs.ImagingInputs.predicted_dir`); the probability map is also
+resampled (linear, then thresholded at 0.5) onto the raw reference sequence's grid and written to
+``derived/predicted_masks/<patient_id>.nii.gz`` for the site's own use. Only the count of segmented cases goes
+back (each count 0 or at least the policy's ``cell_floor``, else ``"<k"``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from client.steps.base import SiteStep, work_dir
+from client.segmentation.inference import largest_component
+from client.steps.base import SiteStep
+from client.steps.inputs import PREDICTED_DIR, ImagingInputs, check_plan_grid, load_imaging_inputs, raw_inputs
 from common.config import StudyConfig
 from common.imageio import read_image, write_image
 from common.protocol import Payload, unpack_weights
@@ -28,68 +32,84 @@ from common.segmentation.protocol import PLAN_KEY
 from common.sitedata import Case, Site
 
 log = logging.getLogger(__name__)
-PREDICTED_DIR = "predicted_masks"
 MIN_TUMOUR_VOXELS = 10  # a smaller prediction is taken as "no tumour found"
 
 
 def predicted_mask_path(site: Site, patient_id: str) -> Path:
-    """Where the federated model's mask of an unlabelled case is kept at the site."""
+    """Where the federated model's mask of an unlabelled case is kept at the site, on its native grid."""
     return site.root / "derived" / PREDICTED_DIR / f"{patient_id}.nii.gz"
 
 
 def with_predicted_masks(site: Site) -> list[Case]:
-    """The site's cases, those without a mask given the federated model's mask where this phase made one.
-
-    For the features and the image classifier; segmentation training keeps to the radiologists' masks.
-    """
-    cases = []
-    for case in site.cases:
-        predicted = predicted_mask_path(site, case.patient_id)
-        cases.append(replace(case, mask=predicted) if case.mask is None and predicted.is_file() else case)
-    return cases
+    """The site's raw cases, those without a mask given the federated model's native-grid mask where it made one."""
+    return raw_inputs(site).with_predicted_masks()
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component of a binary mask (an empty mask stays empty)."""
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(np.uint8)
-    sizes = np.bincount(labels.ravel())[1:]
-    return (labels == int(np.argmax(sizes)) + 1).astype(np.uint8)
+def native_probability(probability: np.ndarray, analysis: sitk.Image, native: sitk.Image) -> np.ndarray:
+    """The tumour probability on the native grid: the map on ``analysis``'s grid, kept around its largest
+    component above 0.5 (as the mask is), resampled linearly onto ``native``'s."""
+    keep = largest_component(probability > 0.5)
+    prob = sitk.GetImageFromArray(np.where(ndimage.binary_dilation(keep), probability, 0.0).astype(np.float32))
+    prob.CopyInformation(analysis)
+    back = sitk.Resample(prob, native, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(back)
 
 
-def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
-    """Segment the cases without masks with the server's model; reply with counts only."""
+def native_mask(probability: np.ndarray, analysis: sitk.Image, native: sitk.Image) -> np.ndarray:
+    """The tumour mask on the native grid: :func:`native_probability` thresholded at 0.5 (label-aware: no
+    staircase of a nearest-neighbour mask; a thin part of the one component may come back as its own island)."""
+    return (native_probability(probability, analysis, native) > 0.5).astype(np.uint8)
+
+
+def _write_mask(mask: np.ndarray, geometry: sitk.Image, path: Path) -> None:
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.CopyInformation(geometry)
+    write_image(image, path)
+
+
+def segment_cases(inputs: ImagingInputs, study: StudyConfig, plan: dict, weights: dict) -> tuple[int, int]:
+    """Segment every input case without a mask; (segmented, empty)."""
     from client.segmentation.data import load_volume
     from client.segmentation.inference import predict_probability
     from client.training.device import pick_device, set_threads
     from common.segmentation.networks import build_network, set_weights
 
-    plan = json.loads(str(payload[PLAN_KEY]))
-    weights = unpack_weights(payload)
+    site = inputs.site
     set_threads(study.segmentation.threads)
     net = build_network(plan)
     set_weights(net, weights, site.site_id)
     device = pick_device()
-    out_dir = work_dir(site) / PREDICTED_DIR
+    raw = {c.patient_id: c for c in inputs.raw.cases}
     segmented = empty = 0
     for case in site.cases:
         if case.mask is not None:
             continue
         volume = load_volume(case, plan["sequences"])
-        prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap)
+        prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
+                                   mirror=study.segmentation.mirror)
         mask = largest_component(prob > 0.5)
         if mask.sum() < MIN_TUMOUR_VOXELS:  # no tumour found: the case keeps no mask (no features, no classifier)
             empty += 1
             log.warning("site %s: the model found no tumour in %s", site.site_id, case.patient_id)
             continue
         reference = read_image(case.images[study.reference_sequence])
-        image = sitk.GetImageFromArray(mask)
-        image.CopyInformation(reference)
-        write_image(image, out_dir / f"{case.patient_id}.nii.gz")
+        _write_mask(mask, reference, inputs.predicted_dir / f"{case.patient_id}.nii.gz")
+        if inputs.plan_sha256 is not None:  # and back onto the site's own grid
+            native = read_image(raw[case.patient_id].images[study.reference_sequence])
+            _write_mask(native_mask(prob, reference, native), native,
+                        predicted_mask_path(inputs.raw, case.patient_id))
         segmented += 1
-    log.info("site %s: segmented %d case(s) without masks into %s (%d empty)", site.site_id, segmented, out_dir,
-             empty)
+    log.info("site %s: segmented %d case(s) without masks into %s (%d empty; inputs %s)", site.site_id, segmented,
+             inputs.predicted_dir, empty, inputs.kind)
+    return segmented, empty
+
+
+def segment_unlabelled_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+    """Segment the cases without masks with the server's model; reply with counts only."""
+    plan = json.loads(str(payload[PLAN_KEY]))
+    inputs = load_imaging_inputs(site, study)
+    check_plan_grid(inputs, plan.get("target_spacing"))
+    segmented, empty = segment_cases(inputs, study, plan, unpack_weights(payload))
     # counts about named cases, adding up to the unlabelled cases: exact only when each is 0 or >= cell_floor
     return small_counts(site.config.policy.cell_floor, n_segmented=segmented, n_empty=empty)
 

@@ -21,6 +21,7 @@ from client.preprocessing.foreground import foreground_mask, values_in
 from client.preprocessing.normalise import nyul_case_landmarks
 from client.preprocessing.pipeline import build_pipeline, load_case
 from client.steps.base import SiteStep, work_dir
+from client.steps.inputs import PLAN_FILE, PREPROCESSED_DIR
 from common.config import StudyConfig
 from common.errors import ConfigError, PolicyError, ProtocolError, SiteDataError
 from common.imageio import find_image, read_image
@@ -32,7 +33,6 @@ from common.replies import small_count
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
-PLAN_FILE = "plan.json"
 
 
 def nyul_landmarks_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
@@ -60,8 +60,6 @@ def store_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload
     log.info("site %s: stored the preprocessing plan %s", site.site_id, sha[:12])
     return {"plan_sha256": sha}
 
-
-PREPROCESSED_DIR = "preprocessed"
 
 
 def _foreground_values(images: dict[str, Path], reference: str) -> dict[str, np.ndarray]:

@@ -9,6 +9,10 @@ charges each round to the site's lifetime privacy ledger ``derived/privacy-ledge
 written after every round, so that both survive a SuperNode restart. Replies: the new weights, ``num-examples``
 and the round's metrics (with the epsilon the study has spent at the site), or the held-out summary (aggregates
 only).
+
+Every step reads the study's imaging inputs (:mod:`client.steps.inputs`): with the preprocessing phase, the
+site's preprocessed cases on the preprocessing plan's grid, which the segmentation plan's ``target_spacing`` must
+equal (else the request is refused); without it, the raw cases.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 from pathlib import Path
 
 from client.steps.base import SiteStep, cases_with_masks, work_dir
+from client.steps.inputs import check_plan_grid, load_imaging_inputs
 from client.training.dp import read_ledger, write_ledger
 from common.config import StudyConfig
 from common.protocol import Payload, pack_weights, unpack_weights
@@ -39,11 +44,19 @@ def ledger_path(site: Site, study: StudyConfig) -> Path:
     return segmentation_dir(site) / f"dp-state-{study.hash[:16]}.json"
 
 
+def _inputs(site: Site, study: StudyConfig, plan: dict | None = None) -> Site:
+    """The site on the study's imaging inputs, the plan's grid checked against them."""
+    inputs = load_imaging_inputs(site, study)
+    if plan is not None:
+        check_plan_grid(inputs, plan.get("target_spacing"))
+    return inputs.site
+
+
 def cohort_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """Training and held-out case counts (refuses below ``min_cohort``)."""
     from client.segmentation.task import site_cohort
 
-    return dict(site_cohort(site, study))
+    return dict(site_cohort(_inputs(site, study), study))
 
 
 def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
@@ -52,7 +65,7 @@ def train_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
 
     plan = json.loads(str(payload[PLAN_KEY]))
     dp_state = read_ledger(ledger_path(site, study)) if study.segmentation.dp.enabled else None
-    out = train_round(site, study, plan, unpack_weights(payload), int(payload.get(ROUND_KEY, 0)),  # type: ignore[call-overload]
+    out = train_round(_inputs(site, study, plan), study, plan, unpack_weights(payload), int(payload.get(ROUND_KEY, 0)),  # type: ignore[call-overload]
                       proximal_mu=float(payload.get(PROXIMAL_MU_KEY, 0.0)), dp_state=dp_state)  # type: ignore[arg-type]
     if out.dp_state is not None:
         write_ledger(ledger_path(site, study), out.dp_state)
@@ -64,7 +77,8 @@ def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     from client.segmentation.task import evaluate_round
 
     plan = json.loads(str(payload[PLAN_KEY]))
-    summary = evaluate_round(site, study, plan, unpack_weights(payload), int(payload.get(ROUND_KEY, 0)))  # type: ignore[call-overload]
+    summary = evaluate_round(_inputs(site, study, plan), study, plan, unpack_weights(payload),
+                             int(payload.get(ROUND_KEY, 0)))  # type: ignore[call-overload]
     return {k: float(v) for k, v in summary.items()}
 
 

@@ -11,7 +11,7 @@ network (:func:`common.segmentation.networks.build_network`) and samples the sam
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from common.config import StudyConfig
@@ -32,8 +32,14 @@ def _monai_patch(median_shape: list[float], levels: int, requested: tuple[int, i
     return [max(unit, min(128, int(s) // unit * unit)) for s in median_shape]
 
 
-def make_plan(fingerprint: Mapping[str, Any], study: StudyConfig) -> dict:
-    """The plan for ``study`` from the fingerprint phase's aggregated output."""
+def make_plan(fingerprint: Mapping[str, Any], study: StudyConfig,
+              grid_spacing: Sequence[float] | None = None) -> dict:
+    """The plan for ``study`` from the fingerprint phase's aggregated output.
+
+    ``grid_spacing`` (x, y, z mm): the grid the sites' images are on (the preprocessing plan's target spacing,
+    when the study preprocesses); the median shape is rescaled onto it and it is the plan's ``target_spacing``
+    (nnU-Net plans its network for it). None: the fingerprint's median spacing (raw images).
+    """
     cfg = study.segmentation
     for key in ("n_cases", "spacing_median", "shape_median", "intensity"):
         if key not in fingerprint:
@@ -42,6 +48,13 @@ def make_plan(fingerprint: Mapping[str, Any], study: StudyConfig) -> dict:
     # The fingerprint holds SimpleITK (x, y, z) order; arrays and nnU-Net use (z, y, x).
     spacing_zyx = [float(s) for s in reversed(fingerprint["spacing_median"])]
     shape_zyx = [float(s) for s in reversed(fingerprint["shape_median"])]
+    if grid_spacing is not None:
+        grid_zyx = [float(s) for s in reversed(list(grid_spacing))]
+        if len(grid_zyx) != 3 or any(not g > 0 for g in grid_zyx):
+            raise ConfigError("preprocessing plan", f"target spacing {list(grid_spacing)} is not 3 positive "
+                              "spacings", "rebuild the plan with the preprocessing phase")
+        shape_zyx = [n * s / g for n, s, g in zip(shape_zyx, spacing_zyx, grid_zyx, strict=True)]
+        spacing_zyx = grid_zyx
     plan: dict[str, Any] = {
         "format": PLAN_FORMAT,
         "network": cfg.network,
@@ -63,7 +76,8 @@ def make_plan(fingerprint: Mapping[str, Any], study: StudyConfig) -> dict:
         plan["nnunet"] = {"plans": plans, "configuration": CONFIGURATION}
         plan["patch_size"] = [int(p) for p in (cfg.patch_size or conf["patch_size"])]
         plan["batch_size"] = int(cfg.batch_size or conf["batch_size"])
-        plan["target_spacing"] = [float(s) for s in conf["spacing"]]
+        if grid_spacing is None:  # raw images: nnU-Net's own choice (the sites' native grids differ anyway)
+            plan["target_spacing"] = [float(s) for s in conf["spacing"]]
     else:
         levels = len(cfg.monai_channels) - 1
         plan["monai"] = {"channels": list(cfg.monai_channels), "strides": [2] * levels,

@@ -40,3 +40,20 @@ class PhaseContext:
 
 
 Phase = Callable[[PhaseContext], dict]
+
+
+def imaging_grid(ctx: PhaseContext) -> dict[str, Any]:
+    """What the study's imaging phases read at the sites (:func:`common.preprocessing.imaging_inputs`) and on
+    which grid: ``grid_spacing`` is the preprocessing plan's ``target_spacing`` (x, y, z mm), None on raw inputs
+    (each site's native grid)."""
+    from common.errors import ConfigError
+    from common.preprocessing import PREPROCESSED, imaging_inputs
+
+    kind = imaging_inputs(ctx.study)
+    if kind != PREPROCESSED:
+        return {"inputs": kind, "grid_spacing": None}
+    plan = (ctx.outputs.get("preprocessing") or {}).get("plan")
+    if not plan:
+        raise ConfigError("study config", "the imaging phases read preprocessed images but the preprocessing "
+                          "phase has not run", "list 'preprocessing' before the imaging phases in phases")
+    return {"inputs": kind, "grid_spacing": [float(s) for s in plan["target_spacing"]]}

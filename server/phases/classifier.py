@@ -40,7 +40,7 @@ from common.classifier.protocol import (
 )
 from common.hashing import sha256_json
 from server.figures.classifier import group_metric_plot, reliability_plot, shap_bar_plot
-from server.phases.base import PhaseContext
+from server.phases.base import PhaseContext, imaging_grid
 
 
 def _features(ctx: PhaseContext) -> tuple[FeatureScaling | None, list[int]]:
@@ -149,7 +149,7 @@ def run(ctx: PhaseContext) -> dict:
     (out / "fairness.md").write_text(_markdown(fairness_rows, ["model", "attribute", "metric", "worst", "best",
                                                                "worst_value", "best_value", "gap"]))
     ctx.participants["classifier"] = participants(runs)
-    result = {"models": per_model, "comparison": comparison, "fairness_gaps": fairness_rows,
+    result = {**imaging_grid(ctx), "models": per_model, "comparison": comparison, "fairness_gaps": fairness_rows,
               "feature_names": names, "feature_sources": sources, "lr": features.lr if features else cfg.lr,
               "epsilon": spent, "artifacts": artifacts, "settings_hash": settings_hash}
     (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))

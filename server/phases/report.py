@@ -26,6 +26,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("cohort", "Cohort per site"),
     ("preprocessing", "Preprocessing effect"),
     ("segmentation", "Tumour segmentation"),
+    ("variability", "Segmentation study: radiologists vs the model"),
     ("harmonisation", "Feature harmonisation (federated ComBat)"),
     ("signature", "Image-based signature"),
     ("outcomes", "Clusters and survival"),
@@ -117,6 +118,31 @@ def _segmentation(ctx: PhaseContext) -> Section:
         body += "<p>Centralised baseline: " + _escape(json.dumps(gap, default=str)[:600]) + "</p>"
     return Section("segmentation", "Tumour segmentation", body,
                    [(p, p.stem.replace("_", " ")) for p in _fig(seg)][:6])
+
+
+def _variability(ctx: PhaseContext) -> Section:
+    title = "Segmentation study: radiologists vs the model"
+    study = (ctx.outputs.get("inference") or {}).get("segmentation_study")
+    if not study:
+        return Section("variability", title, ran=False)
+    body = ("<p>As in the seed's study: every case's value is the mean over its rater pairs (inter-observer) or "
+            "over its raters (automatic: the final model on held-out cases it was never trained on), compared on "
+            "the site's own grid; FPR = FP/(TP+FN), FNR = FN/(TP+FN). Each site sends only summaries over at "
+            "least <code>min_cohort</code> cases; n, mean and SD are exact over the pooled cases, median and IQR "
+            "the case-weighted mean of the sites'.</p>")
+    for name in ("inter", "auto"):
+        t = study["tables"][name]
+        body += f"<h3>{_escape(t['title'])} (n={t['n_cases']}, sites {_escape(', '.join(t['sites']) or '-')})</h3>"
+        body += table(t["rows"]) if t["rows"] else "<p class='muted'>Withheld: no site had enough rated cases.</p>"
+    lev = study.get("time_leverage")
+    times = f"{lev:.0f}" if isinstance(lev, (int, float)) else "n/a"
+    body += (f"<p>Time leverage: the model takes {_num(study.get('model_seconds_per_case'))} s per case "
+             f"(over {study.get('timed_cases', 0)} case(s), on the sites' hardware) against "
+             f"{_num(study.get('manual_seconds_per_case'))} s of manual segmentation: "
+             f"{times}&times; faster.</p>"
+             "<p class='muted'>Mask comparison images (rater, model, false positives and negatives, three planes) "
+             "are written at each site under <code>derived/segmentation/comparison-*</code> and never leave it.</p>")
+    return Section("variability", title, body, [(p, "variability") for p in _fig(study)])
 
 
 def _num(v: Any) -> str:
@@ -312,7 +338,7 @@ def _lineage(ctx: PhaseContext) -> Section:
 
 
 BUILDERS = {
-    "cohort": _cohort, "preprocessing": _preprocessing, "segmentation": _segmentation,
+    "cohort": _cohort, "preprocessing": _preprocessing, "segmentation": _segmentation, "variability": _variability,
     "harmonisation": _harmonisation, "signature": _signature, "outcomes": _outcomes,
     "classifier": _classifier, "explainability": _explainability, "privacy": _privacy, "lineage": _lineage,
 }

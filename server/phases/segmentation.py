@@ -1,7 +1,8 @@
 """Server step of the segmentation phase: one plan for all sites, then federated rounds of a validated strategy.
 
 1. The plan (network, patch and batch size, nnU-Net plans when ``network: nnunet``) comes from the fingerprint
-   phase's aggregated output only; it travels to every site with each round.
+   phase's aggregated output only, on the preprocessing plan's grid when the sites read preprocessed images
+   (``inputs`` and ``grid_spacing`` in the result); it travels to every site with each round.
 2. The rounds are :func:`common.segmentation.protocol.run_segmentation`'s: the cohort check
    (``segmentation_cohort``), the initial model evaluated at every site (round 0), then train, validate and
    aggregate (by the study's Flower strategy, :func:`server.strategies.make_aggregate`), evaluate.
@@ -25,7 +26,7 @@ from common.segmentation.networks import build_network, count_parameters, get_we
 from common.segmentation.plan import make_plan
 from common.segmentation.protocol import RoundRecord, run_segmentation
 from common.weights import save_weights
-from server.phases.base import PhaseContext
+from server.phases.base import PhaseContext, imaging_grid
 from server.strategies import make_aggregate
 
 log = logging.getLogger("fedbiopsy.server")
@@ -61,7 +62,8 @@ def run(ctx: PhaseContext) -> dict:
                           "list 'fingerprint' before 'segmentation' in phases")
     out_dir = ctx.result_dir / "segmentation"
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(fingerprint, study)
+    grid = imaging_grid(ctx)
+    plan = make_plan(fingerprint, study, grid["grid_spacing"])
     plan_path = out_dir / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
     plan_hash = sha256_json(plan)
@@ -106,6 +108,7 @@ def run(ctx: PhaseContext) -> dict:
         "plan": str(plan_path),
         "plan_hash": plan_hash,
         "network": plan["network"],
+        **grid,
         "n_parameters": count_parameters(net),
         "patch_size": plan["patch_size"],
         "batch_size": plan["batch_size"],

@@ -8,7 +8,8 @@ import pytest
 from common.config import load_study_config
 from common.errors import PolicyError
 
-STUDY = {"classifier": {"models": ["logistic"], "features": "compact", "rounds": 2, "bootstrap": 7, "score_bins": 10,
+STUDY = {"phases": ("fingerprint", "classifier"),
+         "classifier": {"models": ["logistic"], "features": "compact", "rounds": 2, "bootstrap": 7, "score_bins": 10,
                         "calibration_bins": 5}}
 
 

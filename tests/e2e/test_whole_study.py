@@ -29,8 +29,8 @@ min_sites: 2
 round_timeout_s: 900
 fingerprint: {foreground_samples_per_case: 2000}
 preprocessing: {steps: [bias, resample, normalise]}
-segmentation: {rounds: 3, steps_per_epoch: 10, patch_size: [24, 24, 24], holdout_fraction: 0.5, overlays: 1,
-               threads: 1, monai_channels: [8, 16, 32]}
+segmentation: {rounds: 3, steps_per_epoch: 20, lr: 0.01, patch_size: [24, 24, 24], holdout_fraction: 0.5,
+               overlays: 1, threads: 1, monai_channels: [8, 16, 32]}
 reduction: {n_factors: 3}
 classifier: {models: [logistic, image], rounds: 60, image_rounds: 1, image_local_steps: 2, holdout_fraction: 0.45,
              bootstrap: 50, crop_size: 12}
@@ -44,7 +44,7 @@ def study_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path
     from simulations.engine import run_simulated_study
 
     root = tmp_path_factory.mktemp("golden")
-    sites = simulate_sites(root / "sites", sites=2, patients=14, size=32, seed=0, unlabelled=2)
+    sites = simulate_sites(root / "sites", sites=2, patients=14, size=32, seed=0, unlabelled=2, raters=3)
     study_path = root / "study.yaml"
     study_path.write_text(STUDY)
     summary = run_simulated_study(load_study_config(study_path), study_path, sites, root / "results" / "study",
@@ -76,6 +76,36 @@ def test_segmentation_learnt_something(study_run) -> None:
     # a random network's DSC on these tumours is ~0.01; under the default policy a site's "median" is the mean of
     # the 5 held-out cases around it (never one case's value), which on these few short-trained cases is ~0.045
     assert seg["final_dsc_median"] > 0.03
+
+
+def test_the_imaging_phases_ran_on_the_preprocessed_cases_on_the_plans_grid(study_run) -> None:
+    """One chain: segmentation, inference, radiomics and the classifier read derived/preprocessed/ on the plan's
+    target grid, and say so; the radiomics of a case are those of its preprocessed image."""
+    import SimpleITK as sitk
+
+    from client.steps.inputs import load_imaging_inputs
+    from common.imageio import read_image
+    from common.validation import load_site
+
+    results, sites, summary = study_run
+    outputs = summary["outputs"]
+    plan = json.loads((results / "study" / "plan.json").read_text())
+    for phase in ("segmentation", "inference", "features", "classifier"):
+        assert outputs[phase]["inputs"] == "preprocessed", phase
+        assert outputs[phase]["grid_spacing"] == pytest.approx(plan["target_spacing"]), phase
+    seg_plan = json.loads(Path(outputs["segmentation"]["plan"]).read_text())
+    assert seg_plan["target_spacing"][::-1] == pytest.approx(plan["target_spacing"])
+    study = load_study_config(results.parent / "study.yaml")
+    for site_dir in sites:
+        sidecar = json.loads((site_dir / "derived" / "features.json").read_text())
+        inputs = load_imaging_inputs(load_site(site_dir), study)
+        assert sidecar["inputs"] == "preprocessed" and sidecar["plan_sha256"] == inputs.plan_sha256
+        frame = pd.read_csv(site_dir / "derived" / "features.csv", dtype={"patient_id": str}).set_index("patient_id")
+        case = next(c for c in inputs.site.cases if c.mask is not None and c.patient_id in frame.index)
+        mask = sitk.GetArrayFromImage(read_image(case.mask)) > 0
+        for seq in ("T2w", "CET1"):
+            mean = sitk.GetArrayFromImage(read_image(case.images[seq]))[mask].mean()
+            assert frame.loc[case.patient_id, f"{seq}_original_firstorder_Mean"] == pytest.approx(mean, rel=1e-5)
 
 
 def test_combat_parity_with_pooled_neurocombat(study_run) -> None:
@@ -135,6 +165,7 @@ def test_report_has_every_section_and_every_figure_loads_in_chromium(study_run) 
 STUDY_MESSAGE_TYPES = {  # what the default study's phases send (not rollcall, combat_batch, classifier_nyul)
     "query.fingerprint", "query.nyul_landmarks", "query.preprocessing_plan", "query.preprocessing_apply",
     "query.segmentation_cohort", "train.segmentation", "evaluate.segmentation", "query.segment_unlabelled",
+    "query.segmentation_study",
     "query.features", "query.combat_summary", "query.combat_fit", "query.combat_var", "query.combat_apply",
     "query.featurestats", "query.signature_scores", "query.classifier_moments", "train.classifier",
     "evaluate.classifier", "query.kmeans_moments", "query.kmeans_local_centres", "query.kmeans_assign",

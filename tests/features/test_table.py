@@ -84,7 +84,7 @@ def test_extract_command_lists_failing_cases_and_completes_the_others(writable_s
 
 def test_site_step_keeps_the_table_at_the_site_and_replies_counts_only(writable_sites: list[Path]) -> None:
     site = load_site(writable_sites[2])
-    study = load_study_config(features={"settings": "default", "workers": 1})
+    study = load_study_config(features={"settings": "default", "workers": 1}, phases=("fingerprint", "features"))
     reply = features_step(site, study, {SPACING_KEY: np.array(SPACING)})
     assert set(reply) == {"n_cases", "n_features", "n_failed", "settings_hash"}
     assert all(np.ndim(v) == 0 for v in reply.values())  # no patient-level row in the reply
@@ -107,6 +107,6 @@ def test_site_step_refuses_below_min_cohort(writable_sites: list[Path]) -> None:
     site_dir = writable_sites[1]
     _break_cases(site_dir)  # 3 of 6 cases fail; the policy needs 5
     site = load_site(site_dir)
-    study = load_study_config(features={"settings": "default", "workers": 1})
+    study = load_study_config(features={"settings": "default", "workers": 1}, phases=("fingerprint", "features"))
     with pytest.raises(PolicyError, match="min_cohort"):
         features_step(site, study, {SPACING_KEY: np.array(SPACING)})

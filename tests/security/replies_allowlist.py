@@ -52,6 +52,19 @@ REVIEWED: dict[str, dict[str, str]] = {
            for m in _SEG_METRICS for s in ("median", "q25", "q75")},
         **{f"{m}-n": "cases with a finite metric; a metric undefined for 1..cell_floor-1 cases is withheld "
                      "(zeros), so num-examples minus it is 0 or >= cell_floor" for m in _SEG_METRICS}},
+    "query.segmentation_study": {
+        **{f"{t}/num-examples": "the cases of the table (>= min_cohort, else the table is withheld)"
+           for t in ("inter", "auto")},
+        **{f"{t}/withheld": "1: the table had fewer than min_cohort cases" for t in ("inter", "auto")},
+        **{f"{t}/{m}-{s}": _SUMS for t in ("inter", "auto") for m in _SEG_METRICS
+           for s in ("sum", "sumsq", "mean", "sd")},
+        **{f"{t}/{m}-{s}": "cell_floor > 1: the mean of the cell_floor cases around the quantile (local_quantile)"
+           for t in ("inter", "auto") for m in _SEG_METRICS for s in ("median", "q25", "q75")},
+        **{f"{t}/{m}-n": "cases with a finite metric; a metric undefined for 1..cell_floor-1 cases is withheld"
+           for t in ("inter", "auto") for m in _SEG_METRICS},
+        "model_seconds_sum": "the model's wall time over the automatic table's cases (sent only with that table)",
+        "model_cases": "the automatic table's cases (>= min_cohort)", "site_id": _SITE,
+    },
     "query.segment_unlabelled": {"n_segmented": "0 or >= cell_floor, else '<k'",
                                  "n_empty": "0 or >= cell_floor, else '<k'", "site_id": _SITE},
     "query.features": {"n_cases": _COUNT, "n_features": "the number of feature columns",

@@ -53,3 +53,25 @@ def test_a_round_with_the_nnunet_network_changes_its_weights(seg_sites: list[Pat
     assert update_norm(out.weights, start) > 0
     summary = evaluate_round(site, study, plan, out.weights, 1)
     assert summary["num-examples"] == 3 and 0.0 <= summary["dsc-median"] <= 1.0
+
+
+def test_test_time_mirroring_flips_each_prediction_back() -> None:
+    """nnU-Net's mirroring: the mean of the 8 flipped predictions, each flipped back. A network whose logit is
+    the image plus a small ramp along z (not flip-invariant) gives nearly its plain prediction; a flip not undone
+    would move every voxel's value to its mirror position (differences of order 1)."""
+    import torch
+
+    from client.segmentation.inference import predict_probability
+
+    class Ramp(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = torch.arange(x.shape[2], dtype=torch.float32).view(1, 1, -1, 1, 1)
+            tumour = x[:, :1] + 0.01 * z
+            return torch.cat([torch.zeros_like(tumour), tumour], 1)
+
+    image = np.random.default_rng(0).normal(size=(2, 16, 12, 10)).astype(np.float32)
+    plain = predict_probability(Ramp(), image, [16, 12, 10], "cpu")
+    mirrored = predict_probability(Ramp(), image, [16, 12, 10], "cpu", mirror=True)
+    assert mirrored.shape == plain.shape
+    assert np.abs(mirrored - plain).max() < 0.05  # only the ramp's half of the flips differs (0.01 x 15 / 4)
+    assert np.abs(np.flip(plain, 1) - plain).max() > 0.5  # what an un-flipped axis would have cost

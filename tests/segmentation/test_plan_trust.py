@@ -73,7 +73,7 @@ def test_the_site_step_refuses_the_probe_before_training(nnunet_plan: dict, tmp_
     from common.validation import load_site
 
     marker = tmp_path / "ran-server-code"
-    study = load_study_config(None)
+    study = load_study_config(None, phases=("fingerprint", "segmentation"))  # raw images: only the plan is checked
     set_policy(writable_sites[0], min_cohort=2)  # enough cases to train: only the plan may be refused
     weights = {"w": np.zeros(1, dtype=np.float32)}
     request = round_trip(model_request(weights, 1, json.dumps(_malicious(nnunet_plan, marker))))

@@ -1,0 +1,146 @@
+"""The images the imaging phases read: the site's preprocessed cases on the plan's grid, or its raw cases.
+
+A study that runs the preprocessing phase (:func:`common.preprocessing.imaging_inputs`) has every site write
+``derived/preprocessed/`` (a valid site folder: images and masks resampled onto the plan's target spacing,
+masks by nearest neighbour). Segmentation, inference, radiomics and the image classifier then read those
+cases, never the raw ones: :func:`imaging_site` is the site with its cases' image and mask paths pointing
+there (its root, policy and ledgers stay the site's own). A study without the preprocessing phase reads the
+raw cases and says so (``inputs: "raw"``).
+
+The preprocessed folder must be this study's: its ``preprocessing.json`` names the sha256 of the plan the
+server delivered for this study (``derived/plan.json``). A missing, stale or foreign folder is refused with
+the fix, never silently replaced by the raw images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from client.sitecache import load_site_cached
+from client.steps.base import work_dir
+from common.config import StudyConfig
+from common.errors import ProtocolError, SiteDataError
+from common.hashing import sha256_file
+from common.plan import PreprocessingPlan, parse_plan
+from common.preprocessing import PREPROCESSED, RAW, imaging_inputs
+from common.protocol import Payload
+from common.sitedata import Case, Site
+
+log = logging.getLogger(__name__)
+PLAN_FILE = "plan.json"
+PREPROCESSED_DIR = "preprocessed"
+PREDICTED_DIR = "predicted_masks"
+RERUN = "run the study's preprocessing phase at this site first (its apply round writes derived/preprocessed/)"
+
+
+@dataclass(frozen=True)
+class ImagingInputs:
+    """The cases an imaging phase reads, and on which grid."""
+
+    kind: str  # "preprocessed" | "raw"
+    site: Site  # the site with its cases' paths on that grid (root, config and policy unchanged)
+    raw: Site  # the site as loaded (native grids; for writing results back where the site expects them)
+    grid_spacing: tuple[float, float, float] | None  # (x, y, z) mm of the plan; None for raw inputs
+    plan_sha256: str | None
+
+    @property
+    def predicted_dir(self) -> Path:
+        """Where the inference phase keeps the federated model's masks on this grid: ``derived/predicted_masks/``
+        on the native grids (always written, for the site's own use), ``derived/predicted_masks/plan-<sha>/`` on
+        a preprocessing plan's grid."""
+        native = self.raw.root / "derived" / PREDICTED_DIR
+        return native if self.plan_sha256 is None else native / f"plan-{self.plan_sha256[:16]}"
+
+    def with_predicted_masks(self) -> list[Case]:
+        """The input cases, those without a radiologist's mask given the federated model's where it made one."""
+        cases = []
+        for case in self.site.cases:
+            predicted = self.predicted_dir / f"{case.patient_id}.nii.gz"
+            cases.append(replace(case, mask=predicted) if case.mask is None and predicted.is_file() else case)
+        return cases
+
+
+def preprocessed_dir(site: Site) -> Path:
+    """Where the preprocessing phase writes the site's preprocessed cases."""
+    return site.root / "derived" / PREPROCESSED_DIR
+
+
+def _stored_plan(site: Site, study: StudyConfig) -> tuple[PreprocessingPlan, str]:
+    path = work_dir(site) / PLAN_FILE
+    if not path.is_file():
+        raise SiteDataError(path, "the study reads preprocessed images but the site holds no plan", RERUN)
+    plan = parse_plan(path.read_text(encoding="utf-8"), path)
+    if plan.study_hash != study.hash:
+        raise SiteDataError(path, "the stored plan belongs to another study", RERUN)
+    return plan, sha256_file(path)
+
+
+def raw_inputs(site: Site) -> ImagingInputs:
+    """The site's own cases on their native grids."""
+    return ImagingInputs(RAW, site, site, None, None)
+
+
+def load_imaging_inputs(site: Site, study: StudyConfig) -> ImagingInputs:
+    """The study's imaging inputs at this site (see the module docstring)."""
+    if imaging_inputs(study) == RAW:
+        return raw_inputs(site)
+    plan, plan_sha = _stored_plan(site, study)
+    folder = preprocessed_dir(site)
+    summary_path = folder / "preprocessing.json"
+    if not summary_path.is_file():
+        raise SiteDataError(folder, "the preprocessed cases are missing", RERUN)
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary.get("plan_sha256") != plan_sha:
+        raise SiteDataError(folder, "the preprocessed cases were made with another plan than this study's", RERUN)
+    processed = {c.patient_id: c for c in load_site_cached(folder).cases}
+    cases = []
+    for case in site.cases:
+        done = processed.get(case.patient_id)
+        if done is None:
+            continue  # failed preprocessing (preprocessing.json says why) or joined later
+        mask = done.mask if case.mask is not None else None
+        cases.append(replace(case, images={s: done.images[s] for s in study.sequences}, mask=mask))
+    if len(cases) < len(site.cases):
+        log.warning("site %s: %d of %d case(s) have no preprocessed images and take no part (see %s)",
+                    site.site_id, len(site.cases) - len(cases), len(site.cases), summary_path)
+    return ImagingInputs(PREPROCESSED, replace(site, cases=tuple(cases)), site, plan.target_spacing, plan_sha)
+
+
+def check_plan_grid(inputs: ImagingInputs, target_spacing_zyx: object) -> None:
+    """A segmentation plan's ``target_spacing`` (array order z, y, x) must be the grid of the site's preprocessed
+    inputs: a model planned for another spacing would see every structure at the wrong size."""
+    if inputs.grid_spacing is None:
+        return
+    try:
+        planned = [float(v) for v in reversed(list(target_spacing_zyx))]  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        planned = []
+    if len(planned) != 3 or any(abs(a - b) > 1e-4 * max(1.0, abs(b))
+                                for a, b in zip(planned, inputs.grid_spacing, strict=True)):
+        raise ProtocolError(inputs.site.site_id, "the segmentation plan's target spacing is not the grid of the "
+                            "study's preprocessing plan", "build the segmentation plan on the preprocessing "
+                            "plan's target spacing (this fedbiopsy version's server does)")
+
+
+def imaging_site(site: Site, study: StudyConfig) -> Site:
+    """The site whose cases are the study's imaging inputs (:func:`load_imaging_inputs`)."""
+    return load_imaging_inputs(site, study).site
+
+
+def on_imaging_inputs(step: Callable[[Site, StudyConfig, Payload], Payload]
+                      ) -> Callable[[Site, StudyConfig, Payload], Payload]:
+    """``step`` run on :func:`imaging_site` (for the segmentation, features and classifier steps)."""
+    def run(site: Site, study: StudyConfig, payload: Payload) -> Payload:
+        return step(imaging_site(site, study), study, payload)
+
+    run.__doc__ = step.__doc__
+    run.__name__ = getattr(step, "__name__", "step")
+    return run
+
+
+__all__ = ["PREPROCESSED", "RAW", "ImagingInputs", "check_plan_grid", "imaging_site", "load_imaging_inputs",
+           "on_imaging_inputs", "preprocessed_dir", "raw_inputs"]
