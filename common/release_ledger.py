@@ -176,6 +176,9 @@ class ReleaseLedger:
 
 
 FEATURES, SURVIVAL, CLASSIFIER_SPLIT = "features", "survival", "classifier-split"  # the scopes a site keeps
+# the segmentation held-out cases a study's evaluation summarises, and those of them with further raters (the
+# segmentation study's automatic table): two studies whose sets differ by a few patients would give their values
+SEGMENTATION_SPLIT, SEGMENTATION_STUDY_SPLIT = "segmentation-split", "segmentation-study-split"
 
 
 def partition(ids: Sequence[str], labels: np.ndarray) -> list[list[str]]:

@@ -8,10 +8,16 @@ With the federated plan (``plan``) every case runs the whole pipeline in one pas
 learns a *site-local* plan: the target spacing is the median of its own cases' spacings and, for Nyúl
 standardisation, the landmarks come from its own cases (first pass up to normalisation, then the standard
 scale, then a second pass applying it).
+
+A site that took part in the federated Nyúl round already ran every case up to normalisation: those volumes
+are kept as a *stage* (``stage_dir``: images, mask and the steps so far, under a key of the settings, the target
+spacing and the input files' hashes) and the apply pass only normalises them, with the same result as a full
+pass (float32 NIfTI round-trips exactly). A stage whose key differs is ignored.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -33,13 +39,14 @@ from client.preprocessing.pipeline import (
     build_pipeline,
     history_document,
     load_case,
+    normalisation_step,
     read_history,
     write_case,
     write_history,
 )
 from common.config import PreprocessingConfig, StudyConfig
 from common.errors import ConfigError, SiteDataError
-from common.hashing import canonical_json, sha256_file
+from common.hashing import canonical_json, sha256_file, sha256_text
 from common.nyul import aggregate_nyul, site_nyul
 from common.plan import NyulPlan, PreprocessingPlan, build_plan, settings_hash, write_plan
 from common.sitedata import Case, SiteConfig, read_clinical, write_site_config
@@ -63,6 +70,7 @@ class CaseJob:
     include_normalise: bool
     plan_sha256: str | None
     study_hash: str
+    stage_dir: Path | None = None
 
 
 @dataclass
@@ -128,14 +136,62 @@ def _inputs(case: Case, sequences: Sequence[str]) -> dict[str, Path]:
     return paths
 
 
+STAGE_FORMAT = "fedbiopsy-stage/1"
+
+
+def stage_key(case: Case, sequences: Sequence[str], config: PreprocessingConfig,
+              target_spacing: Sequence[float] | None) -> str:
+    """What a staged case depends on: the settings, the target spacing and the input files."""
+    return sha256_text(canonical_json({
+        "format": STAGE_FORMAT, "settings": settings_hash(config),
+        "spacing": [float(v) for v in target_spacing] if target_spacing is not None else None,
+        "inputs": {k: sha256_file(v) for k, v in sorted(_inputs(case, sequences).items())}}))
+
+
+def write_stage(volumes: CaseVolumes, stage_dir: Path, key: str) -> None:
+    """Keep a case's volumes before normalisation (and the steps that made them) for the apply pass."""
+    write_case(volumes, stage_dir)
+    record = {"format": STAGE_FORMAT, "key": key, "steps": list(volumes.history)}
+    (stage_dir / "histories").mkdir(parents=True, exist_ok=True)
+    (stage_dir / "histories" / f"{volumes.patient_id}.json").write_text(canonical_json(record), encoding="utf-8")
+
+
+def read_stage(case: Case, stage_dir: Path, key: str, sequences: Sequence[str], reference: str) -> CaseVolumes | None:
+    """The staged volumes of a case, None when absent or made from other settings, spacing or files."""
+    path = stage_dir / "histories" / f"{case.patient_id}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("format") != STAGE_FORMAT or record.get("key") != key:
+        return None
+    images = {s: sitk.ReadImage(str(stage_dir / "images" / case.patient_id / f"{s}.nii.gz")) for s in sequences}
+    mask_path = stage_dir / "masks" / f"{case.patient_id}.nii.gz"
+    mask = sitk.ReadImage(str(mask_path)) if case.mask is not None and mask_path.is_file() else None
+    if case.mask is not None and mask is None:
+        return None
+    return CaseVolumes(case.patient_id, images, mask, reference, tuple(record["steps"]))
+
+
+def _volumes(job: CaseJob, config: PreprocessingConfig) -> CaseVolumes:
+    """The case through the pipeline; from its stage when one matches (then only normalised)."""
+    if job.stage_dir is not None and job.include_normalise:
+        key = stage_key(job.case, job.sequences, config, job.target_spacing)
+        staged = read_stage(job.case, job.stage_dir, key, job.sequences, job.reference)
+        if staged is not None:
+            if "normalise" not in config.steps:
+                return staged
+            return normalisation_step(config, job.nyul)(staged)
+    pipeline = build_pipeline(config, job.target_spacing, job.nyul, job.include_normalise)
+    return pipeline(load_case(job.case, job.sequences, job.reference))
+
+
 def process_case(job: CaseJob) -> CaseOutcome:
     """Run the pipeline on one case and write its outputs and history; never raises."""
     start = time.perf_counter()
     pid = job.case.patient_id
     try:
         config = PreprocessingConfig.model_validate_json(job.config_json)
-        pipeline = build_pipeline(config, job.target_spacing, job.nyul, job.include_normalise)
-        volumes = pipeline(load_case(job.case, job.sequences, job.reference))
+        volumes = _volumes(job, config)
         outputs = write_case(volumes, job.out_dir)
         doc = history_document(volumes, job.site_id, _inputs(job.case, job.sequences), outputs, job.plan_sha256,
                                settings_hash(config), job.study_hash)
@@ -235,8 +291,9 @@ def _check_plan(plan: PreprocessingPlan, study: StudyConfig) -> None:
 
 def preprocess_site(site_dir: Path | str, out_dir: Path | str, study: StudyConfig,
                     plan: PreprocessingPlan | None = None, workers: int = 2,
-                    progress: CohortProgress | None = None) -> CohortReport:
-    """Preprocess every valid case of a site into ``out_dir`` (see the module docstring)."""
+                    progress: CohortProgress | None = None, stage_dir: Path | None = None) -> CohortReport:
+    """Preprocess every valid case of a site into ``out_dir`` (see the module docstring; ``stage_dir``: volumes
+    kept before normalisation, see :func:`write_stage`)."""
     started = time.perf_counter()
     progress = progress or CohortProgress()
     src, out = Path(site_dir), Path(out_dir)
@@ -267,7 +324,7 @@ def preprocess_site(site_dir: Path | str, out_dir: Path | str, study: StudyConfi
     plan_sha = "" if two_pass else write_plan(plan, out / "plan.json")
     jobs = [CaseJob(c, site.site_id, out, tuple(study.sequences), study.reference_sequence,
                     config.model_dump_json(), plan.target_spacing, plan.nyul, not two_pass, plan_sha or None,
-                    study.hash) for c in site.cases]
+                    study.hash, stage_dir) for c in site.cases]
     with ExitStack() as stack:
         pool = _pool(workers, len(jobs))
         if pool is not None:

@@ -25,12 +25,24 @@ from client.training.dp import check_training_policy, plan_round
 from common.config import StudyConfig
 from common.errors import PolicyError
 from common.hashing import derive_seed
+from common.release_ledger import SEGMENTATION_SPLIT
 from common.segmentation.aggregation import update_norm
 from common.segmentation.metrics import site_summary
 from common.segmentation.networks import build_network, get_weights, set_weights
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
+
+
+def hold_to_ledger(site: Site, study: StudyConfig, scope: str, universe: list[str], held: list[str]) -> None:
+    """The held-out cases a summary is over, held to the site's release ledger (rule ``release_ledger``): a
+    server that changes the split between studies must change it by at least ``min_cell`` patients, or two
+    summaries would difference into a few patients' values. Fixed by the study: not counted as a request."""
+    from client.steps.base import release_ledger
+
+    ledger = release_ledger(site)
+    if ledger is not None:
+        ledger.release(scope, universe, [held], study.hash, count=False)
 
 
 def site_cohort(site: Site, study: StudyConfig) -> dict[str, int]:
@@ -129,6 +141,8 @@ def evaluate_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], weig
     set_threads(cfg.threads)
     site_cohort(site, study)
     _, held = split_cases(site.cases, cfg.holdout_fraction, cfg.seed)
+    hold_to_ledger(site, study, SEGMENTATION_SPLIT, [c.patient_id for c in site.cases if c.mask is not None],
+                   [c.patient_id for c in held])
     device = device or pick_device()
     net = build_network(plan)
     set_weights(net, weights, site.site_id)

@@ -12,11 +12,12 @@ answers per-sequence foreground histograms summed over its cases, before and aft
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from client.preprocessing.cohort import preprocess_site
+from client.preprocessing.cohort import preprocess_site, stage_key, write_stage
 from client.preprocessing.foreground import foreground_mask, values_in
 from client.preprocessing.normalise import nyul_case_landmarks
 from client.preprocessing.pipeline import build_pipeline, load_case
@@ -42,12 +43,20 @@ def nyul_landmarks_step(site: Site, study: StudyConfig, payload: Payload) -> Pay
     target = tuple(float(s) for s in np.asarray(spacing).ravel()) if spacing is not None else None
     pipeline = build_pipeline(cfg, target, None, include_normalise=False)
     landmarks = []
+    stage = stage_dir(site)
+    shutil.rmtree(stage, ignore_errors=True)
     for case in site.cases:
         volumes = pipeline(load_case(case, study.sequences, study.reference_sequence))
+        write_stage(volumes, stage, stage_key(case, study.sequences, cfg, target))  # the apply round normalises it
         landmarks.append(nyul_case_landmarks(volumes, cfg.normalise.nyul_percentiles))
     log.info("site %s: Nyúl landmarks over %d case(s) after %s", site.site_id, len(landmarks), pipeline.names)
     return site_nyul(site.site_id, landmarks, study.sequences, cfg.normalise.nyul_percentiles,
                      cfg.normalise.nyul_scale, site.config.policy.min_cohort)
+
+
+def stage_dir(site: Site) -> Path:
+    """The site's cases as the landmarks round left them (before normalisation), for the apply round."""
+    return work_dir(site) / "preprocessing-stage"
 
 
 def store_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
@@ -110,7 +119,8 @@ def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload
     edges = histogram_edges(site.site_id, payload, study.sequences, policy.histogram_bins)
     plan = parse_plan((work_dir(site) / PLAN_FILE).read_text(encoding="utf-8"), work_dir(site) / PLAN_FILE)
     out = work_dir(site) / PREPROCESSED_DIR
-    report = preprocess_site(site.root, out, study, plan=plan, workers=1)
+    report = preprocess_site(site.root, out, study, plan=plan, workers=1, stage_dir=stage_dir(site))
+    shutil.rmtree(stage_dir(site), ignore_errors=True)  # no second copy of the images stays
     done = sorted(report.completed)
     if len(done) < policy.min_cohort:
         raise PolicyError(site.site_id, "min_cohort", f"only {len(done)} case(s) preprocessed, policy needs "

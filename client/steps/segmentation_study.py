@@ -5,9 +5,12 @@ raters ``raters/<pid>/<rater>.nii.gz`` (:func:`common.sitedata.rater_masks`). Th
 imaging inputs (the preprocessed cases on the plan's grid, or the raw ones) exactly as the inference phase
 does (largest component), and its probability map goes back onto the native grid
 (:func:`client.steps.inference.native_mask`). Only held-out cases (:func:`client.segmentation.data.split_cases`)
-enter the automatic table: the model never trained on them. Mask comparison images (rater, model and their
-difference: false positives red, false negatives blue, in three planes) are written for the first
-``segmentation.overlays`` of them under ``derived/segmentation/comparison-<study>/``; they stay at the site.
+enter the automatic table: the model never trained on them; that set is held to the site's release ledger
+(scope ``segmentation-study-split``), so a server cannot difference two studies' tables into one case's values.
+The inter-observer table does not depend on the server at all (every rated case, every pair). Mask comparison
+images (rater, model and their difference: false positives red, false negatives blue, in three planes) are
+written for the first ``segmentation.overlays`` of them under ``derived/segmentation/comparison-<study>/``; they
+stay at the site.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from common.config import StudyConfig
 from common.errors import SiteDataError
 from common.imageio import geometry_mismatches, read_image
 from common.protocol import Payload, unpack_weights
+from common.release_ledger import SEGMENTATION_STUDY_SPLIT
 from common.segmentation.metrics import case_metrics, site_summary
 from common.segmentation.protocol import PLAN_KEY
 from common.segmentation.study import SECONDS_KEY, SEGMENTATION_STUDY, TIMED_KEY, table_reply
@@ -99,6 +103,7 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """The site's inter-observer and automatic tables (aggregates over its cases) and the model's seconds."""
     from client.segmentation.data import load_volume, split_cases
     from client.segmentation.inference import predict_probability
+    from client.segmentation.task import hold_to_ledger
     from client.training.device import pick_device, set_threads
     from common.segmentation.networks import build_network, set_weights
 
@@ -112,6 +117,11 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     held_ids = {c.patient_id for c in held}
     on_grid = {c.patient_id: c for c in inputs.site.cases}
 
+    held_rated = [c.patient_id for c in rated if c.patient_id in held_ids and c.patient_id in on_grid]
+    if len(held_rated) >= policy.min_cohort:  # else the automatic table is withheld: nothing to hold or compute
+        hold_to_ledger(site, study, SEGMENTATION_STUDY_SPLIT, [c.patient_id for c in rated], held_rated)
+    else:
+        held_rated = []
     inter, auto = [], []
     for case in rated:
         reference = read_image(case.images[study.reference_sequence])
@@ -125,7 +135,7 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     device = pick_device()
     seconds = 0.0
     out_dir = work_dir(site) / "segmentation" / f"comparison-{study.hash[:12]}"
-    for case in (c for c in rated if c.patient_id in held_ids and c.patient_id in on_grid):
+    for case in (c for c in rated if c.patient_id in held_rated):
         t0 = time.perf_counter()
         grid_case = on_grid[case.patient_id]
         volume = load_volume(grid_case, plan["sequences"])

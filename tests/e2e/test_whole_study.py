@@ -213,7 +213,7 @@ def test_every_reply_field_is_in_the_reviewed_inventory(replies) -> None:
     """A field a step adds later fails here until it is reviewed in tests/security/replies_allowlist.py."""
     from fnmatch import fnmatchcase
 
-    from tests.security.replies_allowlist import FLAGGED, REVIEWED
+    from tests.security.replies_allowlist import CONDITIONAL, FLAGGED, REVIEWED
 
     unreviewed = set()
     for r in replies:
@@ -222,5 +222,5 @@ def test_every_reply_field_is_in_the_reviewed_inventory(replies) -> None:
     assert sorted(unreviewed) == []
     seen = {(r["type"], f) for r in replies for f in r["fields"]}
     stale = {(t, p) for lists in (REVIEWED, FLAGGED) for t, fields in lists.items() for p in fields
-             if not any(t == k and fnmatchcase(f, p) for k, f in seen)}
+             if not any(t == k and fnmatchcase(f, p) for k, f in seen)} - CONDITIONAL
     assert sorted(stale) == []  # the inventory lists what the study sends, no more

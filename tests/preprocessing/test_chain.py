@@ -126,3 +126,33 @@ def test_a_mask_on_the_plans_grid_goes_back_onto_the_native_grid(site_dir: Path)
         assert back.shape == truth.shape
         scores.append(2 * np.logical_and(back, truth).sum() / (back.sum() + truth.sum()))
     assert len(scores) == 5 and min(scores) > 0.65 and np.median(scores) > 0.8, scores
+
+
+def test_the_apply_round_normalises_the_landmarks_rounds_stage_to_the_same_files(site_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The landmarks round keeps each case before normalisation; the apply round only normalises it, writing
+    byte-identical images to a full pass. A stage made for another spacing is not used."""
+    from client.preprocessing.cohort import stage_key, write_stage
+    from client.preprocessing.pipeline import build_pipeline, load_case
+    from common.hashing import sha256_file
+
+    site = load_site(site_dir)
+    study = _study()
+    plan = build_plan(study, SPACING, None, {"site-001": 6})
+    stage = tmp_path / "stage"
+    before = build_pipeline(study.preprocessing, SPACING, None, include_normalise=False)
+    for case in site.cases:
+        write_stage(before(load_case(case, study.sequences, "T2w")), stage,
+                    stage_key(case, study.sequences, study.preprocessing, SPACING))
+    full = preprocess_site(site_dir, tmp_path / "full", study, plan=plan, workers=1)
+    staged = preprocess_site(site_dir, tmp_path / "staged", study, plan=plan, workers=1, stage_dir=stage)
+    assert sorted(full.completed) == sorted(staged.completed) and len(full.completed) == 6
+    for pid in full.completed:
+        for seq in ("T2w", "CET1"):
+            rel = Path("images") / pid / f"{seq}.nii.gz"
+            assert sha256_file(tmp_path / "full" / rel) == sha256_file(tmp_path / "staged" / rel)
+        assert full.completed[pid].history_sha256 == staged.completed[pid].history_sha256
+    other = build_plan(study, (1.6, 1.6, 1.6), None, {"site-001": 6})  # the stage's key names 1.3 x 1.3 x 1.5
+    moved = preprocess_site(site_dir, tmp_path / "other", study, plan=other, workers=1, stage_dir=stage)
+    pid = sorted(moved.completed)[0]
+    assert read_image(tmp_path / "other" / "images" / pid / "T2w.nii.gz").GetSpacing() == pytest.approx((1.6,) * 3)

@@ -126,3 +126,11 @@ REVIEWED: dict[str, dict[str, str]] = {
 }
 
 FLAGGED: dict[str, dict[str, str]] = {}  # none open: the last ones (segmentation quartiles, n_failed) are fixed
+
+# fields sent only when a site's rule withholds or holds an answer (whether an honest study meets one depends on
+# the data): reviewed above, but not required to appear in every study
+CONDITIONAL: set[tuple[str, str]] = {
+    ("query.kmeans_labels", "held"),
+    ("query.segmentation_study", "inter/withheld"),
+    ("query.segmentation_study", "auto/withheld"),
+}

@@ -47,6 +47,13 @@ def model(rated_sites: list[Path]) -> tuple[dict, dict]:
     return plan, out.weights
 
 
+@pytest.fixture(autouse=True)
+def fresh_ledgers(rated_sites: list[Path]) -> None:
+    """Each test starts from sites whose release ledgers hold nothing (the sets of earlier tests' studies)."""
+    for d in rated_sites:
+        (d / "derived" / "release-ledger.json").unlink(missing_ok=True)
+
+
 def _query(site_dirs: list[Path], study) -> InMemoryQuery:  # noqa: ANN001
     from client.steps.segmentation_study import STEPS
 
@@ -76,7 +83,8 @@ def _pooled_rows(site_dirs: list[Path], study, plan: dict, weights: dict) -> tup
             inter.append({m: np.nanmean([p[m] for p in pairs]) for m in METRICS})
             if case in held:
                 ref = read_image(case.images["T2w"])
-                prob = predict_probability(net, load_volume(case, plan["sequences"]).image, plan["patch_size"], "cpu")
+                prob = predict_probability(net, load_volume(case, plan["sequences"]).image, plan["patch_size"], "cpu",
+                                           mirror=study.segmentation.mirror)
                 score = native_probability(prob, ref, ref)
                 rows = [case_metrics(m, score > 0.5, score, spacing) for m in masks]
                 auto.append({m: np.nanmean([r[m] for r in rows]) for m in METRICS})
@@ -163,3 +171,34 @@ def test_a_site_with_too_few_rated_cases_withholds_the_table(rated_sites: list[P
         set_policy(rated_sites[1], min_cohort=5)
     assert result.sites == {"inter": ["site-001", "site-002"], "auto": ["site-001"]}
     assert result.tables["auto"]["dsc"]["n"] == 5 and result.timed_cases == 5
+
+
+def test_two_studies_cannot_difference_the_automatic_table_into_one_case(rated_sites: list[Path],
+                                                                        model: tuple[dict, dict]) -> None:
+    """The server picks the held-out fraction: 0.4 holds out 5 rated cases, 0.5 the same 5 and one more. Without
+    the release ledger (a policy allowing exact outcomes) the two tables' DSC sums give that one case's DSC
+    exactly; under the default policy the second study is refused (rule release_ledger)."""
+    from common.errors import PolicyError
+
+    plan, weights = model
+    site_dir = rated_sites[0]
+    first, second = tiny_study(holdout_fraction=0.4, overlays=0), tiny_study(holdout_fraction=0.5, overlays=0)
+    step = __import__("client.steps.segmentation_study", fromlist=["STEPS"]).STEPS[SEGMENTATION_STUDY]
+    request = study_request(weights, plan)
+    set_policy(site_dir, min_cohort=5, exact_outcomes=True)  # no ledger: the attack works
+    try:
+        a = step.run(load_site(site_dir), first, dict(request))
+        b = step.run(load_site(site_dir), second, dict(request))
+    finally:
+        set_policy(site_dir, min_cohort=5, exact_outcomes=False)
+    assert not (site_dir / "derived" / "release-ledger.json").exists()
+    assert (a["auto/dsc-n"], b["auto/dsc-n"]) == (5, 6)
+    _, auto_first = _pooled_rows([site_dir], first, plan, weights)
+    _, auto_second = _pooled_rows([site_dir], second, plan, weights)
+    extra = [r["dsc"] for r in auto_second if all(abs(r["dsc"] - q["dsc"]) > 1e-12 for q in auto_first)]
+    assert len(extra) == 1 and b["auto/dsc-sum"] - a["auto/dsc-sum"] == pytest.approx(extra[0], abs=1e-9)
+
+    step.run(load_site(site_dir), first, dict(request))  # the default policy: the first study's set is recorded
+    with pytest.raises(PolicyError) as refused:
+        step.run(load_site(site_dir), second, dict(request))
+    assert refused.value.rule == "release_ledger"
