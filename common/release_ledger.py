@@ -179,6 +179,7 @@ FEATURES, SURVIVAL, CLASSIFIER_SPLIT = "features", "survival", "classifier-split
 # the segmentation held-out cases a study's evaluation summarises, and those of them with further raters (the
 # segmentation study's automatic table): two studies whose sets differ by a few patients would give their values
 SEGMENTATION_SPLIT, SEGMENTATION_STUDY_SPLIT = "segmentation-split", "segmentation-study-split"
+SEGMENTATION_RATERS = "segmentation-raters"  # the cases with further raters' masks (the inter-observer table)
 
 
 def partition(ids: Sequence[str], labels: np.ndarray) -> list[list[str]]:

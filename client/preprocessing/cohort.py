@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from client.preprocessing.base import CaseVolumes
+from client.preprocessing.base import CaseVolumes, library_version
 from client.preprocessing.normalise import NyulStandardise, nyul_case_landmarks
 from client.preprocessing.pipeline import (
     build_pipeline,
@@ -140,10 +140,12 @@ STAGE_FORMAT = "fedbiopsy-stage/1"
 
 
 def stage_key(case: Case, sequences: Sequence[str], config: PreprocessingConfig,
-              target_spacing: Sequence[float] | None) -> str:
-    """What a staged case depends on: the settings, the target spacing and the input files."""
+              target_spacing: Sequence[float] | None, study_hash: str) -> str:
+    """What a staged case depends on: the study (its sequences and reference), the settings, the target spacing,
+    the input files and this fedbiopsy's version."""
     return sha256_text(canonical_json({
-        "format": STAGE_FORMAT, "settings": settings_hash(config),
+        "format": STAGE_FORMAT, "study": study_hash, "fedbiopsy": library_version("fedbiopsy"),
+        "settings": settings_hash(config),
         "spacing": [float(v) for v in target_spacing] if target_spacing is not None else None,
         "inputs": {k: sha256_file(v) for k, v in sorted(_inputs(case, sequences).items())}}))
 
@@ -175,7 +177,7 @@ def read_stage(case: Case, stage_dir: Path, key: str, sequences: Sequence[str], 
 def _volumes(job: CaseJob, config: PreprocessingConfig) -> CaseVolumes:
     """The case through the pipeline; from its stage when one matches (then only normalised)."""
     if job.stage_dir is not None and job.include_normalise:
-        key = stage_key(job.case, job.sequences, config, job.target_spacing)
+        key = stage_key(job.case, job.sequences, config, job.target_spacing, job.study_hash)
         staged = read_stage(job.case, job.stage_dir, key, job.sequences, job.reference)
         if staged is not None:
             if "normalise" not in config.steps:

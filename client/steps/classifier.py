@@ -60,7 +60,8 @@ def classifier_dir(site: Site) -> Path:
 def feature_frame(site: Site, study: StudyConfig, nyul: Mapping | None = None) -> pd.DataFrame:
     """The site's feature table for the study's classifier (see :mod:`client.classifier.features`)."""
     cfg = study.classifier
-    inputs = load_imaging_inputs(site, study).plan_sha256 or "raw"  # the compact features' images
+    # the compact features' images and masks: this study's inputs (its plan) and its inference phase's masks
+    inputs = f"{load_imaging_inputs(site, study).plan_sha256 or 'raw'}:{study.hash}"
     if cfg.standardise == "nyul" and cfg.features != "table":
         from client.classifier.features import compact_features, compact_settings_hash
 

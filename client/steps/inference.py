@@ -84,6 +84,9 @@ def segment_cases(inputs: ImagingInputs, study: StudyConfig, plan: dict, weights
     for case in site.cases:
         if case.mask is not None:
             continue
+        for old in (inputs.predicted_dir / f"{case.patient_id}.nii.gz",
+                    predicted_mask_path(inputs.raw, case.patient_id)):
+            old.unlink(missing_ok=True)  # an earlier model's mask never stands in for this one's
         volume = load_volume(case, plan["sequences"])
         prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
                                    mirror=study.segmentation.mirror)

@@ -102,6 +102,9 @@ def load_imaging_inputs(site: Site, study: StudyConfig) -> ImagingInputs:
         done = processed.get(case.patient_id)
         if done is None:
             continue  # failed preprocessing (preprocessing.json says why) or joined later
+        if case.mask is not None and done.mask is None:
+            raise SiteDataError(folder, "a case has a radiologist's mask that its preprocessed copy lacks (the mask "
+                                "was added after preprocessing)", RERUN)
         mask = done.mask if case.mask is not None else None
         cases.append(replace(case, images={s: done.images[s] for s in study.sequences}, mask=mask))
     if len(cases) < len(site.cases):

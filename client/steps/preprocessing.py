@@ -47,7 +47,8 @@ def nyul_landmarks_step(site: Site, study: StudyConfig, payload: Payload) -> Pay
     shutil.rmtree(stage, ignore_errors=True)
     for case in site.cases:
         volumes = pipeline(load_case(case, study.sequences, study.reference_sequence))
-        write_stage(volumes, stage, stage_key(case, study.sequences, cfg, target))  # the apply round normalises it
+        # kept for the apply round, which then only normalises it
+        write_stage(volumes, stage, stage_key(case, study.sequences, cfg, target, study.hash))
         landmarks.append(nyul_case_landmarks(volumes, cfg.normalise.nyul_percentiles))
     log.info("site %s: Nyúl landmarks over %d case(s) after %s", site.site_id, len(landmarks), pipeline.names)
     return site_nyul(site.site_id, landmarks, study.sequences, cfg.normalise.nyul_percentiles,

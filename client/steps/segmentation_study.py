@@ -6,8 +6,11 @@ imaging inputs (the preprocessed cases on the plan's grid, or the raw ones) exac
 does (largest component), and its probability map goes back onto the native grid
 (:func:`client.steps.inference.native_mask`). Only held-out cases (:func:`client.segmentation.data.split_cases`)
 enter the automatic table: the model never trained on them; that set is held to the site's release ledger
-(scope ``segmentation-study-split``), so a server cannot difference two studies' tables into one case's values.
-The inter-observer table does not depend on the server at all (every rated case, every pair). Mask comparison
+(scope ``segmentation-study-split``), so a server cannot difference two studies' tables into one case's values,
+and a study asks it once (the same request again is a rerun). The inter-observer table is over every rated case
+and every pair, whatever the server asks; the set of rated cases is held to the ledger too (scope
+``segmentation-raters``: a rater added for one more case would otherwise difference into that case), else that
+table is withheld. Mask comparison
 images (rater, model and their difference: false positives red, false negatives blue, in three planes) are
 written for the first ``segmentation.overlays`` of them under ``derived/segmentation/comparison-<study>/``; they
 stay at the site.
@@ -15,6 +18,7 @@ stay at the site.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -25,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from client.steps.base import SiteStep, work_dir
+from client.steps.base import SiteStep, release_ledger, work_dir
 from client.steps.inference import native_probability
 from client.steps.inputs import check_plan_grid, load_imaging_inputs
 from common.config import StudyConfig
-from common.errors import SiteDataError
+from common.errors import PolicyError, SiteDataError
 from common.imageio import geometry_mismatches, read_image
 from common.protocol import Payload, unpack_weights
-from common.release_ledger import SEGMENTATION_STUDY_SPLIT
+from common.release_ledger import SEGMENTATION_RATERS, SEGMENTATION_STUDY_SPLIT
 from common.segmentation.metrics import case_metrics, site_summary
 from common.segmentation.protocol import PLAN_KEY
 from common.segmentation.study import SECONDS_KEY, SEGMENTATION_STUDY, TIMED_KEY, table_reply
@@ -118,12 +122,23 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     on_grid = {c.patient_id: c for c in inputs.site.cases}
 
     held_rated = [c.patient_id for c in rated if c.patient_id in held_ids and c.patient_id in on_grid]
+    ledger = release_ledger(site)
+    if ledger is not None:
+        asked = hashlib.sha256(json.dumps(plan, sort_keys=True).encode() + b"".join(
+            np.ascontiguousarray(v).tobytes() for _, v in sorted(unpack_weights(payload).items()))).hexdigest()
+        if ledger.closed(SEGMENTATION_STUDY_SPLIT) or not ledger.once(SEGMENTATION_STUDY_SPLIT, study.hash,
+                                                                      "segmentation_study", asked):
+            raise PolicyError(site.site_id, "release_ledger", "one segmentation study round a study (another "
+                              "model scored on the same cases would be a new question about them)")
+    release_inter = len(rated) >= policy.min_cohort and (
+        ledger is None or ledger.try_release(SEGMENTATION_RATERS, [c.patient_id for c in rated],
+                                             [[c.patient_id for c in rated]], study.hash, count=False))
     if len(held_rated) >= policy.min_cohort:  # else the automatic table is withheld: nothing to hold or compute
-        hold_to_ledger(site, study, SEGMENTATION_STUDY_SPLIT, [c.patient_id for c in rated], held_rated)
+        hold_to_ledger(site, study, SEGMENTATION_STUDY_SPLIT, held_rated, held_rated)
     else:
         held_rated = []
     inter, auto = [], []
-    for case in rated:
+    for case in rated if release_inter else []:
         reference = read_image(case.images[study.reference_sequence])
         masks = _masks(site, case, reference)
         spacing = tuple(float(s) for s in reversed(reference.GetSpacing()))

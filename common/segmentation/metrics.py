@@ -29,7 +29,9 @@ def case_metrics(truth: np.ndarray, pred: np.ndarray, prob: np.ndarray | None = 
     """DSC, AUC, FPR, FNR and HD95 of one predicted mask against a reference mask (same grid).
 
     ``prob`` is the predicted tumour probability (the AUC uses the binary mask when absent); ``spacing`` is in
-    array axis order (mm). HD95 is NaN when either mask is empty.
+    array axis order (mm). When one mask is empty the HD95 is the grid's diagonal (the worst it can be), 0 when
+    both are: never undefined, so a server's model cannot choose which cases a summary of HD95 is over (an
+    empty prediction everywhere but one case would otherwise make the summary that case's value).
     """
     import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -48,7 +50,8 @@ def case_metrics(truth: np.ndarray, pred: np.ndarray, prob: np.ndarray | None = 
         dsc = 1.0
     else:
         dsc = float(compute_dice(pt, tt, include_background=True, ignore_empty=False)[0, 0])
-    hd95 = math.nan
+    step = np.asarray(spacing if spacing is not None else (1.0,) * t.ndim, dtype=np.float64)
+    hd95 = 0.0 if not t.any() and not p.any() else float(np.sqrt(np.sum((np.asarray(t.shape) * step) ** 2)))
     if t.any() and p.any():
         with warnings.catch_warnings():  # MONAI 1.6 warns about its own deprecated argument
             warnings.simplefilter("ignore", FutureWarning)

@@ -143,7 +143,7 @@ def test_the_apply_round_normalises_the_landmarks_rounds_stage_to_the_same_files
     before = build_pipeline(study.preprocessing, SPACING, None, include_normalise=False)
     for case in site.cases:
         write_stage(before(load_case(case, study.sequences, "T2w")), stage,
-                    stage_key(case, study.sequences, study.preprocessing, SPACING))
+                    stage_key(case, study.sequences, study.preprocessing, SPACING, study.hash))
     full = preprocess_site(site_dir, tmp_path / "full", study, plan=plan, workers=1)
     staged = preprocess_site(site_dir, tmp_path / "staged", study, plan=plan, workers=1, stage_dir=stage)
     assert sorted(full.completed) == sorted(staged.completed) and len(full.completed) == 6

@@ -40,7 +40,10 @@ def test_case_metrics_follow_the_seed_definitions() -> None:
     tpr, tnr = 0.8, 1 - 200 / (8000 - 1000)
     assert m["auc"] == pytest.approx((tpr + tnr) / 2)
     empty = case_metrics(truth, np.zeros_like(truth))
-    assert empty["dsc"] == 0.0 and empty["fnr"] == 1.0 and math.isnan(empty["hd95"])
+    # an empty prediction: the worst HD95 (the grid's diagonal), never NaN (a model choosing empty predictions
+    # would otherwise choose which cases an HD95 summary is over)
+    assert empty["dsc"] == 0.0 and empty["fnr"] == 1.0
+    assert empty["hd95"] == pytest.approx(math.sqrt(sum((n * 1.0) ** 2 for n in truth.shape)))
 
 
 def test_pooled_summary_is_exact_for_mean_and_sd_and_weights_quartiles_by_cases() -> None:

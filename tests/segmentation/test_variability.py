@@ -202,3 +202,49 @@ def test_two_studies_cannot_difference_the_automatic_table_into_one_case(rated_s
     with pytest.raises(PolicyError) as refused:
         step.run(load_site(site_dir), second, dict(request))
     assert refused.value.rule == "release_ledger"
+
+
+def test_a_study_asks_once_and_a_new_rater_cannot_difference_the_inter_table(rated_sites: list[Path],
+                                                                             model: tuple[dict, dict]) -> None:
+    """Another model scored on the same held-out cases in the same study is refused (the same request again is a
+    rerun). A radiologist outlining one more case changes the inter-observer sums by that case's values: without
+    the ledger the difference is exactly its metrics; with it the second study's inter table is withheld."""
+    import shutil
+
+    from common.errors import PolicyError
+
+    plan, weights = model
+    site_dir = rated_sites[0]
+    step = __import__("client.steps.segmentation_study", fromlist=["STEPS"]).STEPS[SEGMENTATION_STUDY]
+    study = tiny_study(holdout_fraction=0.4, overlays=0)
+    step.run(load_site(site_dir), study, study_request(weights, plan))
+    step.run(load_site(site_dir), study, study_request(weights, plan))  # a rerun: the same answer may leave
+    other = {k: v + np.float32(0.01) for k, v in weights.items()}
+    with pytest.raises(PolicyError) as refused:
+        step.run(load_site(site_dir), study, study_request(other, plan))
+    assert refused.value.rule == "release_ledger"
+
+    case = load_site(site_dir).cases[0].patient_id
+    aside = site_dir.parent / "raters-aside"
+    shutil.move(site_dir / "raters" / case, aside)  # before: one case fewer has further raters
+    try:
+        set_policy(site_dir, min_cohort=5, exact_outcomes=True)
+        before = step.run(load_site(site_dir), tiny_study(seed=1), study_request(weights, plan))
+    finally:
+        shutil.move(aside, site_dir / "raters" / case)
+    try:
+        after = step.run(load_site(site_dir), tiny_study(seed=2), study_request(weights, plan))
+    finally:
+        set_policy(site_dir, min_cohort=5, exact_outcomes=False)
+    inter, _ = _pooled_rows([site_dir], study, plan, weights)
+    one = inter[0]  # the case whose raters came back (site.cases order)
+    assert after["inter/dsc-sum"] - before["inter/dsc-sum"] == pytest.approx(one["dsc"], abs=1e-9)
+
+    (site_dir / "derived" / "release-ledger.json").unlink(missing_ok=True)
+    shutil.move(site_dir / "raters" / case, aside)
+    try:
+        first = step.run(load_site(site_dir), tiny_study(seed=1), study_request(weights, plan))
+    finally:
+        shutil.move(aside, site_dir / "raters" / case)
+    second = step.run(load_site(site_dir), tiny_study(seed=2), study_request(weights, plan))
+    assert "inter/withheld" not in first and second["inter/withheld"] == 1.0
