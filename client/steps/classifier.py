@@ -35,7 +35,7 @@ from client.classifier.features import site_feature_table, standardised_images
 from client.classifier.site import evaluate_reply, local_settings, train_reply
 from client.privacy_ledger import SiteBudget
 from client.steps.base import SiteStep, release_ledger, work_dir
-from client.steps.inputs import ImagingInputs, load_imaging_inputs, raw_inputs
+from client.steps.inputs import ImagingInputs, check_feature_inputs, load_imaging_inputs, raw_inputs
 from client.training.dp import check_training_policy, read_ledger, write_ledger
 from common.classifier.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
 from common.classifier.training import site_feature_moments
@@ -77,6 +77,8 @@ def feature_frame(site: Site, study: StudyConfig, nyul: Mapping | None = None) -
             frame.to_csv(cache)
         return frame.loc[[c.patient_id for c in site.cases]]
     tables = (study.harmonisation.output_file, study.harmonisation.features_file)
+    if cfg.features != "compact":
+        check_feature_inputs(site, study)
     return site_feature_table(site, cfg.features, tables, study.sequences, cfg.standardise, classifier_dir(site),
                               inputs)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from client.steps.base import SiteStep, work_dir
+from client.steps.inputs import check_feature_inputs
 from common.combat_model import CombatModel
 from common.config import HarmonisationConfig, StudyConfig
 from common.errors import SiteDataError
@@ -54,6 +55,7 @@ def _features_path(site: Site, study: StudyConfig) -> Path:
 def load_cohort(site: Site, study: StudyConfig) -> SiteCohort:
     """The site's feature table and covariates, validated for ComBat."""
     options = options_from_config(study.harmonisation)
+    check_feature_inputs(site, study)
     features = read_feature_table(_features_path(site, study))
     covariates = read_clinical(site.root).set_index("patient_id") if options.covariate_columns else None
     return make_cohort(site.site_id, features, covariates, options)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from client.sitecache import load_site_cached
@@ -27,7 +27,6 @@ from common.errors import ProtocolError, SiteDataError
 from common.hashing import sha256_file
 from common.plan import PreprocessingPlan, parse_plan
 from common.preprocessing import PREPROCESSED, RAW, imaging_inputs
-from common.protocol import Payload
 from common.sitedata import Case, Site
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,24 @@ def _stored_plan(site: Site, study: StudyConfig) -> tuple[PreprocessingPlan, str
     return plan, sha256_file(path)
 
 
+@lru_cache(maxsize=4096)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def _check_fresh(folder: Path, case: Case, sequences: tuple[str, ...]) -> None:
+    """A preprocessed case must have been made from the raw files as they are now (its history's input hashes)."""
+    history = json.loads((folder / "histories" / f"{case.patient_id}.json").read_text(encoding="utf-8"))
+    recorded = {k: v.get("sha256") for k, v in history.get("inputs", {}).items()}
+    current = {s: case.images[s] for s in sequences}
+    if case.mask is not None:
+        current["mask"] = case.mask
+    for key, path in current.items():
+        st = Path(path).stat()
+        if recorded.get(key) != _file_sha256(str(path), st.st_mtime_ns, st.st_size):
+            raise SiteDataError(folder, "a case's raw image or mask changed after it was preprocessed", RERUN)
+
+
 def raw_inputs(site: Site) -> ImagingInputs:
     """The site's own cases on their native grids."""
     return ImagingInputs(RAW, site, site, None, None)
@@ -105,6 +122,7 @@ def load_imaging_inputs(site: Site, study: StudyConfig) -> ImagingInputs:
         if case.mask is not None and done.mask is None:
             raise SiteDataError(folder, "a case has a radiologist's mask that its preprocessed copy lacks (the mask "
                                 "was added after preprocessing)", RERUN)
+        _check_fresh(folder, case, study.sequences)
         mask = done.mask if case.mask is not None else None
         cases.append(replace(case, images={s: done.images[s] for s in study.sequences}, mask=mask))
     if len(cases) < len(site.cases):
@@ -129,21 +147,27 @@ def check_plan_grid(inputs: ImagingInputs, target_spacing_zyx: object) -> None:
                             "plan's target spacing (this fedbiopsy version's server does)")
 
 
+def check_feature_inputs(site: Site, study: StudyConfig) -> None:
+    """The site's radiomics (``derived/features.json``, and every table derived from them) must have been computed
+    on this study's imaging inputs: a raw-grid table must not feed a study that preprocesses, nor one of another
+    plan. Tables without that record (written before it existed, or by hand) pass."""
+    sidecar = work_dir(site) / "features.json"
+    if not sidecar.is_file():
+        return
+    recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+    if "inputs" not in recorded:
+        return
+    inputs = load_imaging_inputs(site, study)
+    if recorded.get("inputs") != inputs.kind or recorded.get("plan_sha256") != inputs.plan_sha256:
+        raise SiteDataError(sidecar, f"the site's features were computed on {recorded.get('inputs')} images of "
+                            f"another plan than this study's {inputs.kind} inputs",
+                            "run this study's features phase (after its preprocessing phase) first")
+
+
 def imaging_site(site: Site, study: StudyConfig) -> Site:
     """The site whose cases are the study's imaging inputs (:func:`load_imaging_inputs`)."""
     return load_imaging_inputs(site, study).site
 
 
-def on_imaging_inputs(step: Callable[[Site, StudyConfig, Payload], Payload]
-                      ) -> Callable[[Site, StudyConfig, Payload], Payload]:
-    """``step`` run on :func:`imaging_site` (for the segmentation, features and classifier steps)."""
-    def run(site: Site, study: StudyConfig, payload: Payload) -> Payload:
-        return step(imaging_site(site, study), study, payload)
-
-    run.__doc__ = step.__doc__
-    run.__name__ = getattr(step, "__name__", "step")
-    return run
-
-
-__all__ = ["PREPROCESSED", "RAW", "ImagingInputs", "check_plan_grid", "imaging_site", "load_imaging_inputs",
-           "on_imaging_inputs", "preprocessed_dir", "raw_inputs"]
+__all__ = ["PREPROCESSED", "RAW", "ImagingInputs", "check_feature_inputs", "check_plan_grid", "imaging_site",
+           "load_imaging_inputs", "preprocessed_dir", "raw_inputs"]

@@ -12,6 +12,7 @@ import pandas as pd
 
 from client.steps.base import SiteStep, work_dir
 from client.steps.harmonisation import count_rows, read_feature_table
+from client.steps.inputs import check_feature_inputs
 from common.config import ReductionConfig, StudyConfig
 from common.protocol import Payload
 from common.reduction import FEATURESTATS, SCORES, site_feature_stats, site_signature_scores
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _table(site: Site, study: StudyConfig) -> pd.DataFrame:
+    check_feature_inputs(site, study)
     return read_feature_table(work_dir(site) / study.reduction.input_file)
 
 

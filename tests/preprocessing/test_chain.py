@@ -156,3 +156,32 @@ def test_the_apply_round_normalises_the_landmarks_rounds_stage_to_the_same_files
     moved = preprocess_site(site_dir, tmp_path / "other", study, plan=other, workers=1, stage_dir=stage)
     pid = sorted(moved.completed)[0]
     assert read_image(tmp_path / "other" / "images" / pid / "T2w.nii.gz").GetSpacing() == pytest.approx((1.6,) * 3)
+
+
+def test_a_raw_image_changed_after_preprocessing_is_refused(site_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from common.imageio import write_image
+
+    copy = tmp_path / "site"
+    shutil.copytree(site_dir, copy)
+    load_imaging_inputs(load_site(copy), _study())  # as preprocessed: fine
+    case = load_site(copy).cases[0]
+    image = read_image(case.images["CET1"])
+    write_image(image * 1.01, case.images["CET1"])  # the hospital replaced the series afterwards
+    with pytest.raises(SiteDataError, match="changed after it was preprocessed") as err:
+        load_imaging_inputs(load_site(copy), _study())
+    assert "preprocessing phase" in str(err.value)
+
+
+def test_feature_tables_of_other_inputs_do_not_feed_the_later_phases(site_dir: Path) -> None:
+    from client.steps.features import write_site_features
+    from client.steps.harmonisation import load_cohort
+    from client.steps.inputs import check_feature_inputs
+
+    site = load_site(site_dir)
+    write_site_features(site, _study(), spacing=SPACING, workers=1)  # on the preprocessed cases
+    check_feature_inputs(site, _study())
+    raw = _study(phases=["fingerprint", "features", "harmonisation"])
+    with pytest.raises(SiteDataError, match="features phase"):
+        load_cohort(site, raw)  # a study on raw images must not harmonise preprocessed-image features
