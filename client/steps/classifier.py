@@ -35,7 +35,13 @@ from client.classifier.features import site_feature_table, standardised_images
 from client.classifier.site import evaluate_reply, local_settings, train_reply
 from client.privacy_ledger import SiteBudget
 from client.steps.base import SiteStep, release_ledger, work_dir
-from client.steps.inputs import ImagingInputs, check_feature_inputs, load_imaging_inputs, raw_inputs
+from client.steps.inputs import (
+    ImagingInputs,
+    check_feature_inputs,
+    inputs_plan_sha256,
+    load_imaging_inputs,
+    raw_inputs,
+)
 from client.training.dp import check_training_policy, read_ledger, write_ledger
 from common.classifier.protocol import EVALUATE, MOMENTS, NYUL, TRAIN
 from common.classifier.training import site_feature_moments
@@ -61,7 +67,7 @@ def feature_frame(site: Site, study: StudyConfig, nyul: Mapping | None = None) -
     """The site's feature table for the study's classifier (see :mod:`client.classifier.features`)."""
     cfg = study.classifier
     # the compact features' images and masks: this study's inputs (its plan) and its inference phase's masks
-    inputs = f"{load_imaging_inputs(site, study).plan_sha256 or 'raw'}:{study.hash}"
+    inputs = f"{inputs_plan_sha256(site, study) or 'raw'}:{study.hash}"
     if cfg.standardise == "nyul" and cfg.features != "table":
         from client.classifier.features import compact_features, compact_settings_hash
 

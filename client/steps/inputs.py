@@ -101,6 +101,14 @@ def raw_inputs(site: Site) -> ImagingInputs:
     return ImagingInputs(RAW, site, site, None, None)
 
 
+def inputs_plan_sha256(site: Site, study: StudyConfig) -> str | None:
+    """The sha256 of the preprocessing plan whose grid the study's imaging phases read (None on raw inputs);
+    reads only the stored plan, so it may be asked of a site whose cases were already swapped for its inputs."""
+    if imaging_inputs(study) == RAW:
+        return None
+    return _stored_plan(site, study)[1]
+
+
 def load_imaging_inputs(site: Site, study: StudyConfig) -> ImagingInputs:
     """The study's imaging inputs at this site (see the module docstring)."""
     if imaging_inputs(study) == RAW:
@@ -157,10 +165,10 @@ def check_feature_inputs(site: Site, study: StudyConfig) -> None:
     recorded = json.loads(sidecar.read_text(encoding="utf-8"))
     if "inputs" not in recorded:
         return
-    inputs = load_imaging_inputs(site, study)
-    if recorded.get("inputs") != inputs.kind or recorded.get("plan_sha256") != inputs.plan_sha256:
+    kind, plan_sha = imaging_inputs(study), inputs_plan_sha256(site, study)
+    if recorded.get("inputs") != kind or recorded.get("plan_sha256") != plan_sha:
         raise SiteDataError(sidecar, f"the site's features were computed on {recorded.get('inputs')} images of "
-                            f"another plan than this study's {inputs.kind} inputs",
+                            f"another plan than this study's {kind} inputs",
                             "run this study's features phase (after its preprocessing phase) first")
 
 
@@ -170,4 +178,4 @@ def imaging_site(site: Site, study: StudyConfig) -> Site:
 
 
 __all__ = ["PREPROCESSED", "RAW", "ImagingInputs", "check_feature_inputs", "check_plan_grid", "imaging_site",
-           "load_imaging_inputs", "preprocessed_dir", "raw_inputs"]
+           "inputs_plan_sha256", "load_imaging_inputs", "preprocessed_dir", "raw_inputs"]
