@@ -76,6 +76,9 @@ def segmentation_study(
         for row in t["rows"]:
             table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
         console.print(table)
+    console.print("[dim]n, mean and SD are exact over the pooled cases; median and IQR are the case-weighted mean "
+                  "of the sites' (a site with fewer than 4 x its smallest cell + 2 cases sends its mean for every "
+                  "quartile: IQR 0).[/dim]")
     lev = study.get("time_leverage")
     if lev:
         console.print(f"Time leverage: {study['model_seconds_per_case']:.2f} s per case by the model vs "

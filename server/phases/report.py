@@ -129,7 +129,9 @@ def _variability(ctx: PhaseContext) -> Section:
             "over its raters (automatic: the final model on held-out cases it was never trained on), compared on "
             "the site's own grid; FPR = FP/(TP+FN), FNR = FN/(TP+FN). Each site sends only summaries over at "
             "least <code>min_cohort</code> cases; n, mean and SD are exact over the pooled cases, median and IQR "
-            "the case-weighted mean of the sites'.</p>")
+            "the case-weighted mean of the sites'. A site with fewer than 4 &times; its smallest cell + 2 cases "
+            "sends its mean for every quartile (an IQR of 0 there), so that no quartile is a few cases' "
+            "values.</p>")
     for name in ("inter", "auto"):
         t = study["tables"][name]
         body += f"<h3>{_escape(t['title'])} (n={t['n_cases']}, sites {_escape(', '.join(t['sites']) or '-')})</h3>"
