@@ -59,7 +59,7 @@ def score(plan: Mapping[str, Any], weights: Mapping[str, np.ndarray], held: Mapp
     per_site, all_cases, per_case = {}, [], {}
     for site_id, vols in held.items():
         res = evaluate_volumes(net, vols, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
-                               mirror=study.segmentation.mirror, keep_largest=study.segmentation.keep_largest,
+                               mirror=study.segmentation.mirror, largest_only=study.segmentation.keep_largest,
                                overlay_dir=overlay_dir / site_id if overlay_dir else None,
                                overlays=overlays_per_site)
         per_site[site_id] = summarise_cases([r.metrics for r in res])

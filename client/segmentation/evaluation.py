@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from client.segmentation.data import Volume
-from client.segmentation.inference import largest_component, predict_probability
+from client.segmentation.inference import keep_largest, predict_probability
 from client.training.overlays import save_overlay
 from common.segmentation.metrics import case_metrics
 
@@ -28,19 +27,18 @@ class CaseResult:
 def evaluate_volumes(net: Any, volumes: Sequence[Volume], patch: Sequence[int], device: Any, overlap: float = 0.25,
                      amp: bool = False, overlay_dir: Path | None = None, overlays: int = 0,
                      keep_predictions: bool = False, mirror: bool = False,
-                     keep_largest: bool = False) -> list[CaseResult]:
+                     largest_only: bool = False) -> list[CaseResult]:
     """Predict each volume by sliding windows (``mirror``: test-time mirroring) and score it against its mask,
-    the prediction post-processed as the inference phase does (``keep_largest``: the largest component, the
-    probability map kept around it); PNG overlays for the first few."""
+    the prediction post-processed as the inference phase does (``largest_only``:
+    :func:`client.segmentation.inference.keep_largest`); PNG overlays for the first few."""
     results = []
     for i, vol in enumerate(volumes):
         if vol.label is None:
             raise ValueError(f"case {vol.patient_id} has no reference mask to evaluate against")
         prob = predict_probability(net, vol.image, patch, device, overlap=overlap, amp=amp, mirror=mirror)
         pred = (prob >= 0.5).astype(np.uint8)
-        if keep_largest:
-            pred = largest_component(pred)
-            prob = np.where(ndimage.binary_dilation(pred), prob, 0.0)
+        if largest_only:
+            pred, prob = keep_largest(prob)
         metrics = case_metrics(vol.label[0], pred, prob, vol.spacing)
         if overlay_dir is not None and i < overlays:
             save_overlay(vol.image[0], vol.label[0], pred, Path(overlay_dir) / f"{vol.patient_id}.png",

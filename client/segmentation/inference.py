@@ -23,6 +23,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return (labels == int(np.argmax(sizes)) + 1).astype(np.uint8)
 
 
+def keep_largest(probability: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The post-processing of a prediction: (the largest connected component above 0.5, the probability kept
+    within one voxel of it and 0 elsewhere, so that scores and resampled maps agree with the mask)."""
+    mask = largest_component(probability > 0.5)
+    return mask, np.where(ndimage.binary_dilation(mask), probability, 0.0).astype(np.float32)
+
+
 def predict_probability(net: Any, image: np.ndarray, patch: Sequence[int], device: Any, overlap: float = 0.25,
                         amp: bool = False, sw_batch_size: int = 2, mirror: bool = False) -> np.ndarray:
     """Tumour probability (Z, Y, X) of one (C, Z, Y, X) image; Gaussian-weighted window blending. ``mirror``: the

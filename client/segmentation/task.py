@@ -150,7 +150,7 @@ def evaluate_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], weig
     if overlay_dir is None and cfg.overlays:
         overlay_dir = work_dir(site) / "segmentation" / f"overlays-{study.hash[:12]}"
     results = evaluate_volumes(net, volumes, plan["patch_size"], device, overlap=cfg.sw_overlap, amp=cfg.amp,
-                               mirror=cfg.mirror, keep_largest=cfg.keep_largest,
+                               mirror=cfg.mirror, largest_only=cfg.keep_largest,
                                overlay_dir=overlay_dir, overlays=cfg.overlays)
     policy = site.config.policy
     summary = site_summary(site.site_id, [r.metrics for r in results], policy.min_cohort, policy.cell_floor)

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
-from client.segmentation.inference import largest_component
+from client.segmentation.inference import keep_largest
 from client.steps.base import SiteStep
 from client.steps.inputs import PREDICTED_DIR, ImagingInputs, check_plan_grid, load_imaging_inputs, raw_inputs
 from common.config import StudyConfig
@@ -48,8 +47,7 @@ def with_predicted_masks(site: Site) -> list[Case]:
 def native_probability(probability: np.ndarray, analysis: sitk.Image, native: sitk.Image) -> np.ndarray:
     """The tumour probability on the native grid: the map on ``analysis``'s grid, kept around its largest
     component above 0.5 (as the mask is), resampled linearly onto ``native``'s."""
-    keep = largest_component(probability > 0.5)
-    prob = sitk.GetImageFromArray(np.where(ndimage.binary_dilation(keep), probability, 0.0).astype(np.float32))
+    prob = sitk.GetImageFromArray(keep_largest(probability)[1])
     prob.CopyInformation(analysis)
     back = sitk.Resample(prob, native, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(back)
@@ -90,7 +88,7 @@ def segment_cases(inputs: ImagingInputs, study: StudyConfig, plan: dict, weights
         volume = load_volume(case, plan["sequences"])
         prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
                                    mirror=study.segmentation.mirror)
-        mask = largest_component(prob > 0.5)
+        mask, _ = keep_largest(prob)
         if mask.sum() < MIN_TUMOUR_VOXELS:  # no tumour found: the case keeps no mask (no features, no classifier)
             empty += 1
             log.warning("site %s: the model found no tumour in %s", site.site_id, case.patient_id)

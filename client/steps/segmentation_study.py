@@ -4,7 +4,7 @@ Everything is compared on the site's native grid, where its radiologists drew: r
 raters ``raters/<pid>/<rater>.nii.gz`` (:func:`common.sitedata.rater_masks`). The model segments the study's
 imaging inputs (the preprocessed cases on the plan's grid, or the raw ones) exactly as the inference phase
 does (largest component), and its probability map goes back onto the native grid
-(:func:`client.steps.inference.native_mask`). Only held-out cases (:func:`client.segmentation.data.split_cases`)
+(:func:`client.steps.inference.native_probability`). Only held-out cases (:func:`client.segmentation.data.split_cases`)
 enter the automatic table: the model never trained on them; that set is held to the site's release ledger
 (scope ``segmentation-study-split``), so a server cannot difference two studies' tables into one case's values,
 and a study asks it once (the same request again is a rerun). The inter-observer table is over every rated case
@@ -116,16 +116,16 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     plan = json.loads(str(payload[PLAN_KEY]))
     inputs = load_imaging_inputs(site, study)
     check_plan_grid(inputs, plan.get("target_spacing"))
-    rated = [c for c in site.cases if c.mask is not None and rater_masks(site.root, c.patient_id)]
-    _, held = split_cases(inputs.site.cases, cfg.holdout_fraction, cfg.seed)
+    weights = unpack_weights(payload)
+    rated = rated_cases(site)
+    _, held = split_cases(inputs.site.cases, cfg.holdout_fraction, cfg.seed)  # cases on the grid only
     held_ids = {c.patient_id for c in held}
     on_grid = {c.patient_id: c for c in inputs.site.cases}
-
-    held_rated = [c.patient_id for c in rated if c.patient_id in held_ids and c.patient_id in on_grid]
+    held_rated = [c.patient_id for c in rated if c.patient_id in held_ids]
     ledger = release_ledger(site)
     if ledger is not None:
         asked = hashlib.sha256(json.dumps(plan, sort_keys=True).encode() + b"".join(
-            np.ascontiguousarray(v).tobytes() for _, v in sorted(unpack_weights(payload).items()))).hexdigest()
+            np.ascontiguousarray(v).tobytes() for _, v in sorted(weights.items()))).hexdigest()
         if ledger.closed(SEGMENTATION_STUDY_SPLIT) or not ledger.once(SEGMENTATION_STUDY_SPLIT, study.hash,
                                                                       "segmentation_study", asked):
             raise PolicyError(site.site_id, "release_ledger", "one segmentation study round a study (another "
@@ -144,12 +144,13 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
         spacing = tuple(float(s) for s in reversed(reference.GetSpacing()))
         inter.append(mean_metrics([case_metrics(masks[a], masks[b], None, spacing)
                                    for a, b in combinations(sorted(masks), 2)]))
-    set_threads(cfg.threads)
-    net = build_network(plan)
-    set_weights(net, unpack_weights(payload), site.site_id)
-    device = pick_device()
     seconds = 0.0
     out_dir = work_dir(site) / "segmentation" / f"comparison-{study.hash[:12]}"
+    if held_rated:
+        set_threads(cfg.threads)
+        net = build_network(plan)
+        set_weights(net, weights, site.site_id)
+        device = pick_device()
     for case in (c for c in rated if c.patient_id in held_rated):
         t0 = time.perf_counter()
         grid_case = on_grid[case.patient_id]
@@ -187,8 +188,10 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     return reply
 
 
-def _rated_cases(site: Site) -> int:
-    return sum(1 for c in site.cases if c.mask is not None and rater_masks(site.root, c.patient_id))
+def rated_cases(site: Site) -> list[Case]:
+    """The site's cases with a radiologist's mask and further raters' masks."""
+    return [c for c in site.cases if c.mask is not None and rater_masks(site.root, c.patient_id)]
 
 
-STEPS: dict[str, SiteStep] = {SEGMENTATION_STUDY: SiteStep("segmentation", study_step, _rated_cases)}
+STEPS: dict[str, SiteStep] = {SEGMENTATION_STUDY: SiteStep("segmentation", study_step,
+                                                           lambda site: len(rated_cases(site)))}
