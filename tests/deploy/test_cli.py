@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _processes_under(folder: Path) -> list[int]:
@@ -32,18 +32,6 @@ def _processes_under(folder: Path) -> list[int]:
     return out
 
 
-def _serverapp_running(folder: Path) -> bool:
-    """Whether the study's ServerApp process (``flwr-serverapp``, started by the SuperExec) is running: the study
-    is under way, whatever the streamed log has shown so far (the stream may lag behind the run)."""
-    for pid in _processes_under(folder):
-        try:
-            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     # Prepare: a study long enough to be interrupted in its middle
     study = tmp_path / "study.yaml"
@@ -53,13 +41,15 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cli.main", "deploy", "local", "--sites", "2", "--insecure", "--config", str(study),
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Ctrl-C as in a terminal: a test run started in the background (`make test &`) inherits an ignored SIGINT
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 200
-        while not (_serverapp_running(out) or any("phase rollcall: start" in line for line in lines)):
+        while not any("phase rollcall: start" in line for line in lines):
             assert proc.poll() is None, "".join(lines)
             assert time.monotonic() < deadline, "the study did not start:\n" + "".join(lines)
             time.sleep(0.2)
@@ -68,7 +58,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
 
         # Execute: Ctrl-C
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=300)
+        code = proc.wait(timeout=120)
         reader.join(timeout=10)
     finally:
         if proc.poll() is None:
