@@ -74,6 +74,11 @@ class SegmentationConfig(_Frozen):
     nnunet_base_features: int = Field(32, ge=4)  # nnU-Net's own defaults: 32 and 320
     nnunet_max_features: int = Field(320, ge=8)
     nnunet_gpu_memory_gb: float = Field(8.0, gt=0)
+    # network nnunet: nnU-Net's own nnUNetTrainer does the local steps (its data loader and augmentation, deep
+    # supervision, Dice + CE loss, SGD with poly LR over the rounds) and its predictor scores and segments;
+    # false, or with DP (per-patient clipping needs fedbiopsy's loop): fedbiopsy's loop with the same network
+    nnunet_trainer: bool = True
+    nnunet_da_processes: int = Field(0, ge=0, le=32)  # nnU-Net augmentation workers per site; 0: in the site thread
     rounds: int = Field(5, ge=1)
     local_epochs: int = Field(1, ge=1)
     steps_per_epoch: int = Field(20, ge=1)

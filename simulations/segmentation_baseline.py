@@ -12,6 +12,7 @@ per-site aggregates).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from client.segmentation.data import PatchSampler, Volume, load_volume, split_cases
 from client.segmentation.evaluation import evaluate_volumes
 from client.segmentation.local import StepSettings, run_local_steps
+from client.segmentation.task import uses_nnunet_trainer
 from client.training.device import pick_device
 from common.config import StudyConfig
 from common.hashing import derive_seed
@@ -61,7 +63,7 @@ def score(plan: Mapping[str, Any], weights: Mapping[str, np.ndarray], held: Mapp
         res = evaluate_volumes(net, vols, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
                                mirror=study.segmentation.mirror, largest_only=study.segmentation.keep_largest,
                                overlay_dir=overlay_dir / site_id if overlay_dir else None,
-                               overlays=overlays_per_site)
+                               overlays=overlays_per_site, plan=plan)
         per_site[site_id] = summarise_cases([r.metrics for r in res])
         all_cases += [r.metrics for r in res]
         per_case.update({f"{site_id}/{r.patient_id}": r.metrics["dsc"] for r in res})
@@ -75,6 +77,22 @@ def train_centralised(plan: Mapping[str, Any], study: StudyConfig, train: Sequen
     device = device or pick_device()
     net = build_network(plan, seed=derive_seed(cfg.seed, "initial-model"))
     steps = cfg.rounds * cfg.local_steps
+    if uses_nnunet_trainer(plan, study):  # nnU-Net's trainer, one epoch per round, on the pooled cases
+        from client.segmentation.nnunet_trainer import TrainerSettings, train_with_nnunet
+
+        pooled_plan = {**plan, "batch_size": n_sites * int(plan["batch_size"])}
+        weights, t0, losses = get_weights(net), time.perf_counter(), []
+        with tempfile.TemporaryDirectory(prefix="centralised-") as tmp:
+            for r in range(cfg.rounds):
+                weights, st = train_with_nnunet(
+                    train, pooled_plan, weights,
+                    TrainerSettings(steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, epoch=r,
+                                    epochs=cfg.rounds, foreground_ratio=cfg.foreground_ratio,
+                                    seed=derive_seed(cfg.seed, "centralised-steps", r),
+                                    da_processes=cfg.nnunet_da_processes), device, Path(tmp))
+                losses.append(st["train-loss"])
+        return weights, {"train-loss": float(np.mean(losses)), "steps": float(steps),
+                         "seconds": time.perf_counter() - t0}
     sampler = PatchSampler(train, plan["patch_size"], cfg.foreground_ratio, cfg.augment,
                            derive_seed(cfg.seed, "centralised"))
     settings = StepSettings(steps=steps, batch_size=n_sites * int(plan["batch_size"]),

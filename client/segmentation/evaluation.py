@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,17 @@ class CaseResult:
 def evaluate_volumes(net: Any, volumes: Sequence[Volume], patch: Sequence[int], device: Any, overlap: float = 0.25,
                      amp: bool = False, overlay_dir: Path | None = None, overlays: int = 0,
                      keep_predictions: bool = False, mirror: bool = False,
-                     largest_only: bool = False) -> list[CaseResult]:
+                     largest_only: bool = False, plan: Mapping[str, Any] | None = None) -> list[CaseResult]:
     """Predict each volume by sliding windows (``mirror``: test-time mirroring) and score it against its mask,
     the prediction post-processed as the inference phase does (``largest_only``:
-    :func:`client.segmentation.inference.keep_largest`); PNG overlays for the first few."""
+    :func:`client.segmentation.inference.keep_largest`); PNG overlays for the first few. An nnU-Net ``plan``
+    is predicted by nnU-Net's predictor."""
     results = []
     for i, vol in enumerate(volumes):
         if vol.label is None:
             raise ValueError(f"case {vol.patient_id} has no reference mask to evaluate against")
-        prob = predict_probability(net, vol.image, patch, device, overlap=overlap, amp=amp, mirror=mirror)
+        prob = predict_probability(net, vol.image, patch, device, overlap=overlap, amp=amp, mirror=mirror,
+                                   plan=plan, spacing=vol.spacing)
         pred = (prob >= 0.5).astype(np.uint8)
         if largest_only:
             pred, prob = keep_largest(prob)

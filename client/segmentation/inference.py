@@ -1,11 +1,15 @@
-"""Whole-volume prediction by sliding windows (``monai.inferers.sliding_window_inference``), with nnU-Net's test-time
-mirroring (the mean of the predictions of the volume flipped along every subset of its three axes), and the
-post-processing every use of a prediction shares: keep the largest connected component."""
+"""Whole-volume prediction by sliding windows, with nnU-Net's test-time mirroring (the mean of the predictions of
+the volume flipped along every subset of its three axes), and the post-processing every use of a prediction
+shares: keep the largest connected component.
+
+An nnU-Net plan is predicted by nnU-Net's own predictor
+(:func:`client.segmentation.nnunet_trainer.nnunet_probability`); a MONAI plan by
+``monai.inferers.sliding_window_inference``."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,9 +35,18 @@ def keep_largest(probability: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict_probability(net: Any, image: np.ndarray, patch: Sequence[int], device: Any, overlap: float = 0.25,
-                        amp: bool = False, sw_batch_size: int = 2, mirror: bool = False) -> np.ndarray:
+                        amp: bool = False, sw_batch_size: int = 2, mirror: bool = False,
+                        plan: Mapping[str, Any] | None = None,
+                        spacing: Sequence[float] | None = None) -> np.ndarray:
     """Tumour probability (Z, Y, X) of one (C, Z, Y, X) image; Gaussian-weighted window blending. ``mirror``: the
-    mean over the 8 flips of the volume (nnU-Net's ``use_mirroring``), each flipped back."""
+    mean over the 8 flips of the volume (nnU-Net's ``use_mirroring``), each flipped back. With an nnU-Net
+    ``plan`` (and the image's ``spacing``, z, y, x mm) nnU-Net's predictor does it all."""
+    if plan is not None and plan.get("network") == "nnunet":
+        from client.segmentation.nnunet_trainer import nnunet_probability
+
+        if spacing is None:
+            raise ValueError("nnU-Net's predictor needs the image's spacing")
+        return nnunet_probability(net, image, spacing, plan, device, overlap=overlap, mirror=mirror)
     if mirror:
         flips = [axes for k in range(4) for axes in itertools.combinations((0, 1, 2), k)]
         total = np.zeros(image.shape[1:], dtype=np.float64)

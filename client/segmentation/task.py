@@ -29,6 +29,7 @@ from common.release_ledger import SEGMENTATION_SPLIT
 from common.segmentation.aggregation import update_norm
 from common.segmentation.metrics import site_summary
 from common.segmentation.networks import build_network, get_weights, set_weights
+from common.segmentation.plan import NNUNET_TRAINER, local_trainer
 from common.sitedata import Site
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ def hold_to_ledger(site: Site, study: StudyConfig, scope: str, universe: list[st
     ledger = release_ledger(site)
     if ledger is not None:
         ledger.release(scope, universe, [held], study.hash, count=False)
+
+
+def uses_nnunet_trainer(plan: Mapping[str, Any], study: StudyConfig, proximal_mu: float = 0.0) -> bool:
+    """Whether nnU-Net's own trainer does the local steps (:func:`common.segmentation.plan.local_trainer`; a
+    round that asks for a FedProx term runs fedbiopsy's loop, which has one)."""
+    return local_trainer(plan, study) == NNUNET_TRAINER and proximal_mu <= 0
 
 
 def site_cohort(site: Site, study: StudyConfig) -> dict[str, int]:
@@ -105,17 +112,29 @@ def train_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], global_
         device = device or pick_device()
         seed = derive_seed(cfg.seed, site.site_id, server_round)
         volumes = [load_volume(c, plan["sequences"]) for c in train_cases]
-        sampler = PatchSampler(volumes, plan["patch_size"], cfg.foreground_ratio, cfg.augment, seed)
-        net = build_network(plan)
-        set_weights(net, global_weights, site.site_id)
-        anchors = {k: torch.from_numpy(np.asarray(v)) for k, v in global_weights.items()} if proximal_mu > 0 else None
-        settings = StepSettings(steps=cfg.local_steps, batch_size=batch, num_classes=int(plan["num_classes"]),
-                                optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, amp=cfg.amp,
-                                proximal_mu=proximal_mu, seed=seed, schedule=cfg.lr_schedule,
-                                step_offset=max(0, server_round - 1) * cfg.local_steps,
-                                total_steps=cfg.rounds * cfg.local_steps)
-        stats = run_local_steps(net, sampler, settings, device, global_params=anchors, dp=dp)
-    weights = get_weights(net)
+        if uses_nnunet_trainer(plan, study, proximal_mu):
+            from client.segmentation.nnunet_trainer import TrainerSettings, train_with_nnunet
+
+            weights, stats = train_with_nnunet(
+                volumes, plan, global_weights,
+                TrainerSettings(steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                epoch=max(0, server_round - 1), epochs=cfg.rounds,
+                                foreground_ratio=cfg.foreground_ratio, seed=seed,
+                                da_processes=cfg.nnunet_da_processes),
+                device, work_dir(site) / "segmentation", site.site_id)
+        else:
+            sampler = PatchSampler(volumes, plan["patch_size"], cfg.foreground_ratio, cfg.augment, seed)
+            net = build_network(plan)
+            set_weights(net, global_weights, site.site_id)
+            anchors = ({k: torch.from_numpy(np.asarray(v)) for k, v in global_weights.items()}
+                       if proximal_mu > 0 else None)
+            settings = StepSettings(steps=cfg.local_steps, batch_size=batch, num_classes=int(plan["num_classes"]),
+                                    optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, amp=cfg.amp,
+                                    proximal_mu=proximal_mu, seed=seed, schedule=cfg.lr_schedule,
+                                    step_offset=max(0, server_round - 1) * cfg.local_steps,
+                                    total_steps=cfg.rounds * cfg.local_steps)
+            stats = run_local_steps(net, sampler, settings, device, global_params=anchors, dp=dp)
+            weights = get_weights(net)
     metrics: dict[str, float] = {
         "num-examples": counts["n_train"], **stats, "seconds": time.perf_counter() - t0,
         "update-norm": update_norm(weights, global_weights),
@@ -151,7 +170,7 @@ def evaluate_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], weig
         overlay_dir = work_dir(site) / "segmentation" / f"overlays-{study.hash[:12]}"
     results = evaluate_volumes(net, volumes, plan["patch_size"], device, overlap=cfg.sw_overlap, amp=cfg.amp,
                                mirror=cfg.mirror, largest_only=cfg.keep_largest,
-                               overlay_dir=overlay_dir, overlays=cfg.overlays)
+                               overlay_dir=overlay_dir, overlays=cfg.overlays, plan=plan)
     policy = site.config.policy
     summary = site_summary(site.site_id, [r.metrics for r in results], policy.min_cohort, policy.cell_floor)
     log.info("site %s round %d: held-out DSC median %.3f over %d case(s)", site.site_id, server_round,

@@ -87,7 +87,7 @@ def segment_cases(inputs: ImagingInputs, study: StudyConfig, plan: dict, weights
             old.unlink(missing_ok=True)  # an earlier model's mask never stands in for this one's
         volume = load_volume(case, plan["sequences"])
         prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
-                                   mirror=study.segmentation.mirror)
+                                   mirror=study.segmentation.mirror, plan=plan, spacing=volume.spacing)
         mask, _ = keep_largest(prob)
         if mask.sum() < MIN_TUMOUR_VOXELS:  # no tumour found: the case keeps no mask (no features, no classifier)
             empty += 1

@@ -156,7 +156,7 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
         grid_case = on_grid[case.patient_id]
         volume = load_volume(grid_case, plan["sequences"])
         prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=cfg.sw_overlap,
-                                   mirror=cfg.mirror)
+                                   mirror=cfg.mirror, plan=plan, spacing=volume.spacing)
         reference = read_image(case.images[study.reference_sequence])
         analysis = read_image(grid_case.images[study.reference_sequence])  # the raw reference on raw inputs
         score = native_probability(prob, analysis, reference)

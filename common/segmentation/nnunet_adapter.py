@@ -1,7 +1,7 @@
 """The one place that talks to nnU-Net v2: plan from an aggregated fingerprint, build a network from plans.
 
 nnU-Net is configured by environment variables and reads its inputs from folders. Here those variables are set
-only for the duration of a call (:func:`_nnunet_env`), pointing at a throw-away folder holding a synthetic
+only for the duration of a call (:func:`nnunet_env`), pointing at a throw-away folder holding a synthetic
 ``dataset.json`` and ``dataset_fingerprint.json`` made from the *aggregated* fingerprint (no per-case values:
 every synthetic case carries the federation's median spacing and shape). nnU-Net's own ExperimentPlanner then
 plans exactly as it would on a pooled dataset with those medians, so every site builds the same network.
@@ -26,17 +26,20 @@ from common.errors import ProtocolError
 log = logging.getLogger(__name__)
 DATASET_NAME = "Dataset999_FedBiopsy"
 CONFIGURATION = "3d_fullres"
+PLANS_NAME = "nnUNetPlansFedBiopsy"
 _ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_def_n_proc",
-             "nnUNet_compile")
+             "nnUNet_compile", "nnUNet_wandb_enabled")
 
 
 @contextlib.contextmanager
-def _nnunet_env(root: Path) -> Iterator[None]:
-    """nnU-Net's environment variables pointing under ``root``, restored on exit."""
+def nnunet_env(root: Path, da_processes: int = 1) -> Iterator[None]:
+    """nnU-Net's environment variables pointing under ``root``, restored on exit: no compilation, no W&B logger,
+    ``da_processes`` data-augmentation workers (0: augmentation in the calling thread)."""
     saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    os.environ.pop("nnUNet_wandb_enabled", None)
     os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-                      nnUNet_results=str(root / "results"), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
-                      nnUNet_compile="false")
+                      nnUNet_results=str(root / "results"), nnUNet_n_proc_DA=str(int(da_processes)),
+                      nnUNet_def_n_proc="1", nnUNet_compile="false")
     try:
         yield
     finally:
@@ -105,7 +108,7 @@ def plan_nnunet(fingerprint: dict, sequences: Sequence[str], n_cases: int, base_
 
         save_json(dataset_json, str(raw / "dataset.json"))
         save_json(fingerprint, str(pre / "dataset_fingerprint.json"))
-        with _nnunet_env(root):
+        with nnunet_env(root):
             from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
                 ExperimentPlanner,
             )
@@ -117,7 +120,7 @@ def plan_nnunet(fingerprint: dict, sequences: Sequence[str], n_cases: int, base_
                     self.UNet_max_features_3d = max_features
 
             planner = _FederatedPlanner(DATASET_NAME, gpu_memory_target_in_gb=gpu_memory_gb,
-                                        plans_name="nnUNetPlansFedBiopsy")
+                                        plans_name=PLANS_NAME)
             chatter = io.StringIO()
             threads = torch.get_num_threads()  # the planner's VRAM estimate resets torch's thread count
             try:
@@ -139,28 +142,97 @@ def plan_nnunet(fingerprint: dict, sequences: Sequence[str], n_cases: int, base_
     return plans
 
 
-def build_nnunet_network(plans: Mapping[str, Any], in_channels: int, num_classes: int) -> Any:
-    """The 3d_fullres network of ``plans``, built as nnU-Net's ``get_network_from_plans`` builds it (no deep
-    supervision), but only from an allowed architecture with checked hyper-parameters
-    (:func:`common.segmentation.network_schema.nnunet_arch_kwargs`): nothing the plan names is imported.
-
-    The decoder's deep-supervision heads other than the last are frozen: without deep supervision they get no
-    gradient, which Opacus would reject.
-    """
-    from common.segmentation.network_schema import nnunet_arch_kwargs
-
+def _configuration(plans: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The plans' 3d_fullres configuration with an architecture entry, else a refusal."""
     configurations = plans.get("configurations") if isinstance(plans, Mapping) else None
     conf = configurations.get(CONFIGURATION) if isinstance(configurations, Mapping) else None
     if not isinstance(conf, Mapping) or not isinstance(conf.get("architecture"), Mapping):
         raise ProtocolError("(plan)", f"the nnU-Net plans have no {CONFIGURATION} architecture",
                             "use the plan the fingerprint phase of this fedbiopsy version makes")
-    cls, kwargs = nnunet_arch_kwargs(conf["architecture"])
-    net = cls(input_channels=in_channels, num_classes=num_classes, deep_supervision=False, **kwargs)
+    return conf
+
+
+def build_nnunet_network(plans: Mapping[str, Any] | None, in_channels: int, num_classes: int,
+                         deep_supervision: bool = False) -> Any:
+    """The 3d_fullres network of ``plans``, built as nnU-Net's ``get_network_from_plans`` builds it, but only from
+    an allowed architecture with checked hyper-parameters
+    (:func:`common.segmentation.network_schema.nnunet_arch_kwargs`): nothing the plan names is imported.
+
+    Without ``deep_supervision`` (evaluation, inference, the DP loop) the decoder's heads other than the last are
+    frozen: they get no gradient, which Opacus would reject. nnU-Net's trainer builds it with deep supervision;
+    the parameter names are the same either way, so the weights federate between the two.
+    """
+    from common.segmentation.network_schema import nnunet_arch_kwargs
+
+    cls, kwargs = nnunet_arch_kwargs(_configuration(plans)["architecture"])
+    net = cls(input_channels=in_channels, num_classes=num_classes, deep_supervision=deep_supervision, **kwargs)
     if hasattr(net, "initialize"):
         net.apply(net.initialize)  # nnU-Net's own initialisation, as get_network_from_plans(allow_init=True)
     seg_layers = getattr(getattr(net, "decoder", None), "seg_layers", None)
-    if seg_layers is not None:
+    if seg_layers is not None and not deep_supervision:
         for layer in list(seg_layers)[:-1]:
             for p in layer.parameters():
                 p.requires_grad_(False)
     return net
+
+
+def site_plans(plan: Mapping[str, Any]) -> dict:
+    """The nnU-Net plans a site hands to nnU-Net's trainer and predictor, built by the site.
+
+    nnU-Net resolves the preprocessor, normaliser, resampling functions, label manager and image reader by the
+    names its plans give. Those names are the site's own here, never the server's: from the server's plan only
+    checked numbers are taken (the architecture, checked by :func:`build_nnunet_network` when the network is
+    built; patch and batch size; the grid). The plan's axis order must be nnU-Net's identity (a grid whose
+    coarsest axis is z, or isotropic), which is what the planner gives for every grid this version makes.
+    """
+    from common.segmentation.network_schema import checked_int, io_channels, nnunet_arch_kwargs
+
+    in_ch, _ = io_channels(plan)
+    nn = plan.get("nnunet")
+    server = nn.get("plans") if isinstance(nn, Mapping) else None
+    conf = _configuration(server)
+    nnunet_arch_kwargs(conf["architecture"])  # refuses anything not allowed
+    for key in ("transpose_forward", "transpose_backward"):
+        if server.get(key) != [0, 1, 2]:  # type: ignore[union-attr]
+            raise ProtocolError("(plan)", f"nnU-Net {key} is not the identity (z, y, x)",
+                                "use the plan the fingerprint phase of this fedbiopsy version makes")
+    patch = plan.get("patch_size")
+    spacing = plan.get("target_spacing")
+    if not isinstance(patch, (list, tuple)) or len(patch) != 3 or not isinstance(spacing, (list, tuple)) \
+            or len(spacing) != 3 or not all(isinstance(s, (int, float)) and 0 < s < 100 for s in spacing):
+        raise ProtocolError("(plan)", "patch_size and target_spacing must be 3 numbers each",
+                            "use the plan the fingerprint phase of this fedbiopsy version makes")
+    patch = [checked_int("patch_size", p, 4, 512) for p in patch]
+    batch = checked_int("batch_size", plan.get("batch_size"), 1, 64)
+    spacing = [float(s) for s in spacing]
+    data_kwargs = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    seg_kwargs = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
+    prob_kwargs = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
+    channel = {"mean": 0.0, "median": 0.0, "std": 1.0, "min": -10.0, "max": 10.0, "percentile_99_5": 5.0,
+               "percentile_00_5": -5.0}
+    return {
+        "dataset_name": DATASET_NAME, "plans_name": PLANS_NAME,
+        "original_median_spacing_after_transp": spacing, "original_median_shape_after_transp": patch,
+        "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {str(i): dict(channel) for i in range(in_ch)},
+        "configurations": {CONFIGURATION: {
+            "data_identifier": f"{PLANS_NAME}_{CONFIGURATION}", "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": batch, "patch_size": patch, "median_image_size_in_voxels": patch, "spacing": spacing,
+            "normalization_schemes": ["ZScoreNormalization"] * in_ch, "use_mask_for_norm": [False] * in_ch,
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": data_kwargs,
+            "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_seg_kwargs": seg_kwargs,
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": prob_kwargs,
+            "batch_dice": False, "architecture": json.loads(json.dumps(conf["architecture"])),
+        }},
+    }
+
+
+def site_dataset_json(plan: Mapping[str, Any], n_cases: int) -> dict:
+    """nnU-Net's ``dataset.json`` for a site's cases: one channel per sequence, background and tumour."""
+    from common.segmentation.network_schema import io_channels
+
+    io_channels(plan)
+    return {"channel_names": {str(i): str(s) for i, s in enumerate(plan["sequences"])},
+            "labels": {"background": 0, "tumour": 1}, "numTraining": int(n_cases), "file_ending": ".nii.gz"}

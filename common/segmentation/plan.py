@@ -18,6 +18,18 @@ from common.config import StudyConfig
 from common.errors import ConfigError
 
 PLAN_FORMAT = "fedbiopsy-segplan/1"
+NNUNET_TRAINER = "nnUNetTrainer"
+FEDBIOPSY_LOOP = "fedbiopsy"
+
+
+def local_trainer(plan: Mapping[str, Any], study: StudyConfig) -> str:
+    """What does a site's local steps: nnU-Net's own ``nnUNetTrainer`` for an nnU-Net plan with ``nnunet_trainer``
+    on, unless the study uses DP or FedProx (per-patient clipping and noise, and the proximal term, need
+    fedbiopsy's loop, which trains the same network); else fedbiopsy's loop."""
+    cfg = study.segmentation
+    if plan.get("network") == "nnunet" and cfg.nnunet_trainer and not cfg.dp.enabled and cfg.strategy != "fedprox":
+        return NNUNET_TRAINER
+    return FEDBIOPSY_LOOP
 
 
 def _monai_patch(median_shape: list[float], levels: int, requested: tuple[int, int, int] | None) -> list[int]:

@@ -23,7 +23,7 @@ from common.errors import ConfigError
 from common.hashing import derive_seed, sha256_json
 from common.segmentation.metrics import headline, unflatten
 from common.segmentation.networks import build_network, count_parameters, get_weights
-from common.segmentation.plan import make_plan
+from common.segmentation.plan import local_trainer, make_plan
 from common.segmentation.protocol import RoundRecord, run_segmentation
 from common.weights import save_weights
 from server.phases.base import PhaseContext, imaging_grid
@@ -108,6 +108,7 @@ def run(ctx: PhaseContext) -> dict:
         "plan": str(plan_path),
         "plan_hash": plan_hash,
         "network": plan["network"],
+        "trainer": local_trainer(plan, study),
         **grid,
         "n_parameters": count_parameters(net),
         "patch_size": plan["patch_size"],
