@@ -99,6 +99,7 @@ class SegmentationConfig(_Frozen):
     sw_overlap: float = Field(0.25, ge=0, lt=1)
     mirror: bool = True  # test-time mirroring over the 3 axes (nnU-Net's predictor): 8 predictions per case
     keep_largest: bool = True  # post-processing: the largest connected component (scored as the sites use it)
+    fill_holes: bool = True  # ... with its holes closed in 3-D and on every slice (a necrotic core is tumour)
     amp: bool = True  # mixed precision, used only on CUDA and never with DP
     threads: int = Field(0, ge=0)  # torch CPU threads at a site; 0: leave torch's default
     overlays: int = Field(3, ge=0)  # PNG overlays written at the site (never sent) for this many held-out cases

@@ -63,7 +63,7 @@ def score(plan: Mapping[str, Any], weights: Mapping[str, np.ndarray], held: Mapp
         res = evaluate_volumes(net, vols, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
                                mirror=study.segmentation.mirror, largest_only=study.segmentation.keep_largest,
                                overlay_dir=overlay_dir / site_id if overlay_dir else None,
-                               overlays=overlays_per_site, plan=plan)
+                               overlays=overlays_per_site, plan=plan, fill_holes=study.segmentation.fill_holes)
         per_site[site_id] = summarise_cases([r.metrics for r in res])
         all_cases += [r.metrics for r in res]
         per_case.update({f"{site_id}/{r.patient_id}": r.metrics["dsc"] for r in res})

@@ -27,11 +27,12 @@ class CaseResult:
 def evaluate_volumes(net: Any, volumes: Sequence[Volume], patch: Sequence[int], device: Any, overlap: float = 0.25,
                      amp: bool = False, overlay_dir: Path | None = None, overlays: int = 0,
                      keep_predictions: bool = False, mirror: bool = False,
-                     largest_only: bool = False, plan: Mapping[str, Any] | None = None) -> list[CaseResult]:
+                     largest_only: bool = False, plan: Mapping[str, Any] | None = None,
+                     fill_holes: bool = True) -> list[CaseResult]:
     """Predict each volume by sliding windows (``mirror``: test-time mirroring) and score it against its mask,
     the prediction post-processed as the inference phase does (``largest_only``:
-    :func:`client.segmentation.inference.keep_largest`); PNG overlays for the first few. An nnU-Net ``plan``
-    is predicted by nnU-Net's predictor."""
+    :func:`client.segmentation.inference.keep_largest`, ``fill_holes``); PNG overlays for the first few. An
+    nnU-Net ``plan`` is predicted by nnU-Net's predictor."""
     results = []
     for i, vol in enumerate(volumes):
         if vol.label is None:
@@ -40,7 +41,7 @@ def evaluate_volumes(net: Any, volumes: Sequence[Volume], patch: Sequence[int], 
                                    plan=plan, spacing=vol.spacing)
         pred = (prob >= 0.5).astype(np.uint8)
         if largest_only:
-            pred, prob = keep_largest(prob)
+            pred, prob = keep_largest(prob, fill_holes)
         metrics = case_metrics(vol.label[0], pred, prob, vol.spacing)
         if overlay_dir is not None and i < overlays:
             save_overlay(vol.image[0], vol.label[0], pred, Path(overlay_dir) / f"{vol.patient_id}.png",

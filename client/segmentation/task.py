@@ -170,7 +170,8 @@ def evaluate_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], weig
         overlay_dir = work_dir(site) / "segmentation" / f"overlays-{study.hash[:12]}"
     results = evaluate_volumes(net, volumes, plan["patch_size"], device, overlap=cfg.sw_overlap, amp=cfg.amp,
                                mirror=cfg.mirror, largest_only=cfg.keep_largest,
-                               overlay_dir=overlay_dir, overlays=cfg.overlays, plan=plan)
+                               overlay_dir=overlay_dir, overlays=cfg.overlays, plan=plan,
+                               fill_holes=cfg.fill_holes)
     policy = site.config.policy
     summary = site_summary(site.site_id, [r.metrics for r in results], policy.min_cohort, policy.cell_floor)
     log.info("site %s round %d: held-out DSC median %.3f over %d case(s)", site.site_id, server_round,

@@ -44,19 +44,21 @@ def with_predicted_masks(site: Site) -> list[Case]:
     return raw_inputs(site).with_predicted_masks()
 
 
-def native_probability(probability: np.ndarray, analysis: sitk.Image, native: sitk.Image) -> np.ndarray:
+def native_probability(probability: np.ndarray, analysis: sitk.Image, native: sitk.Image,
+                       fill_holes: bool = True) -> np.ndarray:
     """The tumour probability on the native grid: the map on ``analysis``'s grid, kept around its largest
     component above 0.5 (as the mask is), resampled linearly onto ``native``'s."""
-    prob = sitk.GetImageFromArray(keep_largest(probability)[1])
+    prob = sitk.GetImageFromArray(keep_largest(probability, fill_holes)[1])
     prob.CopyInformation(analysis)
     back = sitk.Resample(prob, native, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(back)
 
 
-def native_mask(probability: np.ndarray, analysis: sitk.Image, native: sitk.Image) -> np.ndarray:
+def native_mask(probability: np.ndarray, analysis: sitk.Image, native: sitk.Image,
+                fill_holes: bool = True) -> np.ndarray:
     """The tumour mask on the native grid: :func:`native_probability` thresholded at 0.5 (label-aware: no
     staircase of a nearest-neighbour mask; a thin part of the one component may come back as its own island)."""
-    return (native_probability(probability, analysis, native) > 0.5).astype(np.uint8)
+    return (native_probability(probability, analysis, native, fill_holes) > 0.5).astype(np.uint8)
 
 
 def _write_mask(mask: np.ndarray, geometry: sitk.Image, path: Path) -> None:
@@ -88,7 +90,7 @@ def segment_cases(inputs: ImagingInputs, study: StudyConfig, plan: dict, weights
         volume = load_volume(case, plan["sequences"])
         prob = predict_probability(net, volume.image, plan["patch_size"], device, overlap=study.segmentation.sw_overlap,
                                    mirror=study.segmentation.mirror, plan=plan, spacing=volume.spacing)
-        mask, _ = keep_largest(prob)
+        mask, _ = keep_largest(prob, study.segmentation.fill_holes)
         if mask.sum() < MIN_TUMOUR_VOXELS:  # no tumour found: the case keeps no mask (no features, no classifier)
             empty += 1
             log.warning("site %s: the model found no tumour in %s", site.site_id, case.patient_id)
@@ -97,7 +99,7 @@ def segment_cases(inputs: ImagingInputs, study: StudyConfig, plan: dict, weights
         _write_mask(mask, reference, inputs.predicted_dir / f"{case.patient_id}.nii.gz")
         if inputs.plan_sha256 is not None:  # and back onto the site's own grid
             native = read_image(raw[case.patient_id].images[study.reference_sequence])
-            _write_mask(native_mask(prob, reference, native), native,
+            _write_mask(native_mask(prob, reference, native, study.segmentation.fill_holes), native,
                         predicted_mask_path(inputs.raw, case.patient_id))
         segmented += 1
     log.info("site %s: segmented %d case(s) without masks into %s (%d empty; inputs %s)", site.site_id, segmented,

@@ -159,7 +159,7 @@ def study_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
                                    mirror=cfg.mirror, plan=plan, spacing=volume.spacing)
         reference = read_image(case.images[study.reference_sequence])
         analysis = read_image(grid_case.images[study.reference_sequence])  # the raw reference on raw inputs
-        score = native_probability(prob, analysis, reference)
+        score = native_probability(prob, analysis, reference, cfg.fill_holes)
         model = score > 0.5
         seconds += time.perf_counter() - t0
         masks = _masks(site, case, reference)

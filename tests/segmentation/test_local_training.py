@@ -75,3 +75,38 @@ def test_test_time_mirroring_flips_each_prediction_back() -> None:
     assert mirrored.shape == plain.shape
     assert np.abs(mirrored - plain).max() < 0.05  # only the ramp's half of the flips differs (0.01 x 15 / 4)
     assert np.abs(np.flip(plain, 1) - plain).max() > 0.5  # what an un-flipped axis would have cost
+
+
+def _ball(size: int, radius: float) -> np.ndarray:
+    zz, yy, xx = np.indices((size,) * 3) - size // 2
+    return zz ** 2 + yy ** 2 + xx ** 2 <= radius ** 2
+
+
+def test_post_processing_closes_a_missed_necrotic_core_but_not_a_notch_open_to_the_outside() -> None:
+    """A model that finds the enhancing rim but not the dark core: the rim is open at the top, so a 3-D fill
+    cannot close it, but every axial slice through it is a closed ring. A slot cut from the surface to the
+    centre is open on every slice along every axis and stays empty."""
+    from client.segmentation.inference import fill_slice_holes, keep_largest
+
+    c = 16
+    core = _ball(33, 6)
+    rim = _ball(33, 9) & ~core
+    rim[c + 7:] = False  # the cap is missing: the cavity reaches the outside in 3-D
+    from scipy import ndimage
+
+    assert not (ndimage.binary_fill_holes(rim) & core).any()  # a 3-D fill alone leaves the whole core out
+    filled = fill_slice_holes(rim)
+    assert (filled & core).sum() == core.sum() and not (filled & ~_ball(33, 9)).any()
+
+    notched = _ball(33, 9)
+    slot = np.zeros_like(notched)
+    slot[:, c - 1:c + 2, c:] = True
+    notched &= ~slot
+    assert not (fill_slice_holes(notched) & slot).any()
+
+    probability = np.where(rim, 0.9, 0.1).astype(np.float32)
+    mask, prob = keep_largest(probability)
+    assert (mask.astype(bool) == filled).all()
+    assert (prob[core] == 1.0).all() and ((prob > 0.5) == mask.astype(bool)).all()
+    plain, _ = keep_largest(probability, fill_holes=False)
+    assert (plain.astype(bool) == rim).all()
