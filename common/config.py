@@ -76,7 +76,7 @@ class SegmentationConfig(_Frozen):
     nnunet_gpu_memory_gb: float = Field(8.0, gt=0)
     # network nnunet: nnU-Net's own nnUNetTrainer does the local steps (its data loader and augmentation, deep
     # supervision, Dice + CE loss, SGD with poly LR over the rounds) and its predictor scores and segments;
-    # false, or with DP (per-patient clipping needs fedbiopsy's loop): fedbiopsy's loop with the same network
+    # false, or with DP or FedProx (clipping, the proximal term): fedbiopsy's loop with the same network
     nnunet_trainer: bool = True
     nnunet_da_processes: int = Field(0, ge=0, le=32)  # nnU-Net augmentation workers per site; 0: in the site thread
     rounds: int = Field(5, ge=1)

@@ -84,12 +84,8 @@ def train_centralised(plan: Mapping[str, Any], study: StudyConfig, train: Sequen
         weights, t0, losses = get_weights(net), time.perf_counter(), []
         with tempfile.TemporaryDirectory(prefix="centralised-") as tmp:
             for r in range(cfg.rounds):
-                weights, st = train_with_nnunet(
-                    train, pooled_plan, weights,
-                    TrainerSettings(steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, epoch=r,
-                                    epochs=cfg.rounds, foreground_ratio=cfg.foreground_ratio,
-                                    seed=derive_seed(cfg.seed, "centralised-steps", r),
-                                    da_processes=cfg.nnunet_da_processes), device, Path(tmp))
+                epoch = TrainerSettings.for_round(cfg, r, derive_seed(cfg.seed, "centralised-steps", r))
+                weights, st = train_with_nnunet(train, pooled_plan, weights, epoch, device, Path(tmp))
                 losses.append(st["train-loss"])
         return weights, {"train-loss": float(np.mean(losses)), "steps": float(steps),
                          "seconds": time.perf_counter() - t0}

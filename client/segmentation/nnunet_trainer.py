@@ -90,6 +90,12 @@ class TrainerSettings:
     seed: int
     da_processes: int = 0
 
+    @classmethod
+    def for_round(cls, cfg: Any, epoch: int, seed: int) -> TrainerSettings:
+        """The settings of epoch ``epoch`` (0-based round) of a study's ``segmentation`` config."""
+        return cls(steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, epoch=epoch, epochs=cfg.rounds,
+                   foreground_ratio=cfg.foreground_ratio, seed=seed, da_processes=cfg.nnunet_da_processes)
+
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:

@@ -115,13 +115,9 @@ def train_round(site: Site, study: StudyConfig, plan: Mapping[str, Any], global_
         if uses_nnunet_trainer(plan, study, proximal_mu):
             from client.segmentation.nnunet_trainer import TrainerSettings, train_with_nnunet
 
-            weights, stats = train_with_nnunet(
-                volumes, plan, global_weights,
-                TrainerSettings(steps=cfg.local_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                epoch=max(0, server_round - 1), epochs=cfg.rounds,
-                                foreground_ratio=cfg.foreground_ratio, seed=seed,
-                                da_processes=cfg.nnunet_da_processes),
-                device, work_dir(site) / "segmentation", site.site_id)
+            weights, stats = train_with_nnunet(volumes, plan, global_weights,
+                                               TrainerSettings.for_round(cfg, max(0, server_round - 1), seed),
+                                               device, work_dir(site) / "segmentation", site.site_id)
         else:
             sampler = PatchSampler(volumes, plan["patch_size"], cfg.foreground_ratio, cfg.augment, seed)
             net = build_network(plan)
