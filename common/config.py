@@ -232,6 +232,50 @@ class OutcomesConfig(_Frozen):
     alpha: float = Field(0.05, gt=0, lt=1)
 
 
+class PrognosisConfig(_Frozen):
+    """Federated multivariable Cox (lifelines' ``CoxPHFitter(penalizer, l1_ratio)``), evaluated by C-index and
+    time-dependent AUC.
+
+    ``table``: where the covariates are: ``clinical.csv`` alone, or one of the site's derived feature tables
+    (harmonised radiomics, the signature scores) joined to ``clinical.csv`` on ``patient_id``; ``covariates``
+    may name columns of either. A covariate listed in ``levels`` is categorical, coded as indicators of its
+    levels (``encoding: reference`` drops the first level; ``full`` keeps them all, collinear without a
+    penalizer). ``split_column``: a clinical column of ``train``/``test`` values; train rows fit, test rows
+    evaluate. Times leave exact only where every site allows it (``exact_times: auto``), else binned.
+    """
+
+    table: str = "clinical.csv"
+    duration: str = "os_days"
+    event: str = "os_event"
+    covariates: tuple[str, ...] = ()
+    levels: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    encoding: Literal["reference", "full"] = "reference"
+    penalizer: float | tuple[float, ...] = 0.0
+    l1_ratio: float = Field(0.0, ge=0, le=1)
+    split_column: str | None = None
+    exact_times: Literal["auto", "never"] = "auto"
+    time_bin_days: float = Field(30.0, gt=0)
+    risk_bins: int = Field(64, ge=2, le=512)  # shared risk-score bins of the C-index / AUC tables
+    horizons: tuple[float, ...] = ()  # time-dependent AUC at these times (the duration's unit)
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+    @field_validator("penalizer")
+    @classmethod
+    def _non_negative(cls, v: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        values = (v,) if isinstance(v, (int, float)) else v
+        if any(not (x >= 0 and x < float("inf")) for x in values):
+            raise ValueError("penalizer must be finite and >= 0")
+        return v
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for col, lv in v.items():
+            if len(lv) < 2 or len(set(map(str, lv))) != len(lv):
+                raise ValueError(f"levels of {col!r}: at least two distinct values")
+        return {col: tuple(str(x) for x in lv) for col, lv in v.items()}
+
+
 class RegistryConfig(_Frozen):
     """Where the server's model registry lives (server/registry/), and the intended use its model cards state.
 
@@ -385,6 +429,7 @@ class StudyConfig(_Frozen):
     harmonisation: HarmonisationConfig = HarmonisationConfig()
     reduction: ReductionConfig = ReductionConfig()
     outcomes: OutcomesConfig = OutcomesConfig()
+    prognosis: PrognosisConfig = PrognosisConfig()
     features: FeaturesConfig = FeaturesConfig()
     preprocessing: PreprocessingConfig = PreprocessingConfig()
     simulation: SimulationConfig = SimulationConfig()
@@ -405,7 +450,7 @@ class StudyConfig(_Frozen):
         return v
 
     def model_post_init(self, __context: Any) -> None:
-        if self.reference_sequence not in self.sequences:
+        if self.sequences and self.reference_sequence not in self.sequences:  # none: a tabular study
             raise ValueError(
                 f"reference_sequence {self.reference_sequence!r} is not one of sequences {list(self.sequences)}"
             )

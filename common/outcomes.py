@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from common.config import OutcomesConfig
-from common.cox import CoxResult, check_separation, cox_result, efron_derivatives, merge_cox_sums, newton_raphson
+from common.cox import CoxResult, ElasticNet, check_separation, cox_result, efron_derivatives, merge_cox_sums, newton_raphson
 from common.errors import ConfigError, ProtocolError
 from common.kmeans import LloydLoop, kmeans_plusplus_from_summaries, random_centres
 from common.outcomes_site import (
@@ -273,6 +273,7 @@ class CoxStart:
     mean: np.ndarray
     scale: np.ndarray
     event_times: np.ndarray
+    n: int = 0  # pooled patients (lifelines scales its penalty by them)
 
 
 def _covariate_names(replies: dict[str, Payload], groups: Sequence | None, prefix: str) -> tuple[str, ...]:
@@ -290,8 +291,8 @@ def _covariate_names(replies: dict[str, Payload], groups: Sequence | None, prefi
 
 
 def server_cox_start(replies: dict[str, Payload], groups: Sequence | None = None,
-                     prefix: str = "cluster_") -> CoxStart:
-    """Check the first Cox round: same covariates, none constant or separated, at least one event."""
+                     prefix: str = "cluster_", penalised: bool = False) -> CoxStart:
+    """Check the first Cox round: same covariates, none constant or (unpenalised) separated, at least one event."""
     if not replies:
         raise ProtocolError("(none)", "no site answered the Cox moments round")
     names = _covariate_names(replies, groups, prefix)
@@ -301,32 +302,42 @@ def server_cox_start(replies: dict[str, Payload], groups: Sequence | None = None
     if flat:
         raise ProtocolError("(pooled)", f"covariate(s) {flat} are constant over the sites {sorted(replies)}",
                             "drop them from the model")
-    check_separation(replies, names)
+    if not penalised:  # a penalty keeps a separated covariate's coefficient finite, as in lifelines
+        check_separation(replies, names)
     tau = np.unique(np.concatenate([np.atleast_1d(np.asarray(r.get("event_times", []), dtype=np.float64))
                                     for r in replies.values()]))
     if tau.size == 0:
         raise ProtocolError("(pooled)", f"no event at any of the sites {sorted(replies)}", "Cox needs events")
-    return CoxStart(names=names, mean=moments.mean, scale=scale, event_times=tau)
+    return CoxStart(names=names, mean=moments.mean, scale=scale, event_times=tau, n=moments.n)
 
 
 def run_cox(query: Query, options: SurvivalOptions, groups: Sequence | None = None,
-            prefix: str = "cluster_") -> CoxResult:
-    """Cox proportional hazards (Efron's ties) by federated Newton-Raphson: lifelines' ``CoxPHFitter``.
+            prefix: str = "cluster_", penalizer: float | Sequence[float] = 0.0, l1_ratio: float = 0.0,
+            extra: Payload | None = None) -> CoxResult:
+    """Cox proportional hazards (Efron's ties) by federated Newton-Raphson: lifelines'
+    ``CoxPHFitter(penalizer=penalizer, l1_ratio=l1_ratio)``.
 
     Covariates: the sites' covariate columns, or (``groups``, the pooled group labels) indicators of every
-    group but the first, named ``<prefix><label>``.
+    group but the first, named ``<prefix><label>``. ``extra`` goes into every request (the prognosis phase's
+    covariate spec and split).
     """
-    request = options.request()
+    request = {**options.request(), **(extra or {})}
     if groups is not None:
         request["groups"] = list(groups)
-    start = server_cox_start(query(COX_MOMENTS, request), groups, prefix)
+    pen = penalizer if np.isscalar(penalizer) else tuple(float(v) for v in penalizer)  # type: ignore[arg-type, union-attr]
+    probe = ElasticNet(pen, l1_ratio)  # type: ignore[arg-type]
+    start = server_cox_start(query(COX_MOMENTS, request), groups, prefix, penalised=probe.active)
+    if not np.isscalar(pen) and len(pen) != len(start.names):  # type: ignore[arg-type]
+        raise ConfigError("study config", f"{len(pen)} penalizer value(s) for {len(start.names)} covariate(s)",  # type: ignore[arg-type]
+                          "give one penalizer, or one per covariate column")
+    penalty = ElasticNet(pen, l1_ratio, start.n)  # type: ignore[arg-type]
     step = {**request, "mean": start.mean, "scale": start.scale, "event_times": start.event_times}
 
     def evaluate(beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         replies = query(COX_SUMS, {**step, "beta": beta})
         return efron_derivatives(merge_cox_sums(replies, start.event_times.size, len(start.names)), beta)
 
-    return cox_result(start.names, newton_raphson(evaluate, len(start.names)), start.scale)
+    return cox_result(start.names, newton_raphson(evaluate, len(start.names), penalty=penalty), start.scale)
 
 
 # ============================================================================================ the phase

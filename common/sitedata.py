@@ -27,13 +27,13 @@ from common.imageio import find_image
 CLINICAL_COLUMNS: tuple[str, ...] = ("patient_id", "age", "sex", "label", "os_days", "os_event")
 ALL_PHASES: tuple[str, ...] = (
     "fingerprint", "preprocessing", "segmentation", "features", "harmonisation", "reduction",
-    "classifier", "outcomes", "rollcall",
+    "classifier", "outcomes", "prognosis", "rollcall",
 )
 
 
 FEATURE_TABLES: tuple[str, ...] = ("features.csv", "features_harmonised.csv", "signature_scores.csv")
 ColumnKind = Literal["categorical", "continuous"]
-ColumnUse = Literal["covariate", "batch", "stratum", "fairness", "label", "survival"]
+ColumnUse = Literal["covariate", "batch", "stratum", "fairness", "label", "survival", "split"]
 
 
 class ClinicalColumn(BaseModel):
@@ -74,6 +74,8 @@ class SitePolicy(BaseModel):
     min_cohort: int = Field(5, ge=1)  # fewest patients any reply aggregates over
     min_cell: int | None = Field(None, ge=1)  # fewest patients per released cell; None: min_cohort
     exact_outcomes: bool = False  # allow exact event times, cells under min_cell and overlapping releases
+    cox_newton: bool = False  # answer multivariable Cox's Newton rounds: risk-set sums weighted by exp(x.beta) at a
+    # server-chosen beta, from which covariate values within a risk-set cell can be solved (the site's choice)
     max_ledger_refusals: int = Field(20, ge=1)  # studies a release-ledger scope may be frozen in, then closed
     max_ledger_requests: int = Field(100, ge=1)  # requests a study may make of one ledger scope, then frozen
     max_ledger_holds: int = Field(2, ge=1)  # refusals a study may meet in one ledger scope, then frozen
@@ -124,8 +126,8 @@ class SiteConfig(BaseModel):
 
     site_id: str = Field(min_length=1)
     name: str = ""
-    scanner: Scanner
-    sequences: tuple[str, ...] = ("T2w", "CET1")
+    scanner: Scanner | None = None  # required where the site has images
+    sequences: tuple[str, ...] = ("T2w", "CET1")  # empty: a tabular site (site.yaml + clinical.csv only)
     reference_sequence: str = "T2w"
     policy: SitePolicy = SitePolicy()
     simulation: SimulatedEffects | None = None
@@ -148,7 +150,10 @@ def load_site_config(site_dir: Path | str) -> SiteConfig:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(path, f"invalid site.yaml ({problems})", "correct the named keys") from exc
-    if config.reference_sequence not in config.sequences:
+    if config.sequences and config.scanner is None:
+        raise ConfigError(path, "an imaging site (sequences listed) needs its scanner",
+                          "add scanner: {vendor: ..., field_strength: ...}, or set sequences: [] for a tabular site")
+    if config.sequences and config.reference_sequence not in config.sequences:
         raise ConfigError(
             path,
             f"reference_sequence {config.reference_sequence!r} is not in sequences {list(config.sequences)}",
@@ -187,6 +192,11 @@ class Site:
     def site_id(self) -> str:
         return self.config.site_id
 
+    @property
+    def tabular(self) -> bool:
+        """A site without images: ``site.yaml`` and ``clinical.csv`` (any columns) only."""
+        return not self.config.sequences
+
     def clinical_frame(self) -> pd.DataFrame:
         """The clinical rows of the valid cases, indexed by patient_id (stays at the site)."""
         return pd.DataFrame([c.clinical for c in self.cases]).set_index("patient_id")
@@ -212,8 +222,9 @@ def rater_masks(site_dir: Path | str, patient_id: str) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def read_clinical(site_dir: Path | str) -> pd.DataFrame:
-    """``clinical.csv`` with patient_id as a string column; raises if the file or a column is missing."""
+def read_clinical(site_dir: Path | str, required: tuple[str, ...] = CLINICAL_COLUMNS) -> pd.DataFrame:
+    """``clinical.csv`` with patient_id as a string column; raises if the file or a ``required`` column is missing
+    (a tabular site needs only ``patient_id``)."""
     path = Path(site_dir) / "clinical.csv"
     if not path.is_file():
         raise ConfigError(path, "clinical.csv is missing", f"write it with the columns {', '.join(CLINICAL_COLUMNS)}")
@@ -221,10 +232,10 @@ def read_clinical(site_dir: Path | str) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype={"patient_id": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ConfigError(path, f"cannot be parsed as CSV ({exc})", "save it as comma-separated UTF-8") from exc
-    missing = [c for c in CLINICAL_COLUMNS if c not in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise ConfigError(path, f"missing column(s) {missing}", f"add them; required: {', '.join(CLINICAL_COLUMNS)}")
-    dupes = frame["patient_id"][frame["patient_id"].duplicated()].tolist()
-    if dupes:
-        raise ConfigError(path, f"patient_id repeated: {dupes[:5]}", "keep one row per patient")
+        raise ConfigError(path, f"missing column(s) {missing}", f"add them; required: {', '.join(required)}")
+    dupes = frame["patient_id"][frame["patient_id"].duplicated()]
+    if len(dupes):
+        raise ConfigError(path, f"patient_id repeated in {len(dupes)} row(s)", "keep one row per patient")
     return frame

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from common.errors import ConfigError, FedBiopsyError, FileProblemError, SiteDataError
 from common.imageio import geometry_mismatches, read_image
 from common.sitedata import (
+    CLINICAL_COLUMNS,
     Case,
     Site,
     SiteConfig,
@@ -26,6 +27,7 @@ from common.sitedata import (
 
 log = logging.getLogger(__name__)
 DEFAULT_SEQUENCES: tuple[str, ...] = ("T2w", "CET1")
+TABULAR_COLUMNS: tuple[str, ...] = ("patient_id",)  # all a tabular site's clinical.csv must have
 
 
 @dataclass(frozen=True)
@@ -168,11 +170,15 @@ def validate_site(site_dir: Path | str) -> SiteReport:
         report.config = load_site_config(root)
     except ConfigError as err:
         report.site_problems.append(_problem(err))
+    tabular = report.config is not None and not report.config.sequences
     try:
-        clinical_ids = list(read_clinical(root)["patient_id"])
+        clinical_ids = list(read_clinical(root, TABULAR_COLUMNS if tabular else CLINICAL_COLUMNS)["patient_id"])
     except ConfigError as err:
         report.site_problems.append(_problem(err))
         clinical_ids = []
+    if tabular:  # site.yaml + clinical.csv: a case per row; its columns are checked against a study
+        report.cases = [CaseReport(str(pid)) for pid in sorted(map(str, clinical_ids))]
+        return report
     image_root = root / "images"
     image_ids = sorted(p.name for p in image_root.iterdir() if p.is_dir()) if image_root.is_dir() else []
     for pid in sorted(set(image_ids) - set(clinical_ids)):
@@ -196,7 +202,8 @@ def load_site(site_dir: Path | str) -> Site:
     """Load a site with its valid cases; site-level problems raise, invalid cases are logged and left out."""
     root = Path(site_dir)
     config = load_site_config(root)
-    clinical = read_clinical(root).set_index("patient_id", drop=False)
+    clinical = read_clinical(root, CLINICAL_COLUMNS if config.sequences else TABULAR_COLUMNS
+                             ).set_index("patient_id", drop=False)
     report = validate_site(root)
     cases = []
     for cr in report.cases:
@@ -204,7 +211,7 @@ def load_site(site_dir: Path | str) -> Site:
             for p in cr.problems:
                 log.warning("site %s: case %s left out: %s", config.site_id, cr.patient_id, p)
             continue
-        images, mask = case_paths(root, cr.patient_id, config.sequences)
+        images, mask = case_paths(root, cr.patient_id, config.sequences) if config.sequences else ({}, None)
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in clinical.loc[cr.patient_id].items()}
         cases.append(Case(cr.patient_id, {k: v for k, v in images.items() if v is not None}, mask, row))
     return Site(root=root, config=config, cases=tuple(cases))

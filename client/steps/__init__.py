@@ -10,6 +10,7 @@ from client.steps import (
     inference,
     outcomes,
     preprocessing,
+    prognosis,
     reduction,
     report,
     rollcall,
@@ -21,6 +22,7 @@ from client.steps.base import SiteStep, work_dir
 SITE_STEPS: dict[str, SiteStep] = {
     **preprocessing.STEPS,
     **outcomes.STEPS,
+    **prognosis.STEPS,
     **harmonisation.STEPS,
     **reduction.STEPS,
     **fingerprint.STEPS,

@@ -10,6 +10,7 @@ from server.phases import (
     inference,
     outcomes,
     preprocessing,
+    prognosis,
     reduction,
     report,
     rollcall,
@@ -20,6 +21,7 @@ from server.phases.base import Phase, PhaseContext
 PHASES: dict[str, Phase] = {
     "preprocessing": preprocessing.run,
     "outcomes": outcomes.run,
+    "prognosis": prognosis.run,
     "harmonisation": harmonisation.run,
     "reduction": reduction.run,
     "fingerprint": fingerprint.run,

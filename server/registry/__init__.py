@@ -19,7 +19,7 @@ Python API (everything here; the rest of the package is implementation)::
     model_card(reg, "v3") -> dict;  card_markdown(card) -> str;  export_version(reg, "v3", dest_dir)
 
 The phase contract (server/study.py calls :meth:`Registry.record_phase` after each phase): a phase returns
-``"artifacts": [{"kind": "plan"|"segmentation"|"classifier"|"harmonisation"|"signature"|"outcomes",
+``"artifacts": [{"kind": "plan"|"segmentation"|"classifier"|"harmonisation"|"signature"|"outcomes"|"prognosis",
 "path": file (relative: to the result folder), "round": int|None, "metrics": {site_id|"pooled": {name: float}},
 "epsilon": {site_id: float}, "delta": float, "settings_hash": str, "preprocessing_hash": str,
 "parent_kind": kind, "participants": {site_id: n_cases}}]`` (all but kind and path optional) and sets

@@ -29,6 +29,7 @@ _INTENDED = {
     "harmonisation": "Research use: removal of scanner effects from imaging features (ComBat) across sites.",
     "signature": "Research use: a reduced imaging signature (selected features and loadings).",
     "outcomes": "Research use: imaging-based patient clusters and survival analysis.",
+    "prognosis": "Research use: a multivariable Cox prognosis model of clinical, genomic and imaging covariates.",
 }
 
 

@@ -14,7 +14,8 @@ from typing import Any
 from common.hashing import sha256_text
 from server.registry.models import ModelVersion, Phase, Run, Study
 
-KINDS: tuple[str, ...] = ("plan", "segmentation", "classifier", "harmonisation", "signature", "outcomes")
+KINDS: tuple[str, ...] = ("plan", "segmentation", "classifier", "harmonisation", "signature", "outcomes",
+                          "prognosis")
 RECORD_EVENTS = frozenset({"study.recorded", "run.started", "run.finished", "run.failed", "phase.recorded",
                            "version.registered"})  # the events whose payload["record"] snapshots a row
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from server.registry.errors import RegistryError
 
 log = logging.getLogger(__name__)
-Kind = Literal["plan", "segmentation", "classifier", "harmonisation", "signature", "outcomes"]
+Kind = Literal["plan", "segmentation", "classifier", "harmonisation", "signature", "outcomes", "prognosis"]
 
 
 class ArtifactSpec(BaseModel):

@@ -78,8 +78,9 @@ def survival_from(durations: Mapping[str, object], events: Mapping[str, object],
 
 def cox_from(frames: Mapping[str, pd.DataFrame], duration_col: str, event_col: str, *,
              min_cohort: int = DEFAULT_MIN_COHORT, time_bin_days: float | None = None,
-             suppress: bool = False) -> CoxResult:
+             suppress: bool = False, penalizer: float | tuple[float, ...] = 0.0, l1_ratio: float = 0.0) -> CoxResult:
     """:func:`run_cox` on each site's frame: every column but the duration and the event is a covariate."""
     cohorts = cohorts_from_frames(frames, duration_col, event_col, min_cohort=min_cohort,
                                   min_cell=min_cohort if suppress else 1)
-    return run_cox(memory_query(cohorts), SurvivalOptions(time_bin_days=time_bin_days))
+    return run_cox(memory_query(cohorts), SurvivalOptions(time_bin_days=time_bin_days), penalizer=penalizer,
+                   l1_ratio=l1_ratio)

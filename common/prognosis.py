@@ -1,0 +1,291 @@
+"""Federated prognosis: multivariable Cox (lifelines' ``CoxPHFitter(penalizer, l1_ratio)``), evaluated by
+Harrell's C-index and the time-dependent (cumulative/dynamic) AUC from the sites' risk tables.
+
+The driver :func:`run_prognosis` over any :class:`common.protocol.Query`:
+
+1. ``prognosis_moments`` on the fitting split (``train``, or ``all`` without a split column): covariate
+   moments and crossproducts, the released event times;
+2. ``prognosis_sums`` per Newton step: :func:`common.cox.newton_raphson` with lifelines' elastic net, Efron
+   ties, normalisation by the pooled moments (exactly ``CoxPHFitter`` on the pooled rows);
+3. ``prognosis_risk`` once per split: each site's risk table (:func:`common.prognosis_site.site_prognosis_risk`)
+   on shared risk-score bins, from which the server computes, without another round:
+
+   * Harrell's C-index as lifelines' ``concordance_index`` (a pair is comparable when the earlier time is an
+     event, or the times are equal and the later one censored; equal scores count one half);
+   * the cumulative/dynamic AUC at each horizon as scikit-survival's ``cumulative_dynamic_auc``, with the
+     inverse-probability-of-censoring weights of the pooled *train* censoring distribution (its reverse
+     Kaplan-Meier, from the same tables);
+
+   each with its error bound: pairs whose scores fall in overlapping segments are counted one half, and the
+   bound is half their share. With exact times at a site that allows them and fine bins, the values equal
+   lifelines / scikit-survival on the pooled data to that bound; with binned times they are the values of the
+   binned data.
+
+The score bins are the normal quantiles of the linear predictor (its pooled variance from the crossproducts),
+so that every bin holds about the same share of patients; ``risk_bins`` of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.cox import CoxResult, ElasticNet, cox_result, efron_derivatives, merge_cox_sums, newton_raphson
+from common.errors import ConfigError, ProtocolError
+from common.outcomes import SurvivalOptions, server_cox_start
+from common.pooled_moments import merge_crossproducts
+from common.prognosis_site import PROGNOSIS_MOMENTS, PROGNOSIS_RISK, PROGNOSIS_SUMS
+from common.protocol import Payload, Query
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrognosisOptions:
+    """What the server asks: the penalty, whether the sites split train/test, time release, bins, horizons."""
+
+    penalizer: float | tuple[float, ...] = 0.0
+    l1_ratio: float = 0.0
+    split: bool = False
+    survival: SurvivalOptions = SurvivalOptions()
+    exact_if_allowed: bool = False  # binned ``survival`` unless every site allows exact times (then exact)
+    risk_bins: int = 64
+    horizons: tuple[float, ...] = ()
+    extra: Payload = field(default_factory=dict)  # goes into every request (the study's covariate spec)
+
+    @property
+    def fit_split(self) -> str:
+        return "train" if self.split else "all"
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return ("train", "test") if self.split else ("all",)
+
+
+# ============================================================================================ risk tables
+
+
+@dataclass(frozen=True)
+class RiskTable:
+    """Pooled rows ``time, first bin, last bin, events, censored`` (and the site of each row)."""
+
+    rows: np.ndarray  # (m, 5)
+    sites: np.ndarray  # (m,) site index into ``site_ids``
+    site_ids: tuple[str, ...]
+    n_bins: int
+
+    def of_site(self, site: str) -> RiskTable:
+        k = self.site_ids.index(site)
+        keep = self.sites == k
+        return RiskTable(self.rows[keep], self.sites[keep], self.site_ids, self.n_bins)
+
+    @property
+    def n(self) -> int:
+        return int(self.rows[:, 3:].sum())
+
+
+def merge_risk_tables(replies: Mapping[str, Mapping[str, object]], n_bins: int) -> RiskTable:
+    """The server step: every site's rows, checked (shape, finite, bins in range, counts non-negative)."""
+    sites = tuple(sorted(replies))
+    rows, owner = [], []
+    for k, site in enumerate(sites):
+        r = np.asarray(replies[site].get("rows", []), dtype=np.float64).reshape(-1, 5) \
+            if "rows" in replies[site] else None
+        if r is None:
+            raise ProtocolError(site, "risk reply lacks 'rows'", "run the same fedbiopsy version at every site")
+        lo, hi, counts = r[:, 1], r[:, 2], r[:, 3:]
+        if (not np.all(np.isfinite(r)) or np.any(lo < 0) or np.any(hi >= n_bins) or np.any(lo > hi)
+                or np.any(counts < 0) or np.any(counts != np.round(counts))):
+            raise ProtocolError(site, "risk reply rows are out of range (bins, counts)",
+                                "run the same fedbiopsy version at every site")
+        rows.append(r)
+        owner.append(np.full(r.shape[0], k, dtype=np.int64))
+    return RiskTable(np.concatenate(rows) if rows else np.zeros((0, 5)),
+                     np.concatenate(owner) if owner else np.zeros(0, np.int64), sites, n_bins)
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """A metric from binned scores: the estimate (ambiguous pairs one half) and its error bound."""
+
+    value: float
+    bound: float
+    pairs: float
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "bound": self.bound, "pairs": self.pairs}
+
+
+def _order(lo_i: np.ndarray, hi_i: np.ndarray, lo_j: np.ndarray, hi_j: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """For segment pairs: whether j's scores are all below i's (concordant), and whether the segments overlap."""
+    below = hi_j[None, :] < lo_i[:, None]
+    above = lo_j[None, :] > hi_i[:, None]
+    return below, ~(below | above)
+
+
+def concordance(table: RiskTable) -> Bounded:
+    """Harrell's C-index of the risk scores (higher risk, earlier event), as lifelines' ``concordance_index``
+    of ``-risk``: an event at ``t`` is compared with every patient leaving after ``t`` and every patient
+    censored at ``t``."""
+    r = table.rows
+    ev = r[:, 3] > 0
+    if not ev.any() or r.shape[0] == 0:
+        return Bounded(float("nan"), float("nan"), 0.0)
+    ri = r[ev]
+    t_i, t_j = ri[:, 0][:, None], r[:, 0][None, :]
+    partners = (t_j > t_i) * (r[:, 3] + r[:, 4])[None, :] + (t_j == t_i) * r[:, 4][None, :]
+    weight = ri[:, 3][:, None] * partners
+    below, overlap = _order(ri[:, 1], ri[:, 2], r[:, 1], r[:, 2])
+    pairs = float(weight.sum())
+    if pairs == 0:
+        return Bounded(float("nan"), float("nan"), 0.0)
+    conc = float((weight * below).sum())
+    amb = float((weight * overlap).sum())
+    return Bounded((conc + 0.5 * amb) / pairs, 0.5 * amb / pairs, pairs)
+
+
+def censoring_survival(table: RiskTable) -> tuple[np.ndarray, np.ndarray]:
+    """The reverse Kaplan-Meier of the censoring times (scikit-survival's ``CensoringDistributionEstimator``):
+    at each time, censored / (at risk - events); (times, G) with G at and after each time."""
+    r = table.rows
+    times = np.unique(r[:, 0])
+    d = np.array([r[r[:, 0] == t, 3].sum() for t in times])
+    c = np.array([r[r[:, 0] == t, 4].sum() for t in times])
+    at_risk = np.array([r[r[:, 0] >= t, 3:].sum() for t in times]) - d
+    ratio = np.divide(c, at_risk, out=np.zeros(times.size), where=c != 0)
+    return times, np.cumprod(1.0 - ratio)
+
+
+def _step(times: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """A right-continuous step function (1 before the first time)."""
+    idx = np.searchsorted(times, at, side="right") - 1
+    return np.where(idx >= 0, values[np.clip(idx, 0, None)], 1.0)
+
+
+def dynamic_auc(table: RiskTable, horizon: float, censoring: tuple[np.ndarray, np.ndarray]) -> Bounded:
+    """The cumulative/dynamic AUC at ``horizon`` (scikit-survival's ``cumulative_dynamic_auc``): cases are
+    events by the horizon, weighted by 1 / G(their time); controls everyone still event-free after it."""
+    r = table.rows
+    case = (r[:, 0] <= horizon) & (r[:, 3] > 0)
+    control = r[:, 0] > horizon
+    if not case.any() or not control.any():
+        return Bounded(float("nan"), float("nan"), 0.0)
+    g = _step(*censoring, r[case, 0])
+    if np.any(g <= 0):
+        raise ProtocolError("(pooled)", "the censoring survival is zero at a case's time",
+                            "choose an earlier horizon")
+    w_case = r[case, 3] / g
+    m_control = r[control, 3] + r[control, 4]
+    weight = w_case[:, None] * m_control[None, :]
+    below, overlap = _order(r[case, 1], r[case, 2], r[control, 1], r[control, 2])
+    total = float(weight.sum())
+    conc, amb = float((weight * below).sum()), float((weight * overlap).sum())
+    return Bounded((conc + 0.5 * amb) / total, 0.5 * amb / total, float(r[case, 3].sum() * m_control.sum()))
+
+
+# ============================================================================================ the driver
+
+
+@dataclass(frozen=True)
+class PrognosisResult:
+    """The fitted model, its rounds and its evaluation per split (pooled and per site)."""
+
+    cox: CoxResult
+    mode: str  # how event times left the sites: exact or binned
+    mean: np.ndarray
+    scale: np.ndarray
+    edges: np.ndarray
+    rounds: int
+    sites: tuple[str, ...]
+    c_index: dict[str, Bounded]  # by split
+    c_index_sites: dict[str, dict[str, Bounded]]  # split -> site -> C
+    auc: dict[str, dict[float, Bounded]]  # split -> horizon -> AUC
+    n: dict[str, int]  # patients per split
+    events: dict[str, int]
+    site_n: dict[str, int]  # patients of the fitting split per site
+
+    def linear_predictor_beta(self) -> np.ndarray:
+        """The coefficients on the normalised covariates (what the risk tables score)."""
+        return self.cox.params * self.scale
+
+
+def risk_edges(beta_norm: np.ndarray, correlation: np.ndarray, bins: int) -> np.ndarray:
+    """Inner edges of ``bins`` equal-probability bins of the linear predictor under a normal approximation
+    (mean 0 on the pooled-normalised covariates; variance ``beta' R beta``)."""
+    from scipy.stats import norm
+
+    if bins < 2:
+        raise ConfigError("study config", "prognosis.risk_bins below 2", "use at least 2 risk-score bins")
+    sd = float(np.sqrt(max(beta_norm @ correlation @ beta_norm, 0.0)))
+    if not sd > 0:
+        sd = 1.0  # a null model: every score 0, all in one bin
+    return sd * norm.ppf(np.linspace(0, 1, bins + 1)[1:-1])
+
+
+def _correlation(replies: Mapping[str, Payload], scale: np.ndarray) -> np.ndarray:
+    parts = []
+    for site in sorted(replies):
+        rep = replies[site]
+        cross = np.atleast_2d(np.asarray(rep.get("cross"), dtype=np.float64))
+        d = scale.size
+        if cross.shape != (d, d) or not np.all(np.isfinite(cross)):
+            raise ProtocolError(site, "prognosis moments lack a valid 'cross' matrix",
+                                "run the same fedbiopsy version at every site")
+        parts.append((int(rep["n"]), np.asarray(rep["mean"], dtype=np.float64), cross))  # type: ignore[call-overload]
+    n, _, cross = merge_crossproducts(parts)
+    return cross / max(n - 1, 1) / np.outer(scale, scale)
+
+
+def run_prognosis(query: Query, options: PrognosisOptions) -> PrognosisResult:
+    """Fit the Cox model on the fitting split, then score every split once; see the module docstring."""
+    request: Payload = {**options.survival.request(), **options.extra, "split": options.fit_split}
+    pen = options.penalizer
+    first = query(PROGNOSIS_MOMENTS, request)
+    survival = options.survival
+    if options.exact_if_allowed and survival.time_bin_days is not None and \
+            all(bool(r.get("exact_allowed")) for r in first.values()):
+        survival = SurvivalOptions(time_bin_days=None, alpha=survival.alpha)
+        request = {**request, **survival.request()}
+        request.pop("time_bin_days", None)
+        first = query(PROGNOSIS_MOMENTS, request)
+    probe = ElasticNet(pen, options.l1_ratio)
+    start = server_cox_start(first, None, penalised=probe.active)
+    if not np.isscalar(pen) and len(pen) != len(start.names):  # type: ignore[arg-type]
+        raise ConfigError("study config", f"{len(pen)} penalizer value(s) for {len(start.names)} covariate(s)",  # type: ignore[arg-type]
+                          "give one penalizer, or one per covariate column")
+    step = {**request, "mean": start.mean, "scale": start.scale, "event_times": start.event_times}
+    rounds = 1 if survival is options.survival else 2  # the moments round (asked again when exact is allowed)
+
+    def evaluate(beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        nonlocal rounds
+        rounds += 1
+        replies = query(PROGNOSIS_SUMS, {**step, "beta": beta})
+        return efron_derivatives(merge_cox_sums(replies, start.event_times.size, len(start.names)), beta)
+
+    fit = newton_raphson(evaluate, len(start.names), penalty=ElasticNet(pen, options.l1_ratio, start.n))
+    cox = cox_result(start.names, fit, start.scale)
+    edges = risk_edges(fit.beta, _correlation(first, start.scale), options.risk_bins)
+    tables: dict[str, RiskTable] = {}
+    for split in options.eval_splits:
+        replies = query(PROGNOSIS_RISK, {**survival.request(), **options.extra, "split": split,
+                                         "beta": fit.beta, "mean": start.mean, "scale": start.scale,
+                                         "edges": edges})
+        rounds += 1
+        tables[split] = merge_risk_tables(replies, edges.size + 1)
+    censoring = censoring_survival(tables[options.fit_split])
+    c_index = {s: concordance(t) for s, t in tables.items()}
+    per_site = {s: {site: concordance(t.of_site(site)) for site in t.site_ids} for s, t in tables.items()}
+    auc = {s: {float(h): dynamic_auc(t, float(h), censoring) for h in options.horizons} for s, t in tables.items()}
+    return PrognosisResult(cox=cox, mode=survival.mode, mean=start.mean, scale=start.scale, edges=edges, rounds=rounds,
+                           sites=tuple(sorted(first)), c_index=c_index, c_index_sites=per_site, auc=auc,
+                           n={s: t.n for s, t in tables.items()},
+                           events={s: int(t.rows[:, 3].sum()) for s, t in tables.items()},
+                           site_n={s: int(r["n"]) for s, r in first.items()})  # type: ignore[call-overload]
+
+
+__all__ = ["Bounded", "PrognosisOptions", "PrognosisResult", "RiskTable", "censoring_survival", "concordance",
+           "dynamic_auc", "merge_risk_tables", "risk_edges", "run_prognosis"]

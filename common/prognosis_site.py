@@ -1,0 +1,209 @@
+"""Site side of the prognosis protocol: multivariable Cox on a site's covariate table, and the risk tables it is
+evaluated from. One function per query action; aggregates only.
+
+A site's :class:`PrognosisSite` holds one :class:`~common.outcomes_site.OutcomesCohort` per split of its
+patients (``train`` and ``test`` by the study's ``split_column``, or ``all``); the request's ``split`` picks
+one, never more. ``client/steps/prognosis.py`` builds it from ``clinical.csv`` (and a derived feature table);
+tests build it from frames (:func:`prognosis_sites_from_frames`).
+
+====================  =============================================================================
+action                the site answers
+====================  =============================================================================
+prognosis_moments     the split's covariate moments and crossproducts, separation summary, event times
+prognosis_sums        risk-set and tie sums at the pooled event times for one beta (a Newton step)
+prognosis_risk        the split's risk table: per released time and risk-score segment, events and
+                      censored counts (each cell >= ``min_cell`` patients), for C-index and td-AUC
+====================  =============================================================================
+
+Why ``prognosis_sums`` needs the site's explicit ``policy.cox_newton``: the sums over a risk set are
+weighted by ``exp(x . beta)`` at a beta the server chooses. With a large beta the weight of the patient with
+the largest covariate dominates, and ``s1 / s0`` is that patient's value (``tests/outcomes/test_prognosis.py``
+shows it); with several betas the covariate vectors of every risk-set cell can be solved for. Binned times and
+merged cells do not prevent this, so only a site that chooses to answer Newton rounds does (as
+``exact_outcomes`` is the site's choice for exact times).
+
+The risk table is released once per split and study (ledger scope ``prognosis-risk``: its cells are sets of
+patients, and a second table with other score edges or another beta would difference them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from common.errors import PolicyError, ProtocolError
+from common.outcomes_site import (
+    OutcomesCohort,
+    _array,
+    cohort_ids,
+    released,
+    site_cox_moments,
+    site_cox_newton,
+)
+from common.pooled_moments import check_matrix
+from common.protocol import Payload, SiteFunction
+from common.release_ledger import ReleaseLedger
+
+PROGNOSIS_MOMENTS, PROGNOSIS_SUMS, PROGNOSIS_RISK = "prognosis_moments", "prognosis_sums", "prognosis_risk"
+PROGNOSIS_ACTIONS: tuple[str, ...] = (PROGNOSIS_MOMENTS, PROGNOSIS_SUMS, PROGNOSIS_RISK)
+PROGNOSIS_RISK_SCOPE = "prognosis-risk"  # ledger scope of the risk tables' cells
+SPLITS: tuple[str, ...] = ("train", "test", "all")
+MAX_RISK_BINS = 512  # a request's score edges are refused beyond this (and beyond the site's histogram_bins)
+
+
+@dataclass
+class PrognosisSite:
+    """One site's prognosis data (stays at the site): a Cox cohort per split, and the site's limits."""
+
+    site_id: str
+    cohorts: dict[str, OutcomesCohort]  # by split
+    newton_allowed: bool = True  # policy.cox_newton (in-memory parity tests: True)
+    max_bins: int = MAX_RISK_BINS  # policy.histogram_bins
+    ledger: ReleaseLedger | None = None
+    study_key: str = ""
+
+    def cohort(self, request: Mapping[str, object]) -> OutcomesCohort:
+        """The cohort of the request's split (refused when the site has no such split)."""
+        split = str(request.get("split", ""))
+        if split not in SPLITS:
+            raise ProtocolError(self.site_id, "the request names no known split", f"send one of {list(SPLITS)}")
+        if split not in self.cohorts:
+            raise ProtocolError(self.site_id, f"the site has no {split!r} split of its patients",
+                                f"use the splits of the study's split_column ({sorted(self.cohorts)})")
+        return self.cohorts[split]
+
+
+def prognosis_sites_from_frames(frames: Mapping[str, pd.DataFrame], duration_col: str, event_col: str, *,
+                                split_column: str | None = None, min_cohort: int = 1, min_cell: int = 1,
+                                time_floor: float | None = None) -> dict[str, PrognosisSite]:
+    """In-memory sites: every column but the duration, the event and the split is a numeric covariate."""
+    out = {}
+    for site in sorted(frames):
+        frame = frames[site]
+        parts = ({"all": frame} if split_column is None else
+                 {s: frame[frame[split_column] == s].drop(columns=split_column) for s in ("train", "test")})
+        cohorts = {}
+        for split, part in parts.items():
+            if part.empty:
+                continue
+            cov = part.drop(columns=[duration_col, event_col])
+            cohort = OutcomesCohort(site, durations=part[duration_col].to_numpy(dtype=np.float64),
+                                    events=part[event_col].to_numpy(), covariates=cov.to_numpy(dtype=np.float64),
+                                    covariate_names=tuple(str(c) for c in cov.columns), min_cohort=min_cohort,
+                                    min_cell=min_cell, exact=min_cell <= 1, time_floor=time_floor)
+            cohorts[split] = cohort
+        out[site] = PrognosisSite(site, cohorts)
+    return out
+
+
+# ============================================================================================ site functions
+
+
+def site_prognosis_moments(site: PrognosisSite, request: Mapping[str, object]) -> Payload:
+    """Round 1: :func:`~common.outcomes_site.site_cox_moments` of the split, and the covariates' crossproducts
+    (the pooled covariance fixes the risk score's bins)."""
+    cohort = site.cohort(request)
+    out = site_cox_moments(cohort, request)
+    rel = released(cohort, request)
+    x = check_matrix(site.site_id, cohort.covariates, "covariate matrix")[rel.keep]  # type: ignore[arg-type]
+    centred = x - x.mean(axis=0)
+    out["cross"] = centred.T @ centred
+    out["exact_allowed"] = bool(cohort.exact)
+    return out
+
+
+def site_prognosis_sums(site: PrognosisSite, request: Mapping[str, object]) -> Payload:
+    """One Newton step (the split's risk-set and tie sums at the request's beta), where the site allows it."""
+    if not site.newton_allowed:
+        raise PolicyError(site.site_id, "cox_newton", "Cox Newton sums at a requested beta were asked; this site "
+                          "does not answer them")
+    return site_cox_newton(site.cohort(request), request)
+
+
+def risk_segments(bins: np.ndarray, floor: int) -> list[tuple[int, int, np.ndarray]]:
+    """The rows grouped by score bin, adjacent bins merged in score order until each group holds >= ``floor``
+    rows (a short last group joins the one before): ``(lowest bin, highest bin, rows)`` per group, the bins
+    being those the group's rows fall in."""
+    order = np.argsort(bins, kind="stable")
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for b in np.unique(bins):
+        current.extend(int(i) for i in order[bins[order] == b])
+        if len(current) >= floor:
+            groups.append(current)
+            current = []
+    if current:
+        if groups:
+            groups[-1].extend(current)
+        else:
+            groups.append(current)
+    return [(int(bins[g].min()), int(bins[g].max()), np.asarray(g, dtype=np.int64)) for g in groups]
+
+
+def site_prognosis_risk(site: PrognosisSite, request: Mapping[str, object]) -> Payload:
+    """The split's risk table at the request's beta and score edges.
+
+    Risk score ``lp = ((x - mean) / scale) . beta`` in ``len(edges) + 1`` bins (the outer two open). For each
+    released time (exact, or binned with cells merged as for Kaplan-Meier) the patients leaving then are
+    grouped into score segments of at least ``min_cell`` of them (adjacent bins merged); each row is ``time,
+    first bin, last bin, events, censored``. Released once per split and study.
+    """
+    cohort = site.cohort(request)
+    split = str(request["split"])
+    edges = _array(request, "edges", site.site_id).ravel()
+    if edges.size + 1 > site.max_bins or edges.size + 1 > MAX_RISK_BINS:
+        raise PolicyError(site.site_id, "histogram_bins", f"{edges.size + 1} risk-score bins asked, the site "
+                          f"releases at most {min(site.max_bins, MAX_RISK_BINS)}")
+    if not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
+        raise ProtocolError(site.site_id, "the risk-score edges are not finite and increasing",
+                            "send increasing finite edges")
+    rel = released(cohort, request)
+    x = check_matrix(site.site_id, cohort.covariates, "covariate matrix")[rel.keep]  # type: ignore[arg-type]
+    beta, mean, scale = (_array(request, k, site.site_id) for k in ("beta", "mean", "scale"))
+    if beta.shape != (x.shape[1],) or mean.shape != beta.shape or scale.shape != beta.shape:
+        raise ProtocolError(site.site_id, f"beta/mean/scale do not match the site's {x.shape[1]} covariate(s)",
+                            "use the same covariate columns at every site")
+    lp = ((x - mean) / scale) @ beta
+    bins = np.searchsorted(edges, lp, side="right")
+    floor = max(int(cohort.min_cell), 1)
+    rows: list[tuple[float, int, int, int, int]] = []
+    cells: list[np.ndarray] = []
+    keep_index = np.flatnonzero(rel.keep)
+    for t in np.unique(rel.times):
+        at = np.flatnonzero(rel.times == t)
+        for lo, hi, members in risk_segments(bins[at], floor):
+            idx = at[members]
+            ev = int(rel.events[idx].sum())
+            rows.append((float(t), lo, hi, ev, int(idx.size) - ev))
+            cells.append(keep_index[idx])
+    if site.ledger is not None:
+        if not site.ledger.once(PROGNOSIS_RISK_SCOPE, site.study_key, f"risk-{split}", _digest(request)):
+            raise PolicyError(site.site_id, "release_ledger", f"scope {PROGNOSIS_RISK_SCOPE}: one risk table per "
+                              "split and study (another beta or other edges would difference its cells)")
+        ids = cohort_ids(site.site_id, cohort.survival_ids, cohort.durations.size)  # type: ignore[union-attr]
+        site.ledger.release(PROGNOSIS_RISK_SCOPE, [ids[i] for i in keep_index],
+                            [[ids[i] for i in c] for c in cells], site.study_key)
+    table = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    return {"rows": table, "n": int(rel.times.size), "bins": int(edges.size + 1), "min_cell": floor}
+
+
+PROGNOSIS_STEPS: dict[str, SiteFunction] = {
+    PROGNOSIS_MOMENTS: site_prognosis_moments,
+    PROGNOSIS_SUMS: site_prognosis_sums,
+    PROGNOSIS_RISK: site_prognosis_risk,
+}
+"""The site function of every prognosis action: ``InMemoryQuery(sites, PROGNOSIS_STEPS)``."""
+
+__all__ = ["PROGNOSIS_ACTIONS", "PROGNOSIS_MOMENTS", "PROGNOSIS_RISK", "PROGNOSIS_STEPS", "PROGNOSIS_SUMS",
+           "SPLITS", "PrognosisSite", "prognosis_sites_from_frames", "risk_segments"]
+
+
+def _digest(request: Mapping[str, object]) -> str:
+    """What a request asked, as a digest (a rerun asks the very same)."""
+    plain = {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in sorted(request.items())}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
