@@ -47,10 +47,12 @@ def simulate(
 
 
 @app.command()
-def validate(site_dir: Path = typer.Argument(..., help="A site directory (site.yaml, clinical.csv, images/, masks/).")
-             ) -> None:
+def validate(site_dir: Path = typer.Argument(..., help="A site directory (site.yaml, clinical.csv, images/, masks/; "
+                                             "a tabular site: site.yaml and clinical.csv)."),
+             study: Path = typer.Option(None, "--study", help="Also check the columns this study's prognosis "
+                                        "section names (types, missing values, the site's policy).")) -> None:
     """Check every case of a site; exit status 1 when any case or the site itself is invalid."""
-    from common.validation import validate_site
+    from common.validation import validate_site, validate_study_columns
 
     report = validate_site(site_dir)
     for p in report.site_problems:
@@ -60,10 +62,22 @@ def validate(site_dir: Path = typer.Argument(..., help="A site directory (site.y
             console.print(f"[red]INVALID[/red] {case.patient_id}: {p}", soft_wrap=True)
         for w in case.warnings:
             console.print(f"[yellow]warning[/yellow] {case.patient_id}: {w}", soft_wrap=True)
-    colour = "green" if report.valid else "red"
+    column_problems: list = []
+    if study is not None:
+        from common.config import load_study_config
+
+        column_problems, column_warnings = validate_study_columns(site_dir, load_study_config(study))
+        for p in column_problems:
+            console.print(f"[red]COLUMN INVALID[/red] {p}", soft_wrap=True)
+        for w in column_warnings:
+            console.print(f"[yellow]warning[/yellow] {w}", soft_wrap=True)
+    valid = report.valid and not column_problems
+    colour = "green" if valid else "red"
     console.print(f"[{colour}]{site_dir}: {len(report.cases)} case(s), {report.n_invalid} invalid"
-                  f"{', site-level problems' if report.site_problems else ''}[/{colour}]", soft_wrap=True)
-    raise typer.Exit(0 if report.valid else 1)
+                  f"{', site-level problems' if report.site_problems else ''}"
+                  f"{f', {len(column_problems)} column problem(s)' if column_problems else ''}[/{colour}]",
+                  soft_wrap=True)
+    raise typer.Exit(0 if valid else 1)
 
 
 @study_app.command("run")

@@ -26,7 +26,15 @@ import numpy as np
 import pandas as pd
 
 from common.config import OutcomesConfig
-from common.cox import CoxResult, ElasticNet, check_separation, cox_result, efron_derivatives, merge_cox_sums, newton_raphson
+from common.cox import (
+    CoxResult,
+    ElasticNet,
+    check_separation,
+    cox_result,
+    efron_derivatives,
+    merge_cox_sums,
+    newton_raphson,
+)
 from common.errors import ConfigError, ProtocolError
 from common.kmeans import LloydLoop, kmeans_plusplus_from_summaries, random_centres
 from common.outcomes_site import (

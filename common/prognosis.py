@@ -37,6 +37,18 @@ from common.cox import CoxResult, ElasticNet, cox_result, efron_derivatives, mer
 from common.errors import ConfigError, ProtocolError
 from common.outcomes import SurvivalOptions, server_cox_start
 from common.pooled_moments import merge_crossproducts
+from common.prognosis_metrics import (
+    Bounded,
+    RiskTable,
+    breslow_baseline,
+    brier_score,
+    calibration,
+    censoring_survival,
+    concordance,
+    dynamic_auc,
+    merge_risk_tables,
+    uno_concordance,
+)
 from common.prognosis_site import PROGNOSIS_MOMENTS, PROGNOSIS_RISK, PROGNOSIS_SUMS
 from common.protocol import Payload, Query
 
@@ -65,128 +77,6 @@ class PrognosisOptions:
         return ("train", "test") if self.split else ("all",)
 
 
-# ============================================================================================ risk tables
-
-
-@dataclass(frozen=True)
-class RiskTable:
-    """Pooled rows ``time, first bin, last bin, events, censored`` (and the site of each row)."""
-
-    rows: np.ndarray  # (m, 5)
-    sites: np.ndarray  # (m,) site index into ``site_ids``
-    site_ids: tuple[str, ...]
-    n_bins: int
-
-    def of_site(self, site: str) -> RiskTable:
-        k = self.site_ids.index(site)
-        keep = self.sites == k
-        return RiskTable(self.rows[keep], self.sites[keep], self.site_ids, self.n_bins)
-
-    @property
-    def n(self) -> int:
-        return int(self.rows[:, 3:].sum())
-
-
-def merge_risk_tables(replies: Mapping[str, Mapping[str, object]], n_bins: int) -> RiskTable:
-    """The server step: every site's rows, checked (shape, finite, bins in range, counts non-negative)."""
-    sites = tuple(sorted(replies))
-    rows, owner = [], []
-    for k, site in enumerate(sites):
-        r = np.asarray(replies[site].get("rows", []), dtype=np.float64).reshape(-1, 5) \
-            if "rows" in replies[site] else None
-        if r is None:
-            raise ProtocolError(site, "risk reply lacks 'rows'", "run the same fedbiopsy version at every site")
-        lo, hi, counts = r[:, 1], r[:, 2], r[:, 3:]
-        if (not np.all(np.isfinite(r)) or np.any(lo < 0) or np.any(hi >= n_bins) or np.any(lo > hi)
-                or np.any(counts < 0) or np.any(counts != np.round(counts))):
-            raise ProtocolError(site, "risk reply rows are out of range (bins, counts)",
-                                "run the same fedbiopsy version at every site")
-        rows.append(r)
-        owner.append(np.full(r.shape[0], k, dtype=np.int64))
-    return RiskTable(np.concatenate(rows) if rows else np.zeros((0, 5)),
-                     np.concatenate(owner) if owner else np.zeros(0, np.int64), sites, n_bins)
-
-
-@dataclass(frozen=True)
-class Bounded:
-    """A metric from binned scores: the estimate (ambiguous pairs one half) and its error bound."""
-
-    value: float
-    bound: float
-    pairs: float
-
-    def as_dict(self) -> dict:
-        return {"value": self.value, "bound": self.bound, "pairs": self.pairs}
-
-
-def _order(lo_i: np.ndarray, hi_i: np.ndarray, lo_j: np.ndarray, hi_j: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """For segment pairs: whether j's scores are all below i's (concordant), and whether the segments overlap."""
-    below = hi_j[None, :] < lo_i[:, None]
-    above = lo_j[None, :] > hi_i[:, None]
-    return below, ~(below | above)
-
-
-def concordance(table: RiskTable) -> Bounded:
-    """Harrell's C-index of the risk scores (higher risk, earlier event), as lifelines' ``concordance_index``
-    of ``-risk``: an event at ``t`` is compared with every patient leaving after ``t`` and every patient
-    censored at ``t``."""
-    r = table.rows
-    ev = r[:, 3] > 0
-    if not ev.any() or r.shape[0] == 0:
-        return Bounded(float("nan"), float("nan"), 0.0)
-    ri = r[ev]
-    t_i, t_j = ri[:, 0][:, None], r[:, 0][None, :]
-    partners = (t_j > t_i) * (r[:, 3] + r[:, 4])[None, :] + (t_j == t_i) * r[:, 4][None, :]
-    weight = ri[:, 3][:, None] * partners
-    below, overlap = _order(ri[:, 1], ri[:, 2], r[:, 1], r[:, 2])
-    pairs = float(weight.sum())
-    if pairs == 0:
-        return Bounded(float("nan"), float("nan"), 0.0)
-    conc = float((weight * below).sum())
-    amb = float((weight * overlap).sum())
-    return Bounded((conc + 0.5 * amb) / pairs, 0.5 * amb / pairs, pairs)
-
-
-def censoring_survival(table: RiskTable) -> tuple[np.ndarray, np.ndarray]:
-    """The reverse Kaplan-Meier of the censoring times (scikit-survival's ``CensoringDistributionEstimator``):
-    at each time, censored / (at risk - events); (times, G) with G at and after each time."""
-    r = table.rows
-    times = np.unique(r[:, 0])
-    d = np.array([r[r[:, 0] == t, 3].sum() for t in times])
-    c = np.array([r[r[:, 0] == t, 4].sum() for t in times])
-    at_risk = np.array([r[r[:, 0] >= t, 3:].sum() for t in times]) - d
-    ratio = np.divide(c, at_risk, out=np.zeros(times.size), where=c != 0)
-    return times, np.cumprod(1.0 - ratio)
-
-
-def _step(times: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """A right-continuous step function (1 before the first time)."""
-    idx = np.searchsorted(times, at, side="right") - 1
-    return np.where(idx >= 0, values[np.clip(idx, 0, None)], 1.0)
-
-
-def dynamic_auc(table: RiskTable, horizon: float, censoring: tuple[np.ndarray, np.ndarray]) -> Bounded:
-    """The cumulative/dynamic AUC at ``horizon`` (scikit-survival's ``cumulative_dynamic_auc``): cases are
-    events by the horizon, weighted by 1 / G(their time); controls everyone still event-free after it."""
-    r = table.rows
-    case = (r[:, 0] <= horizon) & (r[:, 3] > 0)
-    control = r[:, 0] > horizon
-    if not case.any() or not control.any():
-        return Bounded(float("nan"), float("nan"), 0.0)
-    g = _step(*censoring, r[case, 0])
-    if np.any(g <= 0):
-        raise ProtocolError("(pooled)", "the censoring survival is zero at a case's time",
-                            "choose an earlier horizon")
-    w_case = r[case, 3] / g
-    m_control = r[control, 3] + r[control, 4]
-    weight = w_case[:, None] * m_control[None, :]
-    below, overlap = _order(r[case, 1], r[case, 2], r[control, 1], r[control, 2])
-    total = float(weight.sum())
-    conc, amb = float((weight * below).sum()), float((weight * overlap).sum())
-    return Bounded((conc + 0.5 * amb) / total, 0.5 * amb / total, float(r[case, 3].sum() * m_control.sum()))
-
-
 # ============================================================================================ the driver
 
 
@@ -204,6 +94,10 @@ class PrognosisResult:
     c_index: dict[str, Bounded]  # by split
     c_index_sites: dict[str, dict[str, Bounded]]  # split -> site -> C
     auc: dict[str, dict[float, Bounded]]  # split -> horizon -> AUC
+    uno: dict[str, Bounded]  # split -> Uno's C
+    brier: dict[str, dict[float, Bounded]]  # split -> horizon -> Brier score
+    calibration: dict[str, list[dict]]  # split -> risk groups at ``calibration_horizon``
+    calibration_horizon: float | None
     n: dict[str, int]  # patients per split
     events: dict[str, int]
     site_n: dict[str, int]  # patients of the fitting split per site
@@ -260,11 +154,15 @@ def run_prognosis(query: Query, options: PrognosisOptions) -> PrognosisResult:
     step = {**request, "mean": start.mean, "scale": start.scale, "event_times": start.event_times}
     rounds = 1 if survival is options.survival else 2  # the moments round (asked again when exact is allowed)
 
+    last: dict[str, object] = {}
+
     def evaluate(beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         nonlocal rounds
         rounds += 1
         replies = query(PROGNOSIS_SUMS, {**step, "beta": beta})
-        return efron_derivatives(merge_cox_sums(replies, start.event_times.size, len(start.names)), beta)
+        sums = merge_cox_sums(replies, start.event_times.size, len(start.names))
+        last.update(beta=beta.copy(), sums=sums)
+        return efron_derivatives(sums, beta)
 
     fit = newton_raphson(evaluate, len(start.names), penalty=ElasticNet(pen, options.l1_ratio, start.n))
     cox = cox_result(start.names, fit, start.scale)
@@ -280,8 +178,19 @@ def run_prognosis(query: Query, options: PrognosisOptions) -> PrognosisResult:
     c_index = {s: concordance(t) for s, t in tables.items()}
     per_site = {s: {site: concordance(t.of_site(site)) for site in t.site_ids} for s, t in tables.items()}
     auc = {s: {float(h): dynamic_auc(t, float(h), censoring) for h in options.horizons} for s, t in tables.items()}
+    uno = {s: uno_concordance(t, censoring) for s, t in tables.items()}
+    sums = last["sums"]  # the last Newton round was at the fitted beta: its s0 give Breslow's baseline
+    if not np.array_equal(last["beta"], fit.beta):  # type: ignore[arg-type]
+        raise ProtocolError("(server)", "the last Newton round was not at the fitted beta", "report this bug")
+    baseline = breslow_baseline(start.event_times, sums["death_count"], sums["s0"],  # type: ignore[index]
+                                np.unique(tables[options.fit_split].rows[:, 0]))
+    brier = {s: {float(h): brier_score(t, float(h), censoring, baseline, edges) for h in options.horizons}
+             for s, t in tables.items()}
+    horizon = float(sorted(options.horizons)[len(options.horizons) // 2]) if options.horizons else None
+    calib = {s: calibration(t, horizon, baseline, edges) if horizon is not None else [] for s, t in tables.items()}
     return PrognosisResult(cox=cox, mode=survival.mode, mean=start.mean, scale=start.scale, edges=edges, rounds=rounds,
                            sites=tuple(sorted(first)), c_index=c_index, c_index_sites=per_site, auc=auc,
+                           uno=uno, brier=brier, calibration=calib, calibration_horizon=horizon,
                            n={s: t.n for s, t in tables.items()},
                            events={s: int(t.rows[:, 3].sum()) for s, t in tables.items()},
                            site_n={s: int(r["n"]) for s, r in first.items()})  # type: ignore[call-overload]

@@ -12,7 +12,8 @@ action                the site answers
 prognosis_moments     the split's covariate moments and crossproducts, separation summary, event times
 prognosis_sums        risk-set and tie sums at the pooled event times for one beta (a Newton step)
 prognosis_risk        the split's risk table: per released time and risk-score segment, events and
-                      censored counts (each cell >= ``min_cell`` patients), for C-index and td-AUC
+                      censored counts (each cell >= ``min_cell`` patients), for C-index and td-AUC;
+                      and the C-index pair counts among the site's own patients (exact: three numbers)
 ====================  =============================================================================
 
 Why ``prognosis_sums`` needs the site's explicit ``policy.cox_newton``: the sums over a risk set are
@@ -145,6 +146,22 @@ def risk_segments(bins: np.ndarray, floor: int) -> list[tuple[int, int, np.ndarr
     return [(int(bins[g].min()), int(bins[g].max()), np.asarray(g, dtype=np.int64)) for g in groups]
 
 
+def within_site_pairs(lp: np.ndarray, times: np.ndarray, events: np.ndarray, chunk: int = 2048
+                      ) -> tuple[float, float, float]:
+    """Harrell's pair counts among the site's own patients, exactly (lifelines' rules: an event is compared with
+    every later patient and every patient censored at its time): (concordant, tied scores, comparable pairs)."""
+    died = events.astype(bool)
+    ev = np.flatnonzero(died)
+    correct = tied = pairs = 0.0
+    for start in range(0, ev.size, chunk):
+        i = ev[start:start + chunk]
+        partner = (times[None, :] > times[i, None]) | ((times[None, :] == times[i, None]) & ~died[None, :])
+        pairs += float(partner.sum())
+        correct += float((partner & (lp[None, :] < lp[i, None])).sum())
+        tied += float((partner & (lp[None, :] == lp[i, None])).sum())
+    return correct, tied, pairs
+
+
 def site_prognosis_risk(site: PrognosisSite, request: Mapping[str, object]) -> Payload:
     """The split's risk table at the request's beta and score edges.
 
@@ -189,7 +206,9 @@ def site_prognosis_risk(site: PrognosisSite, request: Mapping[str, object]) -> P
         site.ledger.release(PROGNOSIS_RISK_SCOPE, [ids[i] for i in keep_index],
                             [[ids[i] for i in c] for c in cells], site.study_key)
     table = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
-    return {"rows": table, "n": int(rel.times.size), "bins": int(edges.size + 1), "min_cell": floor}
+    within = np.asarray(within_site_pairs(lp, rel.times, rel.events), dtype=np.float64)
+    return {"rows": table, "within": within, "n": int(rel.times.size), "bins": int(edges.size + 1),
+            "min_cell": floor}
 
 
 PROGNOSIS_STEPS: dict[str, SiteFunction] = {

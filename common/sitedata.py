@@ -133,6 +133,13 @@ class SiteConfig(BaseModel):
     simulation: SimulatedEffects | None = None
     format: Literal["fedbiopsy-site/1"] = "fedbiopsy-site/1"
 
+    def require_scanner(self) -> Scanner:
+        """The scanner of an imaging site; a tabular site has none, and imaging steps refuse it here."""
+        if self.scanner is None:
+            raise ConfigError("site.yaml", "this site lists no scanner (a tabular site)",
+                              "add scanner: {vendor: ..., field_strength: ...} or leave the site out of imaging phases")
+        return self.scanner
+
 
 def load_site_config(site_dir: Path | str) -> SiteConfig:
     """Read and validate ``site_dir/site.yaml``."""

@@ -48,6 +48,33 @@ def _numeric(series: pd.Series) -> tuple[pd.Series, int]:
     return values, bad
 
 
+def _value_problems(col: str, present: pd.Series, cfg: PrognosisConfig) -> list[ColumnProblem]:
+    """What is wrong with the non-missing values of one column, for the role the study gives it."""
+    if col == cfg.duration:
+        values, bad = _numeric(present)
+        out = [ColumnProblem(col, "holds non-numeric durations", "write durations as numbers", bad)] if bad else []
+        negative = int((values < 0).sum())
+        if negative:
+            out.append(ColumnProblem(col, "holds negative durations", "durations are >= 0", negative))
+        return out
+    if col == cfg.event:
+        values, bad = _numeric(present)
+        odd = bad + int((~values.dropna().isin(_EVENT_VALUES)).sum())
+        return [ColumnProblem(col, "holds event flags other than 0 and 1",
+                              "code the event as 1 (event) or 0 (censored)", odd)] if odd else []
+    if col == cfg.split_column:
+        odd = int((~present.astype(str).isin((TRAIN, TEST))).sum())
+        return [ColumnProblem(col, f"holds values other than {TRAIN!r} and {TEST!r}", f"mark each row {TRAIN} or "
+                              f"{TEST}", odd)] if odd else []
+    if col in cfg.levels:
+        odd = int((~present.astype(str).isin(cfg.levels[col])).sum())
+        return [ColumnProblem(col, "holds values outside the study's levels",
+                              "recode them or add the level to prognosis.levels", odd)] if odd else []
+    _, bad = _numeric(present)
+    return [ColumnProblem(col, "holds non-numeric values for a continuous covariate",
+                          "write numbers, or list its levels in prognosis.levels", bad)] if bad else []
+
+
 def check_columns(frame: pd.DataFrame, cfg: PrognosisConfig) -> list[ColumnProblem]:
     """The problems of ``frame`` (one row per patient) for the study's prognosis columns; missing values are
     non-fatal (those rows are left out)."""
@@ -61,35 +88,7 @@ def check_columns(frame: pd.DataFrame, cfg: PrognosisConfig) -> list[ColumnProbl
         if missing:
             problems.append(ColumnProblem(col, "has missing values (those rows are left out)",
                                           "fill them or accept the complete-case analysis", missing, fatal=False))
-        present = series.dropna()
-        if col == cfg.duration:
-            values, bad = _numeric(present)
-            if bad:
-                problems.append(ColumnProblem(col, "holds non-numeric durations", "write durations as numbers", bad))
-            negative = int((values < 0).sum())
-            if negative:
-                problems.append(ColumnProblem(col, "holds negative durations", "durations are >= 0", negative))
-        elif col == cfg.event:
-            values, bad = _numeric(present)
-            odd = bad + int((~values.dropna().isin(_EVENT_VALUES)).sum())
-            if odd:
-                problems.append(ColumnProblem(col, "holds event flags other than 0 and 1",
-                                              "code the event as 1 (event) or 0 (censored)", odd))
-        elif col == cfg.split_column:
-            odd = int((~present.astype(str).isin((TRAIN, TEST))).sum())
-            if odd:
-                problems.append(ColumnProblem(col, f"holds values other than {TRAIN!r} and {TEST!r}",
-                                              f"mark each row {TRAIN} or {TEST}", odd))
-        elif col in cfg.levels:
-            odd = int((~present.astype(str).isin(cfg.levels[col])).sum())
-            if odd:
-                problems.append(ColumnProblem(col, "holds values outside the study's levels",
-                                              "recode them or add the level to prognosis.levels", odd))
-        else:
-            _, bad = _numeric(present)
-            if bad:
-                problems.append(ColumnProblem(col, "holds non-numeric values for a continuous covariate",
-                                              "write numbers, or list its levels in prognosis.levels", bad))
+        problems.extend(_value_problems(col, series.dropna(), cfg))
     return problems
 
 
@@ -127,7 +126,7 @@ def covariate_design(frame: pd.DataFrame, cfg: PrognosisConfig) -> Design:
     cols = list(study_columns(cfg))
     complete = frame[cols].notna().all(axis=1)
     data = frame[complete]
-    blocks = []
+    blocks: list[np.ndarray] = []
     for col in cfg.covariates:
         if col in cfg.levels:
             levels = cfg.levels[col] if cfg.encoding == "full" else cfg.levels[col][1:]

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import SimpleITK as sitk
 
+from common.config import StudyConfig
 from common.errors import ConfigError, FedBiopsyError, FileProblemError, SiteDataError
 from common.imageio import geometry_mismatches, read_image
 from common.sitedata import (
@@ -215,3 +217,49 @@ def load_site(site_dir: Path | str) -> Site:
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in clinical.loc[cr.patient_id].items()}
         cases.append(Case(cr.patient_id, {k: v for k, v in images.items() if v is not None}, mask, row))
     return Site(root=root, config=config, cases=tuple(cases))
+
+
+def validate_study_columns(site_dir: Path | str, study: StudyConfig) -> tuple[list[Problem], list[Problem]]:
+    """The site's ``clinical.csv`` (and the study's feature table, where it names one and the site has it)
+    against the study's prognosis columns and the site's policy: (problems, warnings). Each names the column
+    and a row count, never a value."""
+    from common.tabular import check_columns
+
+    root = Path(site_dir)
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
+    if "prognosis" not in study.phases:
+        return problems, warnings
+    cfg = study.prognosis
+    clinical_path = root / "clinical.csv"
+    try:
+        config = load_site_config(root)
+        frame = read_clinical(root, TABULAR_COLUMNS).set_index("patient_id")
+    except ConfigError as err:
+        return [_problem(err)], warnings
+    source = str(clinical_path)
+    clinical_cols = set(frame.columns)
+    if cfg.table != "clinical.csv":
+        table_path = root / "derived" / cfg.table
+        if cfg.table not in config.policy.feature_tables:
+            problems.append(Problem(str(root / "site.yaml"), f"the study's table {cfg.table!r} is not among the "
+                                    "site's policy.feature_tables", "add it to the policy or name another"))
+        elif table_path.is_file():
+            table = pd.read_csv(table_path, dtype={"patient_id": str}).set_index("patient_id")
+            frame = frame.join(table.drop(columns=[c for c in table.columns if c in clinical_cols]), how="inner")
+            source = f"{clinical_path} + {table_path}"
+        else:
+            warnings.append(Problem(str(table_path), "not written yet", "the phase that writes it runs first"))
+    uses = [(cfg.duration, "survival"), (cfg.event, "survival")] + [(c, "covariate") for c in cfg.covariates
+                                                                     if c in clinical_cols]
+    if cfg.split_column:
+        uses.append((cfg.split_column, "split"))
+    for col, use in uses:
+        spec = config.policy.columns.get(col)
+        if spec is None or use not in spec.uses:
+            problems.append(Problem(str(root / "site.yaml"), f"column {col!r} is not allowed as {use} by "
+                                    "policy.columns", f"list it under policy.columns with use {use}, or drop it "
+                                    "from the study"))
+    for p in check_columns(frame, cfg):
+        (problems if p.fatal else warnings).append(Problem(source, str(p).split(". Fix: ")[0], p.fix))
+    return problems, warnings

@@ -143,8 +143,8 @@ def run_harmonisation_experiment(study: StudyConfig, out: Path, site_dirs: Seque
     sites = [load_site(d) for d in dirs]
     labels = {s.site_id: site_labels(s, study.classifier.label) for s in sites}
     clinical = {s.site_id: s.clinical_frame() for s in sites}
-    attributes = {s.site_id: {"vendor": s.config.scanner.vendor,
-                              "field_strength": f"{s.config.scanner.field_strength:g}T"} for s in sites}
+    attributes = {s.site_id: {"vendor": s.config.require_scanner().vendor,
+                              "field_strength": f"{s.config.require_scanner().field_strength:g}T"} for s in sites}
     min_cohort = min(s.config.policy.min_cohort for s in sites)
     needs_raw = any(c in ("none", "combat") for c in e.conditions)
     needs_std = any(c in ("image", "both") for c in e.conditions)

@@ -207,8 +207,8 @@ def evaluate_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     overlay = classifier_dir(site) / f"gradcam-{study.hash[:12]}" if kind == "image" else None
     reply = evaluate_reply(site.site_id, payload, x, y, study.classifier, min_cohort=site.config.policy.min_cohort,
                            strata=strata, masks=masks, overlay_dir=overlay, case_ids=ids, policy=site.config.policy)
-    reply["vendor"] = site.config.scanner.vendor
-    reply["field_strength"] = f"{site.config.scanner.field_strength:g}T"
+    reply["vendor"] = site.config.require_scanner().vendor
+    reply["field_strength"] = f"{site.config.require_scanner().field_strength:g}T"
     return reply
 
 

@@ -48,8 +48,8 @@ def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payloa
         measures.append(CaseMeasure(tuple(ref.GetSpacing()), tuple(ref.GetSize()), fg))
     out = site_fingerprint(site.site_id, measures, study.sequences, cfg.percentiles, site.config.policy.min_cohort,
                            site.config.policy.cell_floor)
-    out["field_strength"] = site.config.scanner.field_strength
-    out["vendor"] = site.config.scanner.vendor
+    out["field_strength"] = site.config.require_scanner().field_strength
+    out["vendor"] = site.config.require_scanner().vendor
     out["manifest_hash"] = manifest_hash(site)
     out["manifest_cases"] = len(site.cases)
     return out

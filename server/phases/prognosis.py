@@ -3,7 +3,8 @@
 The rounds are :func:`common.prognosis.run_prognosis`'s over one fixed cohort of sites. Writes
 ``prognosis/prognosis.json`` (coefficients on the covariates' own scale, standard errors, p-values, hazard
 ratios with their interval, the rounds, the C-index on train and test, pooled and per site, with the error
-bound of the risk-score bins, and the AUC at each horizon) and ``prognosis/hazard_ratios.png``.
+bound of the risk-score bins, Uno's C, and the AUC and Brier score at each horizon, the calibration by risk
+group), ``prognosis/hazard_ratios.png`` and ``prognosis/calibration.png``.
 """
 
 from __future__ import annotations
@@ -76,10 +77,16 @@ def prognosis_summary(result: PrognosisResult, cfg: PrognosisConfig) -> dict:
         "c_index": c_index,
         "time_dependent_auc": {split_names.get(s, s): {f"{h:g}": _bounded(b) for h, b in by_h.items()}
                                for s, by_h in result.auc.items()},
+        "uno_c_index": {split_names.get(s, s): _bounded(b) for s, b in result.uno.items()},
+        "brier_score": {split_names.get(s, s): {f"{h:g}": _bounded(b) for h, b in by_h.items()}
+                        for s, by_h in result.brier.items()},
+        "calibration": {"horizon": result.calibration_horizon,
+                        "groups": {split_names.get(s, s): g for s, g in result.calibration.items()}},
         "risk_bins": int(result.edges.size + 1),
-        "metric_note": "C-index (Harrell, as lifelines' concordance_index) and cumulative/dynamic AUC (as "
-                       "scikit-survival's, IPCW from the train censoring distribution) from the sites' risk "
-                       "tables on shared score bins; 'bound' is the largest error the bins allow",
+        "metric_note": "C-index (Harrell, as lifelines' concordance_index; pairs within a site exact), Uno's C, "
+                       "cumulative/dynamic AUC and Brier score (as scikit-survival's, IPCW from the train censoring "
+                       "distribution) from the sites' risk tables on shared score bins; 'bound' is the largest "
+                       "error the bins allow. Calibration: mean predicted vs Kaplan-Meier survival per risk group",
     }
 
 
@@ -111,6 +118,33 @@ def plot_hazard_ratios(summary: dict, path: Path, alpha: float) -> Path:
     return path
 
 
+def plot_calibration(summary: dict, path: Path) -> Path | None:
+    """Predicted against observed (Kaplan-Meier) survival at the calibration horizon, per risk group and split."""
+    from matplotlib.figure import Figure
+
+    cal = summary["calibration"]
+    if cal["horizon"] is None or not any(cal["groups"].values()):
+        return None
+    fig = Figure(figsize=(5.2, 5.0), dpi=120)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
+    for k, (split, groups) in enumerate(cal["groups"].items()):
+        pred = [g["predicted"] for g in groups]
+        obs = [g["observed"] for g in groups]
+        ax.plot(pred, obs, "o-", color=f"C{k}", label=f"{split} ({sum(g['n'] for g in groups)} patients)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"predicted survival at {cal['horizon']:g}")
+    ax.set_ylabel("observed survival (Kaplan-Meier)")
+    ax.set_title("Calibration by risk group", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def run(ctx: PhaseContext) -> dict:
     """The whole prognosis phase; returns the JSON-serialisable summary with its artifacts."""
     cfg = ctx.study.prognosis
@@ -121,6 +155,7 @@ def run(ctx: PhaseContext) -> dict:
     path = out_dir / "prognosis.json"
     path.write_text(json.dumps(summary, indent=2))
     png = plot_hazard_ratios(summary, out_dir / "hazard_ratios.png", cfg.alpha)
+    calibration_png = plot_calibration(summary, out_dir / "calibration.png")
     log.info("prognosis: Cox over %d sites in %d rounds; C-index %s", len(result.sites), result.rounds,
              {k: v for k, v in summary["c_index"].items() if k in ("train", "test")})
     metrics = {f"c_index_{k}": float(v) for k, v in summary["c_index"].items()
@@ -128,6 +163,6 @@ def run(ctx: PhaseContext) -> dict:
     metrics.update({f"cox_coef_{n}": float(v) for n, v in summary["coefficients"].items()})
     settings_hash = sha256_json(cfg.model_dump(mode="json"))
     artifacts = [{"kind": "prognosis", "path": str(p), "round": None, "metrics": {"pooled": metrics},
-                  "settings_hash": settings_hash} for p in (path, png)]
+                  "settings_hash": settings_hash} for p in (path, png, calibration_png) if p is not None]
     ctx.participants["prognosis"] = dict(result.site_n)
     return {**summary, "artifacts": artifacts}

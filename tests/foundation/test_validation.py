@@ -96,7 +96,7 @@ def _with_array(image: sitk.Image, fn) -> sitk.Image:
     ("content", "expected"),
     [
         ("site_id: [unclosed", "not valid YAML"),
-        ("site_id: x\n", "scanner: Field required"),
+        ("site_id: x\n", "needs its scanner"),
         ("site_id: x\nscanner: {vendor: GE, field_strength: -1}\n", "field_strength"),
         ("site_id: x\nscanner: {vendor: GE, field_strength: 3}\ncolour: blue\n", "colour: Extra inputs"),
     ],
