@@ -133,6 +133,10 @@ def _print_summary(summary: dict, out: Path) -> None:
     if red:
         console.print(f"[bold]Signature[/bold]: {len(red['kept'])} features kept, "
                       f"{len(red['explained_variance'])} factors")
+    rg = outputs.get("radiogenomics")
+    if rg:
+        console.print(f"[bold]Radiogenomics[/bold]: {len(rg['associated'])} signature feature(s) associated with "
+                      f"{rg['column']} at q < {rg['fdr']:g}: {rg['associated']}")
     for row in (outputs.get("classifier") or {}).get("comparison", []):
         console.print(f"[bold]Classifier {row['model']}[/bold]: pooled AUC {row['auc']:.3f}, accuracy "
                       f"{row['accuracy']:.3f}, Brier {row['brier']:.3f} (AUC and accuracy from the sites' score "

@@ -13,14 +13,14 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from common.config_base import _Frozen
-from common.config_outcomes import OutcomesConfig, PrognosisConfig
+from common.config_outcomes import OutcomesConfig, PrognosisConfig, RadiogenomicsConfig
 from common.errors import ConfigError
 from common.hashing import sha256_json
 
 STUDY_SCHEMA_VERSION = 1
 DEFAULT_STUDY = Path(__file__).with_name("studies") / "default.yaml"
-__all__ = ["DEFAULT_STUDY", "STUDY_SCHEMA_VERSION", "OutcomesConfig", "PrognosisConfig", "StudyConfig",
-           "load_study_config"]
+__all__ = ["DEFAULT_STUDY", "STUDY_SCHEMA_VERSION", "OutcomesConfig", "PrognosisConfig", "RadiogenomicsConfig",
+           "StudyConfig", "load_study_config"]
 
 
 class FingerprintConfig(_Frozen):
@@ -362,6 +362,7 @@ class StudyConfig(_Frozen):
     reduction: ReductionConfig = ReductionConfig()
     outcomes: OutcomesConfig = OutcomesConfig()
     prognosis: PrognosisConfig = PrognosisConfig()
+    radiogenomics: RadiogenomicsConfig = RadiogenomicsConfig()
     features: FeaturesConfig = FeaturesConfig()
     preprocessing: PreprocessingConfig = PreprocessingConfig()
     simulation: SimulationConfig = SimulationConfig()

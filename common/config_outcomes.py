@@ -76,3 +76,15 @@ class PrognosisConfig(_Frozen):
             if len(lv) < 2 or len(set(map(str, lv))) != len(lv):
                 raise ValueError(f"levels of {col!r}: at least two distinct values")
         return {col: tuple(str(x) for x in lv) for col, lv in v.items()}
+
+
+class RadiogenomicsConfig(_Frozen):
+    """A federated association table between imaging features (the signature's factors by default) and a
+    genomic or molecular column of ``clinical.csv`` with two levels (e.g. a mutation flag): per feature the
+    mean difference, the standardised difference, Welch's t-test p-value and the Benjamini-Hochberg q-value."""
+
+    table: str = "signature_scores.csv"  # one of the site's derived feature tables
+    features: tuple[str, ...] = ()  # empty: every numeric column of the table
+    column: str = "tp53_mutation"
+    levels: tuple[str, str] = ("0", "1")  # reference level, compared level
+    fdr: float = Field(0.05, gt=0, lt=1)  # the q-value under which a feature is called associated

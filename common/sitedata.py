@@ -27,13 +27,13 @@ from common.imageio import find_image
 CLINICAL_COLUMNS: tuple[str, ...] = ("patient_id", "age", "sex", "label", "os_days", "os_event")
 ALL_PHASES: tuple[str, ...] = (
     "fingerprint", "preprocessing", "segmentation", "features", "harmonisation", "reduction",
-    "classifier", "outcomes", "prognosis", "rollcall",
+    "classifier", "outcomes", "prognosis", "radiogenomics", "rollcall",
 )
 
 
 FEATURE_TABLES: tuple[str, ...] = ("features.csv", "features_harmonised.csv", "signature_scores.csv")
 ColumnKind = Literal["categorical", "continuous"]
-ColumnUse = Literal["covariate", "batch", "stratum", "fairness", "label", "survival", "split"]
+ColumnUse = Literal["covariate", "batch", "stratum", "fairness", "label", "survival", "split", "genomic"]
 
 
 class ClinicalColumn(BaseModel):

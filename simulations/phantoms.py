@@ -23,7 +23,16 @@ import pandas as pd
 from scipy import ndimage
 
 from common.imageio import array_to_image, write_image
-from common.sitedata import RATERS_DIR, Scanner, SimulatedEffects, SiteConfig, write_site_config
+from common.sitedata import (
+    DEFAULT_COLUMNS,
+    RATERS_DIR,
+    ClinicalColumn,
+    Scanner,
+    SimulatedEffects,
+    SiteConfig,
+    SitePolicy,
+    write_site_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,10 @@ TUMOUR_SIGNAL: dict[str, dict[int, tuple[float, float]]] = {
 TUMOUR_TEXTURE: dict[int, tuple[float, float]] = {0: (1.0, 0.04), 1: (1.5, 0.15)}  # (sigma vox, amplitude)
 BASELINE_HAZARD_PER_DAY = np.log(2.0) / 600.0
 HAZARD_COEF = {"subtype": 0.9, "log_volume": 0.6, "heterogeneity": 3.0}
+# A genomic marker with a known association: P(tp53_mutation = 1 | subtype), drawn from its own stream so that
+# every image and survival draw stays what it was (the radiogenomics phase should find the subtype's features).
+MUTATION_RATE = {0: 0.1, 1: 0.9}
+GENOMIC_COLUMNS = {"tp53_mutation": ClinicalColumn(kind="categorical", uses=("genomic", "covariate"))}
 # Centres of the hazard covariates: typical tumour volume (fraction of the field of view), heterogeneity.
 REFERENCE_LOG_VOLUME_FRACTION = np.log(0.008)
 REFERENCE_HETEROGENEITY = 0.08
@@ -249,6 +262,8 @@ def simulate_patient(
         "os_event": int(event_time <= censor_time),
         "subtype": SUBTYPES[subtype],
         "tumour_volume_ml": round(volume_ml, 3),
+        "tp53_mutation": int(np.random.default_rng([seed, site_index, patient_index, 53]).uniform()
+                             < MUTATION_RATE[subtype]),
     }
     return PatientPhantom(
         patient_id=str(clinical["patient_id"]), images=images, clean=clean, tissues=tissues,
@@ -267,6 +282,7 @@ def site_config_for(index: int, seed: int) -> SiteConfig:
                         spacing=scanner.spacing),
         sequences=SEQUENCES,
         reference_sequence="T2w",
+        policy=SitePolicy(columns={**DEFAULT_COLUMNS, **GENOMIC_COLUMNS}),
         simulation=SimulatedEffects(
             intensity_scale=scanner.intensity_scale, intensity_offset=scanner.intensity_offset,
             bias_amplitude=scanner.bias_amplitude, noise_sigma=scanner.noise_sigma, seed=bias_seed,

@@ -1,0 +1,69 @@
+"""Federated radiogenomics (:mod:`common.radiogenomics`) against scipy on the pooled rows, and the site step on
+simulated hospitals (whose ``tp53_mutation`` is drawn with a known association to the subtype)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from client.steps.radiogenomics import association_site
+from common.config import load_study_config
+from common.errors import PolicyError
+from common.protocol import InMemoryQuery
+from common.radiogenomics import RADIOGENOMICS_STEPS, AssociationSite, run_radiogenomics
+from common.validation import load_site
+from tests.outcomes.conftest import set_policy
+
+
+def _sites(seed: int, min_cell: int = 1) -> tuple[dict[str, AssociationSite], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sites, xs, gs = {}, [], []
+    for k, n in enumerate((23, 61, 9, 40)):
+        g = (rng.random(n) < 0.4).astype(int)
+        x = rng.normal(size=(n, 6)) * np.array([1, 2, 1, 5, 1, 1]) + k * 0.3  # a site shift
+        x[:, 0] += 0.9 * g  # two features truly differ by group
+        x[:, 3] -= 3.0 * g
+        sites[f"site-{k}"] = AssociationSite(f"site-{k}", x, tuple(f"f{j}" for j in range(6)), g, min_cell=min_cell)
+        xs.append(x)
+        gs.append(g)
+    return sites, np.concatenate(xs), np.concatenate(gs)
+
+
+def test_association_table_equals_scipy_on_the_pooled_rows() -> None:
+    sites, x, g = _sites(0)
+    table = run_radiogenomics(InMemoryQuery(sites, RADIOGENOMICS_STEPS))
+    ref = stats.ttest_ind(x[g == 1], x[g == 0], equal_var=False)
+    assert np.abs(table.t - ref.statistic).max() < 1e-10
+    assert np.abs(table.p - ref.pvalue).max() < 1e-12
+    assert np.abs(table.df - ref.df).max() < 1e-8
+    assert np.abs(table.q - stats.false_discovery_control(ref.pvalue, method="bh")).max() < 1e-12
+    assert np.abs(table.difference - (x[g == 1].mean(0) - x[g == 0].mean(0))).max() < 1e-12
+    rows = table.rows(0.05)
+    assert {r["feature"] for r in rows if r["associated"]} == {"f0", "f3"}
+
+
+def test_a_small_group_at_a_site_is_withheld_and_said_so() -> None:
+    sites, x, g = _sites(1, min_cell=5)
+    small = sites["site-2"]
+    assert 0 < (small.groups == 1).sum() < 5 or 0 < (small.groups == 0).sum() < 5
+    table = run_radiogenomics(InMemoryQuery(sites, RADIOGENOMICS_STEPS))
+    assert table.withheld["site-2"]
+    assert int(table.n.sum()) < g.size
+
+
+def test_simulated_sites_find_the_subtype_features(signature_sites: list[Path], tmp_path: Path) -> None:
+    study = load_study_config()
+    sites = {p.name: association_site(load_site(p), study) for p in signature_sites}
+    table = run_radiogenomics(InMemoryQuery(sites, RADIOGENOMICS_STEPS))
+    pooled = pd.concat([pd.read_csv(p / "clinical.csv") for p in signature_sites])
+    ct = pd.crosstab(pooled["subtype"], pooled["tp53_mutation"])
+    assert stats.fisher_exact(ct.to_numpy())[1] < 0.05  # the simulated marker follows the subtype
+    withheld = sum(len(v) for v in table.withheld.values())  # a site's group under min_cell (5) stays home
+    assert min(table.q) < 0.05 and (int(table.n.sum()) == len(pooled)) == (withheld == 0)
+    set_policy(signature_sites[0], columns={})  # a site that does not list the column refuses, naming the rule
+    with pytest.raises(PolicyError, match="allowed_columns"):
+        association_site(load_site(signature_sites[0]), study)
