@@ -38,12 +38,14 @@ class RiskTable:
     site_ids: tuple[str, ...]
     n_bins: int
     within: np.ndarray | None = None  # (n_sites, 3): each site's exact concordant, tied and comparable pairs
+    within_exact: np.ndarray | None = None  # (n_sites,): whether the site sent them (sites with exact outcomes)
 
     def of_site(self, site: str) -> RiskTable:
         k = self.site_ids.index(site)
         keep = self.sites == k
         within = None if self.within is None else self.within[k:k + 1]
-        return RiskTable(self.rows[keep], np.zeros(int(keep.sum()), np.int64), (site,), self.n_bins, within)
+        exact = None if self.within_exact is None else self.within_exact[k:k + 1]
+        return RiskTable(self.rows[keep], np.zeros(int(keep.sum()), np.int64), (site,), self.n_bins, within, exact)
 
     @property
     def n(self) -> int:
@@ -53,7 +55,7 @@ class RiskTable:
 def merge_risk_tables(replies: Mapping[str, Mapping[str, object]], n_bins: int) -> RiskTable:
     """The server step: every site's rows, checked (shape, finite, bins in range, counts non-negative)."""
     sites = tuple(sorted(replies))
-    rows, owner, within = [], [], []
+    rows, owner, within, exact = [], [], [], []
     for k, site in enumerate(sites):
         r = np.asarray(replies[site].get("rows", []), dtype=np.float64).reshape(-1, 5) \
             if "rows" in replies[site] else None
@@ -71,9 +73,10 @@ def merge_risk_tables(replies: Mapping[str, Mapping[str, object]], n_bins: int) 
         rows.append(r)
         owner.append(np.full(r.shape[0], k, dtype=np.int64))
         within.append(w)
+        exact.append(bool(replies[site].get("within_exact", False)))
     return RiskTable(np.concatenate(rows) if rows else np.zeros((0, 5)),
                      np.concatenate(owner) if owner else np.zeros(0, np.int64), sites, n_bins,
-                     np.asarray(within).reshape(-1, 3))
+                     np.asarray(within).reshape(-1, 3), np.asarray(exact, dtype=bool))
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,9 @@ def concordance(table: RiskTable) -> Bounded:
         t_i, t_j = ri[:, 0][:, None], r[:, 0][None, :]
         partners = (t_j > t_i) * (r[:, 3] + r[:, 4])[None, :] + (t_j == t_i) * r[:, 4][None, :]
         weight = ri[:, 3][:, None] * partners
-        if table.within is not None:  # those pairs are counted exactly at their site
-            weight = weight * (table.sites[ev][:, None] != table.sites[None, :])
+        if table.within is not None and table.within_exact is not None:  # counted exactly at their site
+            same = table.sites[ev][:, None] == table.sites[None, :]
+            weight = weight * ~(same & table.within_exact[table.sites][None, :])
         below, overlap = _order(ri[:, 1], ri[:, 2], r[:, 1], r[:, 2])
         pairs = float(weight.sum())
         conc = float((weight * below).sum())

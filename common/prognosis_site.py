@@ -23,8 +23,15 @@ shows it); with several betas the covariate vectors of every risk-set cell can b
 merged cells do not prevent this, so only a site that chooses to answer Newton rounds does (as
 ``exact_outcomes`` is the site's choice for exact times).
 
-The risk table is released once per split and study (ledger scope ``prognosis-risk``: its cells are sets of
-patients, and a second table with other score edges or another beta would difference them).
+Where the policy floors cells (no exact outcomes) a risk table is the weaker, safer release:
+
+* score segments start only at fixed block boundaries (``RISK_BLOCKS`` equal blocks of the bins) and cover the
+  bins contiguously, so no boundary sits where a patient's score falls (no min, max or rank-k value);
+* no exact within-site pair counts (a threshold-like beta would make them a bit about one patient per request);
+* one table per set of patients over the site's lifetime (ledger scope ``prognosis-risk``, whatever the study):
+  another beta or other edges would difference its cells, and new studies would add bits;
+* an indicator covariate whose level a few patients hold is refused in the moments round (its crossproducts
+  would be their covariates).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ PROGNOSIS_ACTIONS: tuple[str, ...] = (PROGNOSIS_MOMENTS, PROGNOSIS_SUMS, PROGNOS
 PROGNOSIS_RISK_SCOPE = "prognosis-risk"  # ledger scope of the risk tables' cells
 SPLITS: tuple[str, ...] = ("train", "test", "all")
 MAX_RISK_BINS = 512  # a request's score edges are refused beyond this (and beyond the site's histogram_bins)
+RISK_BLOCKS = 8  # where cells are floored: score segments start only at these fixed fractions of the bins
+MAX_BETA, MIN_SCALE = 50.0, 1e-8  # a risk score's coefficients (on normalised covariates) and scales
 
 
 @dataclass
@@ -109,9 +118,16 @@ def site_prognosis_moments(site: PrognosisSite, request: Mapping[str, object]) -
     """Round 1: :func:`~common.outcomes_site.site_cox_moments` of the split, and the covariates' crossproducts
     (the pooled covariance fixes the risk score's bins)."""
     cohort = site.cohort(request)
-    out = site_cox_moments(cohort, request)
     rel = released(cohort, request)
     x = check_matrix(site.site_id, cohort.covariates, "covariate matrix")[rel.keep]  # type: ignore[arg-type]
+    floor = max(int(cohort.min_cell), 1)
+    binary = np.all((x == 0) | (x == 1), axis=0)
+    ones = x.sum(axis=0)
+    rare = binary & (((ones > 0) & (ones < floor)) | ((x.shape[0] - ones > 0) & (x.shape[0] - ones < floor)))
+    if np.any(rare):  # its crossproducts would be those few patients' covariates, its event sum their flags
+        raise PolicyError(site.site_id, "min_cell", f"{int(rare.sum())} indicator column(s) with a level held by "
+                          f"fewer than {floor} patients")
+    out = site_cox_moments(cohort, request)
     centred = x - x.mean(axis=0)
     out["cross"] = centred.T @ centred
     out["exact_allowed"] = bool(cohort.exact)
@@ -171,7 +187,6 @@ def site_prognosis_risk(site: PrognosisSite, request: Mapping[str, object]) -> P
     first bin, last bin, events, censored``. Released once per split and study.
     """
     cohort = site.cohort(request)
-    split = str(request["split"])
     edges = _array(request, "edges", site.site_id).ravel()
     if edges.size + 1 > site.max_bins or edges.size + 1 > MAX_RISK_BINS:
         raise PolicyError(site.site_id, "histogram_bins", f"{edges.size + 1} risk-score bins asked, the site "
@@ -185,30 +200,49 @@ def site_prognosis_risk(site: PrognosisSite, request: Mapping[str, object]) -> P
     if beta.shape != (x.shape[1],) or mean.shape != beta.shape or scale.shape != beta.shape:
         raise ProtocolError(site.site_id, f"beta/mean/scale do not match the site's {x.shape[1]} covariate(s)",
                             "use the same covariate columns at every site")
+    if not (np.all(np.isfinite(beta)) and np.all(np.isfinite(mean)) and np.all(np.isfinite(scale))
+            and np.all(scale > 0) and np.all(np.abs(beta) <= MAX_BETA) and np.all(scale >= MIN_SCALE)):
+        raise ProtocolError(site.site_id, "beta, mean or scale out of range (non-finite, |beta| > "
+                            f"{MAX_BETA:g} or a scale under {MIN_SCALE:g})", "send the fitted model's values")
     lp = ((x - mean) / scale) @ beta
     bins = np.searchsorted(edges, lp, side="right")
     floor = max(int(cohort.min_cell), 1)
+    n_bins = edges.size + 1
+    if floor > 1:  # segments only at fixed block boundaries (never at a bin where a patient falls)
+        width = -(-n_bins // RISK_BLOCKS)
+        bins = np.minimum(bins // width, RISK_BLOCKS - 1)
     rows: list[tuple[float, int, int, int, int]] = []
     cells: list[np.ndarray] = []
     keep_index = np.flatnonzero(rel.keep)
     for t in np.unique(rel.times):
         at = np.flatnonzero(rel.times == t)
-        for lo, hi, members in risk_segments(bins[at], floor):
+        segments = risk_segments(bins[at], floor)
+        for k, (lo, hi, members) in enumerate(segments):
             idx = at[members]
             ev = int(rel.events[idx].sum())
+            if floor > 1:  # contiguous block ranges: from bin 0, each after the one before, the last to the end
+                first = 0 if k == 0 else (segments[k - 1][1] + 1) * width
+                last = n_bins - 1 if k == len(segments) - 1 else min((hi + 1) * width, n_bins) - 1
+                lo, hi = first, last
             rows.append((float(t), lo, hi, ev, int(idx.size) - ev))
             cells.append(keep_index[idx])
     if site.ledger is not None:
-        if not site.ledger.once(PROGNOSIS_RISK_SCOPE, site.study_key, f"risk-{split}", _digest(request)):
-            raise PolicyError(site.site_id, "release_ledger", f"scope {PROGNOSIS_RISK_SCOPE}: one risk table per "
-                              "split and study (another beta or other edges would difference its cells)")
         ids = cohort_ids(site.site_id, cohort.survival_ids, cohort.durations.size)  # type: ignore[union-attr]
+        universe = hashlib.sha256(" ".join(sorted(ids[i] for i in keep_index)).encode()).hexdigest()[:16]
+        if not site.ledger.once(PROGNOSIS_RISK_SCOPE, "site-lifetime", f"risk-{universe}", _digest(request)):
+            raise PolicyError(site.site_id, "release_ledger", f"scope {PROGNOSIS_RISK_SCOPE}: one risk table per set "
+                              "of patients over the site's lifetime (another beta or other edges, in any study, "
+                              "would difference its cells)")
         site.ledger.release(PROGNOSIS_RISK_SCOPE, [ids[i] for i in keep_index],
                             [[ids[i] for i in c] for c in cells], site.study_key)
     table = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
-    within = np.asarray(within_site_pairs(lp, rel.times, rel.events), dtype=np.float64)
-    return {"rows": table, "within": within, "n": int(rel.times.size), "bins": int(edges.size + 1),
-            "min_cell": floor}
+    # the exact pair counts only where the site releases exact outcomes anyway (elsewhere a threshold beta
+    # would make them a bit per request about one patient's value)
+    exact_pairs = bool(cohort.exact and floor <= 1)
+    within = np.asarray(within_site_pairs(lp, rel.times, rel.events) if exact_pairs else (0.0, 0.0, 0.0),
+                        dtype=np.float64)
+    return {"rows": table, "within": within, "within_exact": exact_pairs, "n": int(rel.times.size),
+            "bins": int(edges.size + 1), "min_cell": floor}
 
 
 PROGNOSIS_STEPS: dict[str, SiteFunction] = {

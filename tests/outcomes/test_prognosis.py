@@ -138,8 +138,8 @@ def test_c_index_and_dynamic_auc_equal_lifelines_and_sksurv_to_the_bin_bound() -
 
 def test_binned_c_index_equals_lifelines_on_the_released_times() -> None:
     """Sites without exact outcomes: times binned (13 weeks) and merged to cells of >= 5 patients, score segments
-    of >= 5; the C-index is lifelines' on the released times, to the wider bound those cells allow (pairs within
-    a site are counted exactly at the site, pairs across sites from the tables)."""
+    of >= 5 patients on fixed blocks of the bins; the C-index is lifelines' on the released times, to the much
+    wider bound those cells allow (what k-anonymous tables cost: measured 0.29 here)."""
     frames = _uneven(load_rossi(), 3, seed=3)
     sites = prognosis_sites_from_frames(frames, "week", "arrest", min_cell=5, min_cohort=5)
     beta = np.array([-0.4, -0.3, 0.1, -0.2, -0.4, -0.1, 0.3])
@@ -164,8 +164,11 @@ def test_binned_c_index_equals_lifelines_on_the_released_times() -> None:
         lp.append(((f.drop(columns=["week", "arrest"]).to_numpy() - mean) / scale)[rel.keep] @ beta)
     c = concordance_index(np.concatenate(released_t), -np.concatenate(lp), np.concatenate(released_e))
     fed = concordance(table)
-    assert abs(fed.value - c) <= fed.bound and fed.bound < 0.15
-    assert abs(fed.value - (1 - c)) > fed.bound  # a reversed score falls outside it
+    assert abs(fed.value - c) <= fed.bound < 0.35
+    width = -(-(edges.size + 1) // 8)  # segments start and end on the fixed blocks, never at a patient's bin
+    assert np.all(table.rows[:, 1] % width == 0)
+    assert np.all(((table.rows[:, 2] + 1) % width == 0) | (table.rows[:, 2] == edges.size))
+    assert all(np.all(np.asarray(r["within"]) == 0) and not r["within_exact"] for r in replies.values())
 
 
 # ============================================================================================ the site's guards
@@ -222,6 +225,26 @@ def test_a_second_risk_table_is_refused_by_the_ledger() -> None:
     assert np.array_equal(first["rows"], again["rows"])
     with pytest.raises(PolicyError, match="release_ledger"):
         PROGNOSIS_STEPS[PROGNOSIS_RISK](site, {**base, "edges": np.linspace(-2, 2, 17) + 0.01})
+    site.study_key = "study-b"  # nor in another study: one table per set of patients over the site's lifetime
+    with pytest.raises(PolicyError, match="release_ledger"):
+        PROGNOSIS_STEPS[PROGNOSIS_RISK](site, {**base, "edges": np.linspace(-1, 1, 9)})
+    with pytest.raises(ProtocolError, match="out of range"):  # a threshold-like beta is not a model
+        PROGNOSIS_STEPS[PROGNOSIS_RISK](site, {**base, "beta": np.full(7, 1e300)})
     with pytest.raises(PolicyError, match="histogram_bins"):
         site.max_bins = 8
         PROGNOSIS_STEPS[PROGNOSIS_RISK](site, {**base, "split": "all", "edges": np.linspace(-2, 2, 17)})
+
+
+def test_a_rare_indicator_level_is_refused_in_the_moments_round() -> None:
+    """One patient with level B of an indicator: its crossproducts would be that patient's covariates, its event
+    sum the patient's flag. A site flooring cells (min_cell 5) refuses; an exact-outcomes site answers."""
+    frames = _uneven(load_rossi(), 3, seed=3)
+    frames["site-0"] = frames["site-0"].assign(scanner_b=(np.arange(len(frames["site-0"])) == 3).astype(float))
+    for f in ("site-1", "site-2"):
+        frames[f] = frames[f].assign(scanner_b=0.0)
+    floored = prognosis_sites_from_frames(frames, "week", "arrest", min_cell=5, min_cohort=5)["site-0"]
+    request = {**SurvivalOptions(time_bin_days=13).request(), "split": "all"}
+    with pytest.raises(PolicyError, match="min_cell"):
+        PROGNOSIS_STEPS[PROGNOSIS_MOMENTS](floored, request)
+    exact = prognosis_sites_from_frames(frames, "week", "arrest")["site-0"]
+    assert PROGNOSIS_STEPS[PROGNOSIS_MOMENTS](exact, {"mode": "exact", "split": "all"})["ones"][-1] == 1
