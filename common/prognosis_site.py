@@ -26,12 +26,16 @@ merged cells do not prevent this, so only a site that chooses to answer Newton r
 Where the policy floors cells (no exact outcomes) a risk table is the weaker, safer release:
 
 * score segments start only at fixed block boundaries (``RISK_BLOCKS`` equal blocks of the bins) and cover the
-  bins contiguously, so no boundary sits where a patient's score falls (no min, max or rank-k value);
+  bins contiguously, so no boundary sits where a patient's score falls (no min or max). Residual: the server
+  places the edges, so one table tells, per time cell, between which of its edges the k-th ranked score lies
+  (k a multiple of min_cell): a few bits per cell, once per set of patients;
 * no exact within-site pair counts (a threshold-like beta would make them a bit about one patient per request);
 * one table per set of patients over the site's lifetime (ledger scope ``prognosis-risk``, whatever the study):
   another beta or other edges would difference its cells, and new studies would add bits;
-* an indicator covariate whose level a few patients hold is refused in the moments round (its crossproducts
-  would be their covariates).
+* a two-valued covariate whose rarer value a few patients hold is refused in the moments round (its
+  crossproducts would be their covariates), and so is a categorical level, the reference too (the site step);
+* which patients a reply covers does not depend on the covariates named (complete in every column the site
+  allows), and a feature table's sums are held against k-means' (ledger scope ``features``).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from common.outcomes_site import (
 )
 from common.pooled_moments import check_matrix
 from common.protocol import Payload, SiteFunction
-from common.release_ledger import ReleaseLedger
+from common.release_ledger import FEATURES, ReleaseLedger
 
 PROGNOSIS_MOMENTS, PROGNOSIS_SUMS, PROGNOSIS_RISK = "prognosis_moments", "prognosis_sums", "prognosis_risk"
 PROGNOSIS_ACTIONS: tuple[str, ...] = (PROGNOSIS_MOMENTS, PROGNOSIS_SUMS, PROGNOSIS_RISK)
@@ -76,6 +80,7 @@ class PrognosisSite:
     max_bins: int = MAX_RISK_BINS  # policy.histogram_bins
     ledger: ReleaseLedger | None = None
     study_key: str = ""
+    feature_table: bool = False  # covariates from a derived feature table: its sums are held against k-means'
 
     def cohort(self, request: Mapping[str, object]) -> OutcomesCohort:
         """The cohort of the request's split (refused when the site has no such split)."""
@@ -121,12 +126,18 @@ def site_prognosis_moments(site: PrognosisSite, request: Mapping[str, object]) -
     rel = released(cohort, request)
     x = check_matrix(site.site_id, cohort.covariates, "covariate matrix")[rel.keep]  # type: ignore[arg-type]
     floor = max(int(cohort.min_cell), 1)
-    binary = np.all((x == 0) | (x == 1), axis=0)
-    ones = x.sum(axis=0)
-    rare = binary & (((ones > 0) & (ones < floor)) | ((x.shape[0] - ones > 0) & (x.shape[0] - ones < floor)))
-    if np.any(rare):  # its crossproducts would be those few patients' covariates, its event sum their flags
-        raise PolicyError(site.site_id, "min_cell", f"{int(rare.sum())} indicator column(s) with a level held by "
-                          f"fewer than {floor} patients")
+    if x.shape[0]:  # any two-valued column (0/1 or not): its crossproducts would be the rarer value's patients'
+        low, high = x.min(axis=0), x.max(axis=0)
+        two = np.all((x == low) | (x == high), axis=0) & (low < high)
+        n_low = (x == low).sum(axis=0)
+        rare = two & ((n_low < floor) | (x.shape[0] - n_low < floor))
+        if np.any(rare):
+            raise PolicyError(site.site_id, "min_cell", f"{int(rare.sum())} two-valued covariate(s) with a value held "
+                              f"by fewer than {floor} patients")
+    if site.ledger is not None and site.feature_table and cohort.survival_ids:  # the same rows' feature sums
+        ids = cohort_ids(site.site_id, cohort.survival_ids, cohort.durations.size)  # type: ignore[union-attr]
+        kept = [ids[i] for i in np.flatnonzero(rel.keep)]
+        site.ledger.release(FEATURES, kept, [kept], site.study_key, count=False)
     out = site_cox_moments(cohort, request)
     centred = x - x.mean(axis=0)
     out["cross"] = centred.T @ centred

@@ -1,15 +1,16 @@
 """Federated radiogenomics: which imaging features differ between the two levels of a genomic column.
 
 One round. Each site answers, for its patients with both the features and the genomic value, the count, mean
-and centred sum of squares of every feature in each of the two groups (:func:`site_association_moments`); a
-group of fewer than ``min_cell`` patients at a site is withheld (sent as empty) and said so. The server pools
+and centred sum of squares of every feature in each of the two groups (:func:`site_association_moments`); where
+a group holds fewer than ``min_cell`` patients the site withholds both (sends them empty) and says so. The server pools
 the group moments exactly (:func:`common.pooled_moments.merge_group_moments`) and, per feature, computes the
 mean difference, the standardised difference (pooled SD), Welch's t-test (scipy's ``ttest_ind(equal_var=
 False)`` on the pooled rows) and the Benjamini-Hochberg q-value across features (scipy's
 ``false_discovery_control``) -- :func:`association_table`. The driver is :func:`run_radiogenomics`.
 
-The released sets are the site's two groups; the ledger (scope ``radiogenomics``) holds every later release of
-them to the differencing rule, so a second study whose groups differ by a few patients is refused.
+The released sets are the site's two groups and their union; the ledger holds them in scope ``features``, with
+every other sum over the site's feature rows (k-means, prognosis on a feature table), so that a release whose
+patients differ from another's by a few (a withheld small group, patients without a genomic value) is refused.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import numpy as np
 from common.errors import ProtocolError
 from common.pooled_moments import GroupMoments, check_matrix, merge_group_moments, require_cohort
 from common.protocol import Payload, Query, SiteFunction
-from common.release_ledger import ReleaseLedger, partition
+from common.release_ledger import FEATURES, ReleaseLedger, partition
 
 ASSOCIATION_MOMENTS = "association_moments"
-RADIOGENOMICS_SCOPE = "radiogenomics"
 
 
 @dataclass
@@ -51,16 +51,14 @@ def site_association_moments(site: AssociationSite, request: Mapping[str, object
         raise ProtocolError(site.site_id, "the genomic groups do not match the feature rows",
                             "code the column's two levels as 0 and 1 for every row")
     require_cohort(site.site_id, x.shape[0], site.min_cohort)
-    keep = np.ones(g.size, dtype=bool)
-    withheld = []
-    for level in (0, 1):
-        count = int((g == level).sum())
-        if 0 < count < site.min_cell:
-            keep &= g != level
-            withheld.append(level)
-    if site.ledger is not None:
+    counts = [int((g == level).sum()) for level in (0, 1)]
+    small = any(0 < c < site.min_cell for c in counts)
+    # a small group is withheld with the other: sending the other alone would difference against any sum over all
+    keep = np.zeros(g.size, dtype=bool) if small else np.ones(g.size, dtype=bool)
+    withheld = [level for level in (0, 1) if counts[level] and small]
+    if site.ledger is not None:  # held against every other sum over these rows (k-means, prognosis: one scope)
         ids = [site.ids[i] for i in np.flatnonzero(keep)]
-        site.ledger.release(RADIOGENOMICS_SCOPE, ids, partition(ids, g[keep]), site.study_key, count=False)
+        site.ledger.release(FEATURES, ids, [ids, *partition(ids, g[keep])], site.study_key, count=False)
     moments = GroupMoments.of(x[keep], g[keep], 2)
     return {"n": moments.n, "mean": moments.mean, "m2": moments.m2, "features": list(site.feature_names),
             "withheld_groups": withheld}

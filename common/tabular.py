@@ -8,7 +8,7 @@ problem (column, what is wrong, how many rows: never a value); :func:`covariate_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -115,15 +115,33 @@ class Design:
     split: np.ndarray  # "train"/"test", or "all" without a split column
     ids: tuple[str, ...]
     dropped: int  # rows left out for a missing value
+    categories: dict[str, np.ndarray] = field(default_factory=dict)  # each categorical covariate's values
 
 
-def covariate_design(frame: pd.DataFrame, cfg: PrognosisConfig) -> Design:
+def rare_levels(design: Design, floor: int) -> int:
+    """How many (split, categorical covariate, level) cells hold between 1 and ``floor - 1`` patients, every
+    level counted, the reference too (its indicator is the others' complement)."""
+    bad = 0
+    for split in np.unique(design.split):
+        rows = design.split == split
+        for values in design.categories.values():
+            _, counts = np.unique(values[rows], return_counts=True)
+            bad += int(((counts > 0) & (counts < floor)).sum())
+    return bad
+
+
+def covariate_design(frame: pd.DataFrame, cfg: PrognosisConfig, complete_over: tuple[str, ...] = ()) -> Design:
     """Code ``frame`` (indexed by patient id) for the model; raise ``ValueError`` naming the first fatal problem
-    (callers turn it into a site error naming the file)."""
+    (callers turn it into a site error naming the file).
+
+    The rows kept are those complete in the study's columns *and* in ``complete_over`` (a site passes every
+    column it could let a study use, so that which patients a reply covers does not depend on which covariates
+    the server names: four covariate lists with different missing values would otherwise add up to one patient).
+    """
     fatal = [p for p in check_columns(frame, cfg) if p.fatal]
     if fatal:
         raise ValueError(str(fatal[0]))
-    cols = list(study_columns(cfg))
+    cols = list(dict.fromkeys([*study_columns(cfg), *(c for c in complete_over if c in frame.columns)]))
     complete = frame[cols].notna().all(axis=1)
     data = frame[complete]
     blocks: list[np.ndarray] = []
@@ -138,7 +156,9 @@ def covariate_design(frame: pd.DataFrame, cfg: PrognosisConfig) -> Design:
     split = data[cfg.split_column].astype(str).to_numpy() if cfg.split_column else np.full(len(data), "all")
     return Design(x=x, names=covariate_names(cfg), durations=pd.to_numeric(data[cfg.duration]).to_numpy(np.float64),
                   events=pd.to_numeric(data[cfg.event]).to_numpy(np.float64).astype(np.int64), split=split,
-                  ids=tuple(str(i) for i in data.index), dropped=int((~complete).sum()))
+                  ids=tuple(str(i) for i in data.index), dropped=int((~complete).sum()),
+                  categories={col: data[col].astype(str).to_numpy() for col in cfg.covariates if col in cfg.levels})
 
 
-__all__ = ["ColumnProblem", "Design", "check_columns", "covariate_design", "covariate_names", "study_columns"]
+__all__ = ["ColumnProblem", "Design", "check_columns", "covariate_design", "covariate_names", "rare_levels",
+           "study_columns"]

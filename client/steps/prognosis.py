@@ -24,7 +24,7 @@ from common.outcomes_site import OutcomesCohort, time_bin
 from common.prognosis_site import PROGNOSIS_ACTIONS, PROGNOSIS_STEPS, PrognosisSite
 from common.protocol import Payload
 from common.sitedata import Site, read_clinical
-from common.tabular import covariate_design
+from common.tabular import covariate_design, rare_levels
 from common.validation import TABULAR_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,18 @@ def prognosis_site(site: Site, study: StudyConfig) -> PrognosisSite:
         raise PolicyError(site.site_id, "noisy_release", "Cox sums were requested; this site releases outcomes "
                           "only as noisy survival tables")
     frame, source = prognosis_frame(site, study)
+    # the patients a reply covers: complete in every column the site could let a study use, not only the study's
+    usable = tuple(c for c, spec in policy.columns.items() if "covariate" in spec.uses and c in frame.columns)
+    table_cols = tuple(c for c in frame.columns if c not in set(policy.columns) and c not in ("site_id", "study")
+                       and study.prognosis.table != CLINICAL)
     try:
-        design = covariate_design(frame, study.prognosis)
+        design = covariate_design(frame, study.prognosis, complete_over=usable + table_cols)
     except ValueError as err:
         raise SiteDataError(site.root / CLINICAL, str(err), "correct the column at the site") from err
+    rare = rare_levels(design, policy.cell_floor)
+    if rare:
+        raise PolicyError(site.site_id, "min_cell", f"{rare} level(s) of a categorical covariate held by fewer than "
+                          f"{policy.cell_floor} patients (a split's)")
     if design.dropped:
         log.warning("site %s: %d patient(s) with a missing prognosis value left out", site.site_id, design.dropped)
     ledger = release_ledger(site)
@@ -86,7 +94,8 @@ def prognosis_site(site: Site, study: StudyConfig) -> PrognosisSite:
             survival_ids=tuple(i for i, keep in zip(design.ids, rows, strict=True) if keep),
             survival_source=f"{source} {study.prognosis.duration}/{study.prognosis.event}")
     return PrognosisSite(site.site_id, cohorts, newton_allowed=bool(policy.cox_newton),
-                         max_bins=policy.histogram_bins, ledger=ledger, study_key=study.hash)
+                         max_bins=policy.histogram_bins, ledger=ledger, study_key=study.hash,
+                         feature_table=study.prognosis.table != CLINICAL)
 
 
 def _step(action: str) -> Callable[[Site, StudyConfig, Payload], Payload]:

@@ -5,6 +5,7 @@ bundled real datasets split unevenly across sites; and the site's guards (Newton
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,7 @@ from common.release_ledger import ReleaseLedger
 from common.survival import released_data
 
 HORIZONS = (365.0, 730.0, 1460.0)
+DEFAULT_STUDY_DIR = Path(__file__).resolve().parents[2] / "common" / "studies"
 
 
 def _uneven(frame: pd.DataFrame, sites: int, seed: int, test: float | None = None) -> dict[str, pd.DataFrame]:
@@ -248,3 +250,44 @@ def test_a_rare_indicator_level_is_refused_in_the_moments_round() -> None:
         PROGNOSIS_STEPS[PROGNOSIS_MOMENTS](floored, request)
     exact = prognosis_sites_from_frames(frames, "week", "arrest")["site-0"]
     assert PROGNOSIS_STEPS[PROGNOSIS_MOMENTS](exact, {"mode": "exact", "split": "all"})["ones"][-1] == 1
+
+
+def test_a_two_valued_covariate_with_a_rare_value_is_refused() -> None:
+    frames = _uneven(load_rossi(), 3, seed=3)
+    f = frames["site-0"]
+    frames["site-0"] = f.assign(dose=np.where(np.arange(len(f)) == 2, 60.0, 50.0))  # one patient differs
+    floored = prognosis_sites_from_frames(frames, "week", "arrest", min_cell=5, min_cohort=5)["site-0"]
+    with pytest.raises(PolicyError, match="min_cell"):
+        PROGNOSIS_STEPS[PROGNOSIS_MOMENTS](floored, {**SurvivalOptions(time_bin_days=13).request(), "split": "all"})
+
+
+def test_the_site_step_refuses_a_rare_reference_level_and_fixes_its_patient_set(tmp_path) -> None:
+    """A grade held by one patient is refused though the study drops it as the reference; and the patients a
+    reply covers are the same whichever covariates a study names (missing values do not pick them)."""
+    from client.steps.prognosis import prognosis_site
+    from common.config import load_study_config
+    from common.validation import load_site
+    from simulations.tabular_sites import write_tabular_sites
+    from tests.outcomes.conftest import set_policy
+
+    folder = write_tabular_sites(tmp_path, "gbsg2", sites=2, seed=4)[0]
+    set_policy(folder, exact_outcomes=False)
+    frame = pd.read_csv(folder / "clinical.csv")
+    frame.loc[frame.index[:6], "Progesterone receptor, fmol/l"] = np.nan
+    frame.to_csv(folder / "clinical.csv", index=False)
+    base = load_study_config(DEFAULT_STUDY_DIR / "prognosis.yaml")
+    covs = ("Age (years)", "Positive nodes")
+    narrow = base.model_copy(update={"prognosis": base.prognosis.model_copy(update={"covariates": covs,
+                                                                                     "levels": {}})})
+    wide = base.model_copy(update={"prognosis": base.prognosis.model_copy(
+        update={"covariates": (*covs, "Progesterone receptor, fmol/l"), "levels": {}})})
+    a = prognosis_site(load_site(folder), narrow).cohorts["train"].survival_ids
+    b = prognosis_site(load_site(folder), wide).cohorts["train"].survival_ids
+    assert a == b and len(a) > 0  # the 6 with a missing value are out of both
+    grade = frame["Tumour grade"].astype(str)
+    frame.loc[grade == "I", "Tumour grade"] = "II"
+    frame.loc[frame.index[10], "Tumour grade"] = "I"  # one grade-I patient (train or test)
+    frame.to_csv(folder / "clinical.csv", index=False)
+    reference = base.model_copy(update={"prognosis": base.prognosis.model_copy(update={"encoding": "reference"})})
+    with pytest.raises(PolicyError, match="level"):
+        prognosis_site(load_site(folder), reference)

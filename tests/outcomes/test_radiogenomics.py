@@ -67,3 +67,18 @@ def test_simulated_sites_find_the_subtype_features(signature_sites: list[Path], 
     set_policy(signature_sites[0], columns={})  # a site that does not list the column refuses, naming the rule
     with pytest.raises(PolicyError, match="allowed_columns"):
         association_site(load_site(signature_sites[0]), study)
+
+
+def test_a_release_over_fewer_patients_than_k_means_is_refused() -> None:
+    """k-means' moments cover every patient with features; an association over all but one (no genomic value)
+    would difference against them: the two releases share the ledger's ``features`` scope."""
+    from common.release_ledger import FEATURES, ReleaseLedger
+
+    sites, _, _ = _sites(2, min_cell=5)
+    site = sites["site-1"]
+    ids = tuple(f"p{i}" for i in range(site.features.shape[0]))
+    site.ledger, site.study_key = ReleaseLedger("site-1", None, 5), "study-a"
+    site.ledger.release(FEATURES, list(ids), [list(ids)], "study-k")  # what kmeans_moments recorded
+    site.features, site.groups, site.ids = site.features[1:], site.groups[1:], ids[1:]
+    with pytest.raises(PolicyError, match="release_ledger"):
+        RADIOGENOMICS_STEPS["association_moments"](site, {})
