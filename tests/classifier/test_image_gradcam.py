@@ -105,8 +105,19 @@ def _localises(maps: np.ndarray, masks: np.ndarray) -> tuple[bool, dict[str, flo
 
 
 def test_image_classifier_learns_the_subtype(trained: dict) -> None:
+    """The model's exact held-out AUC (scored here, where the crops are) and the federation's released one. The
+    released AUC comes from the sites' score cells of >= min_cell held-out cases (merged where smaller), so it is
+    coarser and swings with where scores near 0.5 fall (0.74 on one machine for an exact 0.99): only its being
+    above chance is asserted."""
+    from sklearn.metrics import roc_auc_score
+
+    from common.classifier.models import image_scores
+
+    held = np.concatenate([np.arange(k * PATIENTS + TRAIN, (k + 1) * PATIENTS) for k in range(3)])
+    scores = image_scores(_net(trained), trained["crops"][held])
+    assert roc_auc_score(trained["labels"][held], scores) >= 0.9  # worst measured 0.986
     pooled = trained["run"].summary["pooled"]
-    assert pooled["auc"] >= 0.8, pooled
+    assert pooled["auc"] > 0.5, pooled
 
 
 def test_gradcam_maps_have_input_shape_and_peak_in_tumour_above_chance(trained: dict) -> None:

@@ -329,13 +329,21 @@ def _matches(values: np.ndarray, x: np.ndarray) -> np.ndarray:
     return x[hit]
 
 
+SMALL_DENOMINATORS = np.arange(1, 65)  # counts of a site's cohort: their ratios are what count aggregates are
+
+
 def _distinctive(values: Iterable[object]) -> np.ndarray:
-    """The sorted distinct values that an honest aggregate does not hit by chance: finite and not a multiple of
-    0.1 (whole numbers are counts and sizes; halves and tenths are sums of halves, bin edges, fractions)."""
+    """The sorted distinct values that an honest aggregate does not hit by chance: finite, not a multiple of 0.1
+    (whole numbers are counts and sizes; halves and tenths are sums of halves, bin edges, fractions) and not a
+    ratio of small whole numbers (a group indicator's mean n1/n and centred sum of squares n1 n0/n are; a
+    feature that is itself a ratio of voxel counts can equal one: 24/7, seen on one machine's Cox moments)."""
     arr = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     tenths = arr * 10.0
-    return np.unique(arr[np.abs(tenths - np.round(tenths)) > 1e-9 * np.maximum(1.0, np.abs(tenths))])
+    arr = arr[np.abs(tenths - np.round(tenths)) > 1e-9 * np.maximum(1.0, np.abs(tenths))]
+    scaled = arr[:, None] * SMALL_DENOMINATORS[None, :]
+    ratio = np.any(np.abs(scaled - np.round(scaled)) <= 1e-9 * np.maximum(1.0, np.abs(scaled)), axis=1)
+    return np.unique(arr[~ratio])
 
 
 class LeakIndex:
