@@ -99,6 +99,17 @@ def _order(lo_i: np.ndarray, hi_i: np.ndarray, lo_j: np.ndarray, hi_j: np.ndarra
     return below, ~(below | above)
 
 
+def _harrell_pairs(r: np.ndarray, ev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the event rows ``r[ev]`` against every row: how many comparable pairs (lifelines' rules: a later
+    patient, or one censored at the event's time) per event, whether the other's scores are all below, and
+    whether the segments overlap."""
+    ri = r[ev]
+    t_i, t_j = ri[:, 0][:, None], r[:, 0][None, :]
+    partners = (t_j > t_i) * (r[:, 3] + r[:, 4])[None, :] + (t_j == t_i) * r[:, 4][None, :]
+    below, overlap = _order(ri[:, 1], ri[:, 2], r[:, 1], r[:, 2])
+    return ri[:, 3][:, None] * partners, below, overlap
+
+
 def concordance(table: RiskTable) -> Bounded:
     """Harrell's C-index of the risk scores (higher risk, earlier event), as lifelines' ``concordance_index``
     of ``-risk``: an event at ``t`` is compared with every patient leaving after ``t`` and every patient
@@ -112,14 +123,10 @@ def concordance(table: RiskTable) -> Bounded:
     ev = r[:, 3] > 0
     conc = amb = pairs = 0.0
     if ev.any():
-        ri = r[ev]
-        t_i, t_j = ri[:, 0][:, None], r[:, 0][None, :]
-        partners = (t_j > t_i) * (r[:, 3] + r[:, 4])[None, :] + (t_j == t_i) * r[:, 4][None, :]
-        weight = ri[:, 3][:, None] * partners
+        weight, below, overlap = _harrell_pairs(r, ev)
         if table.within is not None and table.within_exact is not None:  # counted exactly at their site
             same = table.sites[ev][:, None] == table.sites[None, :]
             weight = weight * ~(same & table.within_exact[table.sites][None, :])
-        below, overlap = _order(ri[:, 1], ri[:, 2], r[:, 1], r[:, 2])
         pairs = float(weight.sum())
         conc = float((weight * below).sum())
         amb = float((weight * overlap).sum())
@@ -183,15 +190,13 @@ def uno_concordance(table: RiskTable, censoring: tuple[np.ndarray, np.ndarray]) 
     if np.any(g <= 0):  # as scikit-survival, undefined: reported as missing, Harrell's C stands
         log.warning("Uno's C undefined: the censoring survival is zero at an event's time")
         return Bounded(float("nan"), float("nan"), 0.0)
-    t_i, t_j = ri[:, 0][:, None], r[:, 0][None, :]
-    partners = (t_j > t_i) * (r[:, 3] + r[:, 4])[None, :] + (t_j == t_i) * r[:, 4][None, :]
-    weight = (ri[:, 3] / g**2)[:, None] * partners
-    below, overlap = _order(ri[:, 1], ri[:, 2], r[:, 1], r[:, 2])
+    pairs, below, overlap = _harrell_pairs(r, ev)
+    weight = pairs / (g**2)[:, None]
     total = float(weight.sum())
     if total == 0:
         return Bounded(float("nan"), float("nan"), 0.0)
     conc, amb = float((weight * below).sum()), float((weight * overlap).sum())
-    return Bounded((conc + 0.5 * amb) / total, 0.5 * amb / total, float((ri[:, 3][:, None] * partners).sum()))
+    return Bounded((conc + 0.5 * amb) / total, 0.5 * amb / total, float(pairs.sum()))
 
 
 def breslow_baseline(event_times: np.ndarray, deaths: np.ndarray, s0: np.ndarray, durations: np.ndarray
