@@ -10,7 +10,8 @@ False)`` on the pooled rows) and the Benjamini-Hochberg q-value across features 
 
 The released sets are the site's two groups and their union; the ledger holds them in scope ``features``, with
 every other sum over the site's feature rows (k-means, prognosis on a feature table), so that a release whose
-patients differ from another's by a few (a withheld small group, patients without a genomic value) is refused.
+patients differ from another's by a few (patients without a genomic value, a group close to a k-means cluster)
+is held: the site answers empty groups with ``held`` 1, and the hold counts against the study in the ledger.
 """
 
 from __future__ import annotations
@@ -56,12 +57,16 @@ def site_association_moments(site: AssociationSite, request: Mapping[str, object
     # a small group is withheld with the other: sending the other alone would difference against any sum over all
     keep = np.zeros(g.size, dtype=bool) if small else np.ones(g.size, dtype=bool)
     withheld = [level for level in (0, 1) if counts[level] and small]
+    held = 0
     if site.ledger is not None:  # held against every other sum over these rows (k-means, prognosis: one scope)
         ids = [site.ids[i] for i in np.flatnonzero(keep)]
-        site.ledger.release(FEATURES, ids, [ids, *partition(ids, g[keep])], site.study_key, count=False)
+        if ids and not site.ledger.try_release(FEATURES, ids, [ids, *partition(ids, g[keep])], site.study_key):
+            keep[:] = False  # a group too close to an earlier released set: the site's answer is held (empty)
+            held = 1
+            withheld = [level for level in (0, 1) if counts[level]]
     moments = GroupMoments.of(x[keep], g[keep], 2)
     return {"n": moments.n, "mean": moments.mean, "m2": moments.m2, "features": list(site.feature_names),
-            "withheld_groups": withheld}
+            "withheld_groups": withheld, "held": held}
 
 
 @dataclass(frozen=True)

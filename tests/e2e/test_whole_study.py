@@ -23,8 +23,8 @@ from tests.security.curious import LeakIndex, read_replies, reply_recorder
 
 STUDY = """
 name: golden-e2e
-phases: [fingerprint, preprocessing, segmentation, inference, features, harmonisation, reduction, radiogenomics,
-         classifier, outcomes, report]
+phases: [fingerprint, preprocessing, segmentation, inference, features, harmonisation, reduction, classifier,
+         outcomes, radiogenomics, report]
 min_sites: 2
 round_timeout_s: 900
 fingerprint: {foreground_samples_per_case: 2000}

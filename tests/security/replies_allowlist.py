@@ -128,6 +128,7 @@ REVIEWED: dict[str, dict[str, str]] = {
         "mean": "per level, the mean of each feature over >= min_cell patients",
         "m2": "per level, the centred sum of squares of each feature over >= min_cell patients",
         "features": "the feature table's column names", "withheld_groups": "which levels were withheld",
+        "held": "whether the ledger held the answer (0/1)",
         "site_id": _SITE},
 }
 
