@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from common.hashing import sha256_json
-from common.radiogenomics import run_radiogenomics
+from common.radiogenomics import ASSOCIATION_MOMENTS, association_table
 from server.phases.base import PhaseContext
 
 log = logging.getLogger("fedbiopsy.server")
@@ -48,13 +48,21 @@ def plot_volcano(rows: list[dict], path: Path, title: str, fdr: float) -> Path:
 def run(ctx: PhaseContext) -> dict:
     """The whole radiogenomics phase; returns the JSON-serialisable summary."""
     cfg = ctx.study.radiogenomics
-    table = run_radiogenomics(ctx.query())
+    replies = ctx.query()(ASSOCIATION_MOMENTS, {})
+    held = sorted(s for s, r in replies.items() if int(r.get("held", 0)))  # type: ignore[call-overload]
+    if len(held) == len(replies):
+        log.warning("radiogenomics: every site's release ledger held its answer")
+        return {"table": cfg.table, "column": cfg.column, "held": held, "rows": [],
+                "note": "every site held its answer: its genomic groups differ from sets it released before (e.g. "
+                        "k-means clusters) by fewer than min_cell patients"}
+    table = association_table(replies)
     rows = table.rows(cfg.fdr)
     out_dir = ctx.result_dir / "radiogenomics"
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"table": cfg.table, "column": cfg.column, "levels": list(cfg.levels), "fdr": cfg.fdr,
                "n": {cfg.levels[0]: int(table.n[0]), cfg.levels[1]: int(table.n[1])},
-               "withheld_groups": table.withheld, "associated": [r["feature"] for r in rows if r["associated"]],
+               "withheld_groups": table.withheld, "held": held,
+               "associated": [r["feature"] for r in rows if r["associated"]],
                "rows": rows,
                "method": "Welch's t-test per feature on the pooled group moments (= scipy ttest_ind, equal_var "
                          "False, on the pooled rows); Benjamini-Hochberg q-values across features"}

@@ -24,7 +24,7 @@ from tests.security.curious import LeakIndex, read_replies, reply_recorder
 STUDY = """
 name: golden-e2e
 phases: [fingerprint, preprocessing, segmentation, inference, features, harmonisation, reduction, classifier,
-         outcomes, radiogenomics, report]
+         outcomes, report]
 min_sites: 2
 round_timeout_s: 900
 fingerprint: {foreground_samples_per_case: 2000}
@@ -170,7 +170,6 @@ STUDY_MESSAGE_TYPES = {  # what the default study's phases send (not rollcall, c
     "query.featurestats", "query.signature_scores", "query.classifier_moments", "train.classifier",
     "evaluate.classifier", "query.kmeans_moments", "query.kmeans_local_centres", "query.kmeans_assign",
     "query.kmeans_labels", "query.survival_table", "query.cox_moments", "query.cox_sums", "query.feature_moments",
-    "query.association_moments",
 }
 
 

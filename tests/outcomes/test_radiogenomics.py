@@ -83,3 +83,31 @@ def test_a_release_over_fewer_patients_than_k_means_is_refused() -> None:
     site.features, site.groups, site.ids = site.features[1:], site.groups[1:], ids[1:]
     reply = RADIOGENOMICS_STEPS["association_moments"](site, {})
     assert reply["held"] == 1 and np.all(np.asarray(reply["n"]) == 0) and np.all(np.asarray(reply["mean"]) == 0)
+
+
+@pytest.mark.slow
+def test_the_phase_over_flower_writes_the_table(signature_sites: list[Path], tmp_path: Path) -> None:
+    """The radiogenomics phase in Flower's simulation engine: the table equals scipy on the sites' pooled rows."""
+    import json
+
+    import yaml
+
+    from simulations.engine import run_simulated_study
+
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump({"name": "radiogenomics-test", "phases": ["radiogenomics"], "min_sites": 3}))
+    run_simulated_study(load_study_config(study_path), study_path, signature_sites, tmp_path / "result")
+    out = json.loads((tmp_path / "result" / "radiogenomics" / "association.json").read_text())
+    assert (tmp_path / "result" / "radiogenomics" / "volcano.png").stat().st_size > 10_000
+    answered = [p for p in signature_sites if not out["withheld_groups"][p.name]]  # a small group: none sent
+    assert len(answered) >= 2
+    scores = pd.concat([pd.read_csv(p / "derived" / "signature_scores.csv", dtype={"patient_id": str})
+                        .set_index("patient_id") for p in answered])
+    clinical = pd.concat([pd.read_csv(p / "clinical.csv", dtype={"patient_id": str}).set_index("patient_id")
+                          for p in answered])
+    g = clinical.loc[scores.index, "tp53_mutation"].to_numpy()
+    for row in out["rows"]:
+        x = pd.to_numeric(scores[row["feature"]]).to_numpy()
+        ref = stats.ttest_ind(x[g == 1], x[g == 0], equal_var=False)
+        assert abs(row["p"] - ref.pvalue) < 1e-10 and abs(row["t"] - ref.statistic) < 1e-8
+    assert out["held"] == [] and out["associated"]

@@ -123,13 +123,6 @@ REVIEWED: dict[str, dict[str, str]] = {
         **{k: "tie sums at released event times (the same cells as the survival table)"
            for k in ("death_count", "d0", "d1", "d2", "x_death")}, "site_id": _SITE},
     "query.feature_moments": {"*/n": _COUNT, "*/mean": _SUMS, "*/sd": _SUMS, "site_id": _SITE},
-    "query.association_moments": {
-        "n": "patients per level of the genomic column (0 where a level holds fewer than min_cell: withheld)",
-        "mean": "per level, the mean of each feature over >= min_cell patients",
-        "m2": "per level, the centred sum of squares of each feature over >= min_cell patients",
-        "features": "the feature table's column names", "withheld_groups": "which levels were withheld",
-        "held": "whether the ledger held the answer (0/1)",
-        "site_id": _SITE},
 }
 
 FLAGGED: dict[str, dict[str, str]] = {}  # none open: the last ones (segmentation quartiles, n_failed) are fixed
