@@ -320,16 +320,15 @@ def server_cox_start(replies: dict[str, Payload], groups: Sequence | None = None
 
 
 def run_cox(query: Query, options: SurvivalOptions, groups: Sequence | None = None,
-            prefix: str = "cluster_", penalizer: float | Sequence[float] = 0.0, l1_ratio: float = 0.0,
-            extra: Payload | None = None) -> CoxResult:
+            prefix: str = "cluster_", penalizer: float | Sequence[float] = 0.0, l1_ratio: float = 0.0) -> CoxResult:
     """Cox proportional hazards (Efron's ties) by federated Newton-Raphson: lifelines'
     ``CoxPHFitter(penalizer=penalizer, l1_ratio=l1_ratio)``.
 
     Covariates: the sites' covariate columns, or (``groups``, the pooled group labels) indicators of every
-    group but the first, named ``<prefix><label>``. ``extra`` goes into every request (the prognosis phase's
-    covariate spec and split).
+    group but the first, named ``<prefix><label>``. The prognosis phase's driver is
+    :func:`common.prognosis.run_prognosis` (the same maths, on a split of the sites' covariate tables).
     """
-    request = {**options.request(), **(extra or {})}
+    request = options.request()
     if groups is not None:
         request["groups"] = list(groups)
     pen = penalizer if np.isscalar(penalizer) else tuple(float(v) for v in penalizer)  # type: ignore[arg-type, union-attr]
