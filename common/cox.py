@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.errors import PolicyError, ProtocolError
+from common.errors import ConfigError, PolicyError, ProtocolError
 from common.pooled_moments import check_matrix
 from common.protocol import Payload
 
@@ -240,6 +240,13 @@ class ElasticNet:
     def active(self) -> bool:
         """Whether any covariate is penalised (lifelines adds the penalty only then)."""
         return bool(np.any(np.asarray(self.penalizer, dtype=np.float64) > 0))
+
+    def for_fit(self, names: tuple[str, ...], n: int) -> ElasticNet:
+        """This penalty for a fit of ``names`` over ``n`` pooled patients (one penalizer, or one per covariate)."""
+        if not np.isscalar(self.penalizer) and len(self.penalizer) != len(names):  # type: ignore[arg-type]
+            raise ConfigError("study config", f"{len(self.penalizer)} penalizer value(s) for {len(names)} "  # type: ignore[arg-type]
+                              "covariate(s)", "give one penalizer, or one per covariate column")
+        return ElasticNet(self.penalizer, self.l1_ratio, n)
 
     def terms(self, beta: np.ndarray, i: int) -> tuple[float, np.ndarray, np.ndarray]:
         """The penalty, its gradient and the diagonal of its Hessian at ``beta`` and Newton step ``i``."""

@@ -331,13 +331,9 @@ def run_cox(query: Query, options: SurvivalOptions, groups: Sequence | None = No
     request = options.request()
     if groups is not None:
         request["groups"] = list(groups)
-    pen = penalizer if np.isscalar(penalizer) else tuple(float(v) for v in penalizer)  # type: ignore[arg-type, union-attr]
-    probe = ElasticNet(pen, l1_ratio)  # type: ignore[arg-type]
+    probe = ElasticNet(penalizer if np.isscalar(penalizer) else tuple(penalizer), l1_ratio)  # type: ignore[arg-type]
     start = server_cox_start(query(COX_MOMENTS, request), groups, prefix, penalised=probe.active)
-    if not np.isscalar(pen) and len(pen) != len(start.names):  # type: ignore[arg-type]
-        raise ConfigError("study config", f"{len(pen)} penalizer value(s) for {len(start.names)} covariate(s)",  # type: ignore[arg-type]
-                          "give one penalizer, or one per covariate column")
-    penalty = ElasticNet(pen, l1_ratio, start.n)  # type: ignore[arg-type]
+    penalty = probe.for_fit(start.names, start.n)
     step = {**request, "mean": start.mean, "scale": start.scale, "event_times": start.event_times}
 
     def evaluate(beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

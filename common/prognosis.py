@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,7 +66,6 @@ class PrognosisOptions:
     exact_if_allowed: bool = False  # binned ``survival`` unless every site allows exact times (then exact)
     risk_bins: int = 64
     horizons: tuple[float, ...] = ()
-    extra: Payload = field(default_factory=dict)  # goes into every request (the study's covariate spec)
 
     @property
     def fit_split(self) -> str:
@@ -102,10 +101,6 @@ class PrognosisResult:
     events: dict[str, int]
     site_n: dict[str, int]  # patients of the fitting split per site
 
-    def linear_predictor_beta(self) -> np.ndarray:
-        """The coefficients on the normalised covariates (what the risk tables score)."""
-        return self.cox.params * self.scale
-
 
 def risk_edges(beta_norm: np.ndarray, correlation: np.ndarray, bins: int) -> np.ndarray:
     """Inner edges of ``bins`` equal-probability bins of the linear predictor under a normal approximation
@@ -136,8 +131,7 @@ def _correlation(replies: Mapping[str, Payload], scale: np.ndarray) -> np.ndarra
 
 def run_prognosis(query: Query, options: PrognosisOptions) -> PrognosisResult:
     """Fit the Cox model on the fitting split, then score every split once; see the module docstring."""
-    request: Payload = {**options.survival.request(), **options.extra, "split": options.fit_split}
-    pen = options.penalizer
+    request: Payload = {**options.survival.request(), "split": options.fit_split}
     first = query(PROGNOSIS_MOMENTS, request)
     survival = options.survival
     if options.exact_if_allowed and survival.time_bin_days is not None and \
@@ -146,11 +140,9 @@ def run_prognosis(query: Query, options: PrognosisOptions) -> PrognosisResult:
         request = {**request, **survival.request()}
         request.pop("time_bin_days", None)
         first = query(PROGNOSIS_MOMENTS, request)
-    probe = ElasticNet(pen, options.l1_ratio)
+    probe = ElasticNet(options.penalizer, options.l1_ratio)
     start = server_cox_start(first, None, penalised=probe.active)
-    if not np.isscalar(pen) and len(pen) != len(start.names):  # type: ignore[arg-type]
-        raise ConfigError("study config", f"{len(pen)} penalizer value(s) for {len(start.names)} covariate(s)",  # type: ignore[arg-type]
-                          "give one penalizer, or one per covariate column")
+    penalty = probe.for_fit(start.names, start.n)
     step = {**request, "mean": start.mean, "scale": start.scale, "event_times": start.event_times}
     rounds = 1 if survival is options.survival else 2  # the moments round (asked again when exact is allowed)
 
@@ -164,12 +156,12 @@ def run_prognosis(query: Query, options: PrognosisOptions) -> PrognosisResult:
         last.update(beta=beta.copy(), sums=sums)
         return efron_derivatives(sums, beta)
 
-    fit = newton_raphson(evaluate, len(start.names), penalty=ElasticNet(pen, options.l1_ratio, start.n))
+    fit = newton_raphson(evaluate, len(start.names), penalty=penalty)
     cox = cox_result(start.names, fit, start.scale)
     edges = risk_edges(fit.beta, _correlation(first, start.scale), options.risk_bins)
     tables: dict[str, RiskTable] = {}
     for split in options.eval_splits:
-        replies = query(PROGNOSIS_RISK, {**survival.request(), **options.extra, "split": split,
+        replies = query(PROGNOSIS_RISK, {**survival.request(), "split": split,
                                          "beta": fit.beta, "mean": start.mean, "scale": start.scale,
                                          "edges": edges})
         rounds += 1

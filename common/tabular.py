@@ -29,9 +29,14 @@ class ColumnProblem:
     rows: int = 0
     fatal: bool = True
 
-    def __str__(self) -> str:
+    @property
+    def what(self) -> str:
+        """The problem with its column and row count (no fix)."""
         count = f" in {self.rows} row(s)" if self.rows else ""
-        return f"column {self.column!r}: {self.problem}{count}. Fix: {self.fix}"
+        return f"column {self.column!r}: {self.problem}{count}"
+
+    def __str__(self) -> str:
+        return f"{self.what}. Fix: {self.fix}"
 
 
 def study_columns(cfg: PrognosisConfig) -> tuple[str, ...]:

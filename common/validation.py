@@ -261,5 +261,5 @@ def validate_study_columns(site_dir: Path | str, study: StudyConfig) -> tuple[li
                                     "policy.columns", f"list it under policy.columns with use {use}, or drop it "
                                     "from the study"))
     for p in check_columns(frame, cfg):
-        (problems if p.fatal else warnings).append(Problem(source, str(p).split(". Fix: ")[0], p.fix))
+        (problems if p.fatal else warnings).append(Problem(source, p.what, p.fix))
     return problems, warnings

@@ -70,8 +70,8 @@ def prognosis_site(site: Site, study: StudyConfig) -> PrognosisSite:
     frame, source = prognosis_frame(site, study)
     # the patients a reply covers: complete in every column the site could let a study use, not only the study's
     usable = tuple(c for c, spec in policy.columns.items() if "covariate" in spec.uses and c in frame.columns)
-    table_cols = tuple(c for c in frame.columns if c not in set(policy.columns) and c not in ("site_id", "study")
-                       and study.prognosis.table != CLINICAL)
+    table_cols = () if study.prognosis.table == CLINICAL else tuple(
+        c for c in frame.columns if c not in policy.columns and c not in ("site_id", "study"))
     try:
         design = covariate_design(frame, study.prognosis, complete_over=usable + table_cols)
     except ValueError as err:

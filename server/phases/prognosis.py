@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
-
-import numpy as np
 
 from common.config import PrognosisConfig
 from common.errors import ConfigError
 from common.hashing import sha256_json
 from common.outcomes import SurvivalOptions
 from common.prognosis import Bounded, PrognosisOptions, PrognosisResult, run_prognosis
+from server.figures.prognosis import plot_calibration, plot_hazard_ratios
 from server.phases.base import PhaseContext
 
 log = logging.getLogger("fedbiopsy.server")
@@ -88,61 +86,6 @@ def prognosis_summary(result: PrognosisResult, cfg: PrognosisConfig) -> dict:
                        "distribution) from the sites' risk tables on shared score bins; 'bound' is the largest "
                        "error the bins allow. Calibration: mean predicted vs Kaplan-Meier survival per risk group",
     }
-
-
-def plot_hazard_ratios(summary: dict, path: Path, alpha: float) -> Path:
-    """A forest plot: each covariate's hazard ratio with its interval, on a log axis."""
-    from matplotlib.figure import Figure
-
-    names = summary["covariates"]
-    hr = summary["hazard_ratios"]
-    fig = Figure(figsize=(7.5, 1.2 + 0.38 * len(names)), dpi=120)
-    ax = fig.add_subplot()
-    y = np.arange(len(names))[::-1]
-    for yi, name in zip(y, names, strict=True):
-        h = hr[name]
-        ax.plot([h["hr_lower"], h["hr_upper"]], [yi, yi], color="C0", lw=2)
-        ax.plot(h["hazard_ratio"], yi, "s", color="C0", ms=6)
-    ax.axvline(1.0, color="grey", lw=1, ls="--")
-    ax.set_xscale("log")
-    ax.set_yticks(y, labels=names, fontsize=9)
-    ax.set_xlabel(f"hazard ratio ({100 * (1 - alpha):g}% CI, log scale)")
-    c = summary["c_index"]
-    test = f", test {c['test']:.3f}" if c.get("test") is not None else ""
-    ax.set_title(f"Federated Cox over {len(summary['sites'])} sites: C-index train {c['train']:.3f}{test}",
-                 fontsize=10)
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def plot_calibration(summary: dict, path: Path) -> Path | None:
-    """Predicted against observed (Kaplan-Meier) survival at the calibration horizon, per risk group and split."""
-    from matplotlib.figure import Figure
-
-    cal = summary["calibration"]
-    if cal["horizon"] is None or not any(cal["groups"].values()):
-        return None
-    fig = Figure(figsize=(5.2, 5.0), dpi=120)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
-    for k, (split, groups) in enumerate(cal["groups"].items()):
-        pred = [g["predicted"] for g in groups]
-        obs = [g["observed"] for g in groups]
-        ax.plot(pred, obs, "o-", color=f"C{k}", label=f"{split} ({sum(g['n'] for g in groups)} patients)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel(f"predicted survival at {cal['horizon']:g}")
-    ax.set_ylabel("observed survival (Kaplan-Meier)")
-    ax.set_title("Calibration by risk group", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
 
 
 def run(ctx: PhaseContext) -> dict:

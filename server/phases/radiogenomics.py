@@ -8,41 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-
-import numpy as np
 
 from common.hashing import sha256_json
 from common.radiogenomics import ASSOCIATION_MOMENTS, association_table
+from server.figures.prognosis import plot_volcano
 from server.phases.base import PhaseContext
 
 log = logging.getLogger("fedbiopsy.server")
-
-
-def plot_volcano(rows: list[dict], path: Path, title: str, fdr: float) -> Path:
-    """Standardised difference against -log10 p, associated features (q < fdr) marked and named."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.8), dpi=120)
-    ax = fig.add_subplot()
-    x = np.array([r["standardised_difference"] for r in rows])
-    y = -np.log10(np.clip([r["p"] for r in rows], 1e-300, 1.0))
-    hit = np.array([r["associated"] for r in rows], dtype=bool)
-    ax.scatter(x[~hit], y[~hit], s=14, color="grey", label="not associated")
-    ax.scatter(x[hit], y[hit], s=18, color="C3", label=f"q < {fdr:g} (Benjamini-Hochberg)")
-    for r, xi, yi in list(zip(rows, x, y, strict=True))[:8]:
-        if r["associated"]:
-            ax.annotate(r["feature"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel("standardised mean difference (other - reference level)")
-    ax.set_ylabel("-log10 p (Welch)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
 
 
 def run(ctx: PhaseContext) -> dict:
