@@ -37,12 +37,14 @@ def simulate(
     size: int = typer.Option(64, min=16, help="Volume edge in voxels."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same sites."),
     unlabelled: int = typer.Option(0, min=0, help="Patients per site without a mask (truth kept in truth/)."),
+    four_d: list[str] = typer.Option([], "--4d", help="Also write this 4D series (DWI: multi-b diffusion, DCE: "
+                                     "dynamic contrast) with its truth maps; repeat for both."),
 ) -> None:
     """Generate simulated hospitals (multi-site MRI phantoms with ground truth)."""
     from simulations.phantoms import simulate_sites
 
     paths = simulate_sites(out, sites=sites, patients=patients, size=size, seed=seed, progress=True,
-                           unlabelled=unlabelled)
+                           unlabelled=unlabelled, sequences=("T2w", "CET1", *four_d))
     console.print(f"[green]wrote {len(paths)} site(s)[/green] under {out}")
 
 
@@ -80,6 +82,34 @@ def validate(site_dir: Path = typer.Argument(..., help="A site directory (site.y
     raise typer.Exit(0 if valid else 1)
 
 
+@app.command()
+def maps(site_dir: Path = typer.Argument(..., help="A site directory whose site.yaml lists DWI and/or DCE."),
+         study: Path = typer.Option(None, "--study", help="Study YAML whose maps section to use (default: the "
+                                    "packaged study over the site's sequences).")) -> None:
+    """Fit the parametric maps of a site's 4D series into derived/maps/ (ADC, IVIM; Ktrans, ve, vp, curve
+    features); a case whose series is unusable is listed with its reason and the others go on."""
+    from client.maps import compute_site_maps, maps_dir
+    from common.config import load_study_config
+    from common.validation import load_site
+
+    site = load_site(site_dir)
+    cfg = load_study_config(study) if study else load_study_config(
+        None, sequences=list(site.config.sequences), reference_sequence=site.config.reference_sequence)
+    if not cfg.four_d:
+        console.print(f"[yellow]{site_dir}: the study lists no 4D sequence (DWI, DCE); nothing to fit[/yellow]")
+        raise typer.Exit(1)
+    results = compute_site_maps(site, cfg, progress=True)
+    for r in results:
+        if r.problem:
+            console.print(f"[red]NO MAPS[/red] {r.patient_id}: {r.problem}", soft_wrap=True)
+    ok = sum(r.problem is None for r in results)
+    colour = "green" if ok == len(results) else "yellow"
+    console.print(f"[{colour}]{ok} of {len(results)} case(s) mapped "
+                  f"({', '.join(n for s in cfg.four_d for n in cfg.maps.of(s))}) under {maps_dir(site.root)}"
+                  f"[/{colour}]", soft_wrap=True)
+    raise typer.Exit(0 if ok else 1)
+
+
 @study_app.command("run")
 def study_run(
     config: Path = typer.Argument(None, help="Study YAML (default: the packaged demo study)."),
@@ -100,7 +130,7 @@ def study_run(
         sites_dir = out / "sites"
         site_dirs = simulate_sites(sites_dir, sites=n, patients=sim.patients, size=sim.size, seed=sim.seed,
                                    progress=True, unlabelled=sim.unlabelled, raters=sim.raters,
-                                   rated_fraction=sim.rated_fraction)
+                                   rated_fraction=sim.rated_fraction, sequences=("T2w", "CET1", *study.four_d))
     else:
         site_dirs = sorted(p for p in sites_dir.iterdir() if (p / "site.yaml").is_file())
         if sites:

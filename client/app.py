@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.guard import check_reply, check_request, check_study, public_reason, record_error, record_refusal
+from client.maps import ensure_site_maps
 from client.sitecache import load_site_cached
 from client.steps import SITE_STEPS, SiteStep
 from common.config import StudyConfig
@@ -83,6 +84,8 @@ def handle(step: SiteStep, msg: Message, context: Context) -> Message:
         who = site.site_id
         check_request(site.config, step.phase, study.hash, step.n_cases(site))
         check_study(site, step.phase, study)
+        if study.four_d and not site.tabular:
+            site = ensure_site_maps(site, study)  # the 4D series' maps join each case's channels (cached)
         reply = step.run(site, study, payload)
         check_reply(site, reply)
         reply[SITE_ID_KEY] = site.site_id

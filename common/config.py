@@ -13,9 +13,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from common.config_base import _Frozen
+from common.config_maps import MapsConfig
 from common.config_outcomes import OutcomesConfig, PrognosisConfig, RadiogenomicsConfig
 from common.errors import ConfigError
 from common.hashing import sha256_json
+from common.maps.layout import FOUR_D, is_map, study_channels
 
 STUDY_SCHEMA_VERSION = 1
 DEFAULT_STUDY = Path(__file__).with_name("studies") / "default.yaml"
@@ -371,6 +373,7 @@ class StudyConfig(_Frozen):
     segmentation: SegmentationConfig = SegmentationConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     experiment: HarmonisationExperimentConfig = HarmonisationExperimentConfig()
+    maps: MapsConfig = MapsConfig()
 
     @field_validator("schema_version")
     @classmethod
@@ -387,11 +390,35 @@ class StudyConfig(_Frozen):
             raise ValueError(
                 f"reference_sequence {self.reference_sequence!r} is not one of sequences {list(self.sequences)}"
             )
+        if self.reference_sequence in FOUR_D:
+            raise ValueError(f"reference_sequence {self.reference_sequence!r} is a 4D series; name a 3D sequence")
+        empty = [s for s in self.four_d if not self.maps.of(s)]
+        if empty:
+            raise ValueError(f"sequence(s) {empty} are listed but maps.<sequence> names no map to use")
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The study's 3D channels: its sequences with each 4D one (DWI, DCE) replaced by its maps."""
+        return study_channels(self.sequences, {s: self.maps.of(s) for s in FOUR_D})
+
+    @property
+    def intensity_sequences(self) -> tuple[str, ...]:
+        """The channels in scanner units (acquired 3D sequences): the ones intensity steps and the image models
+        use; parametric maps are quantitative and skip denoising, bias correction and normalisation."""
+        return tuple(c for c in self.channels if not is_map(c))
+
+    @property
+    def four_d(self) -> tuple[str, ...]:
+        """The study's 4D sequences."""
+        return tuple(s for s in self.sequences if s in FOUR_D)
 
     def hashed_content(self) -> dict[str, Any]:
         """The configuration that :attr:`hash` covers: all of it but where the registry lives (operational only),
         so that moving the registry does not invalidate the sites' approvals of the study."""
-        return self.model_dump(mode="json", exclude={"registry": {"folder", "url"}})
+        exclude: dict[str, Any] = {"registry": {"folder", "url"}}
+        if not self.four_d:
+            exclude["maps"] = True  # no effect without a 4D sequence: a 3D study keeps its hash
+        return self.model_dump(mode="json", exclude=exclude)
 
     @property
     def hash(self) -> str:

@@ -57,7 +57,7 @@ def bin_edges(study: StudyConfig, fingerprint: Mapping) -> Edges:
     margin = 0.25 * (hi - lo)
     bins = study.preprocessing.histogram_bins
     out = {}
-    for seq in study.sequences:
+    for seq in study.intensity_sequences:  # the normalisation's effect: parametric maps are not normalised
         top = 1.25 * float(fingerprint["intensity"][seq]["max"])
         out[seq] = (np.linspace(min(0.0, float(fingerprint["intensity"][seq]["min"])), top, bins + 1),
                     np.linspace(lo - margin, hi + margin, bins + 1))
@@ -134,7 +134,7 @@ def run_preprocessing(query: Query, study: StudyConfig, spacing: Sequence[float]
     """
     x, y, z = (float(s) for s in spacing)
     nyul = aggregate_nyul(query(NYUL_LANDMARKS, {"target_spacing": np.asarray((x, y, z), dtype=np.float64)}),
-                          study.sequences)
+                          study.intensity_sequences)
     counts = {str(s): int(n) for s, n in nyul["cases_per_site"].items()}
     plan = build_plan(study, (x, y, z), nyul, counts)
     plan_json = canonical_json(plan.model_dump(mode="json"))

@@ -16,7 +16,18 @@ import SimpleITK as sitk
 
 from common.config import StudyConfig
 from common.errors import ConfigError, FedBiopsyError, FileProblemError, SiteDataError
-from common.imageio import geometry_mismatches, read_image
+from common.imageio import find_image, geometry_mismatches, read_image
+from common.maps.layout import (
+    DCE,
+    DWI,
+    FOUR_D,
+    T10_MAP,
+    bval_path,
+    check_volume_count,
+    read_bvals,
+    read_sidecar,
+    sidecar_path,
+)
 from common.sitedata import (
     CLINICAL_COLUMNS,
     Case,
@@ -102,6 +113,40 @@ def _check_image(path: Path, what: str) -> tuple[sitk.Image | None, list[Problem
     return image, problems
 
 
+def _check_series(path: Path, seq: str) -> list[Problem]:
+    """A 4D series (DWI, DCE): 4D, finite, with its b-values or sidecar matching its volumes."""
+    try:
+        image = read_image(path)
+    except SiteDataError as err:
+        return [_problem(err)]
+    if image.GetDimension() != 4 or image.GetNumberOfComponentsPerPixel() != 1:
+        what = "b-value" if seq == DWI else "time point"
+        return [Problem(str(path), f"sequence {seq} is {image.GetDimension()}D, not a 4D series",
+                        f"export the whole series as one 4D NIfTI (one volume per {what})")]
+    n_volumes = int(image.GetSize()[3])
+    try:
+        if seq == DWI:
+            check_volume_count(path, DWI, n_volumes, len(read_bvals(bval_path(path))), "DWI.bval")
+        else:
+            sidecar = read_sidecar(sidecar_path(path))
+            check_volume_count(path, DCE, n_volumes, len(sidecar.AcquisitionTimes_s), "DCE.json AcquisitionTimes_s")
+            if sidecar.BaselineVolumes >= n_volumes:
+                raise SiteDataError(sidecar_path(path), "BaselineVolumes leaves no dynamic volume",
+                                    "give the number of pre-contrast volumes, fewer than the series has")
+            if sidecar.T10_s is None and find_image(path.parent, T10_MAP) is None:
+                raise SiteDataError(sidecar_path(path), "no native T1: no T10_s and no T10.nii.gz beside the series",
+                                    "add T10_s (s) to DCE.json or a T10 map on the DCE grid")
+            if not isinstance(sidecar.AIF, str) and len(sidecar.AIF) != n_volumes:
+                raise SiteDataError(sidecar_path(path), f"the AIF lists {len(sidecar.AIF)} values for {n_volumes} "
+                                    "volumes", "give one blood concentration (mM) per volume, or population:parker")
+    except SiteDataError as err:
+        return [_problem(err)]
+    bad = _nonfinite_voxels(path, image)
+    if bad:
+        return [Problem(str(path), f"sequence {seq} has {bad} NaN/inf voxel(s)", "re-export the series")]
+    return []
+
+
 def _nonfinite_voxels(path: Path, image: sitk.Image) -> int:
     """Count NaN/inf voxels. SimpleITK's NIfTI reader turns NaN into 0, so NIfTI data is read with nibabel."""
     if path.name.endswith((".nii", ".nii.gz")):
@@ -128,6 +173,9 @@ def validate_case(site_dir: Path, patient_id: str, config: SiteConfig | None) ->
                 str(site_dir / "images" / patient_id / f"{seq}.nii.gz"), f"sequence {seq} is missing",
                 f"add the {seq} volume or remove the patient from clinical.csv",
             ))
+            continue
+        if seq in FOUR_D:
+            report.problems.extend(_check_series(path, seq))
             continue
         image, problems = _check_image(path, f"sequence {seq}")
         report.problems.extend(problems)

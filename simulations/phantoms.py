@@ -23,6 +23,7 @@ import pandas as pd
 from scipy import ndimage
 
 from common.imageio import array_to_image, write_image
+from common.maps.layout import FOUR_D
 from common.sitedata import (
     DEFAULT_COLUMNS,
     RATERS_DIR,
@@ -33,6 +34,7 @@ from common.sitedata import (
     SitePolicy,
     write_site_config,
 )
+from simulations.phantoms_mp import simulate_multiparametric, write_multiparametric
 
 log = logging.getLogger(__name__)
 
@@ -272,15 +274,16 @@ def simulate_patient(
     )
 
 
-def site_config_for(index: int, seed: int) -> SiteConfig:
-    """The ``site.yaml`` content of simulated site ``index``."""
+def site_config_for(index: int, seed: int, sequences: tuple[str, ...] = SEQUENCES) -> SiteConfig:
+    """The ``site.yaml`` content of simulated site ``index`` (``sequences``: T2w, CET1 and optionally the 4D
+    DWI and DCE series of :mod:`simulations.phantoms_mp`)."""
     scanner, bias_seed = scanner_for_site(index, seed)
     return SiteConfig(
         site_id=site_id_for(index),
         name=f"Simulated hospital {index + 1} ({scanner.vendor} {scanner.model}, {scanner.field_strength}T)",
         scanner=Scanner(vendor=scanner.vendor, model=scanner.model, field_strength=scanner.field_strength,
                         spacing=scanner.spacing),
-        sequences=SEQUENCES,
+        sequences=tuple(sequences),
         reference_sequence="T2w",
         policy=SitePolicy(columns={**DEFAULT_COLUMNS, **GENOMIC_COLUMNS}),
         simulation=SimulatedEffects(
@@ -303,15 +306,21 @@ def clear_simulated_site(site_dir: Path) -> None:
 
 
 def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, seed: int = 0,
-               write_truth: bool = True, unlabelled: int = 0, raters: int = 1, rated_fraction: float = 1.0) -> Path:
+               write_truth: bool = True, unlabelled: int = 0, raters: int = 1, rated_fraction: float = 1.0,
+               sequences: tuple[str, ...] = SEQUENCES) -> Path:
     """Generate one simulated site in the layout of ARCHITECTURE.md; returns its directory.
 
     The last ``unlabelled`` patients get no ``masks/`` file (cases for the federated model to segment); their
     ground-truth mask goes to ``truth/<patient_id>_mask.nii.gz`` with the tissue labels. With ``raters`` > 1, a
     ``rated_fraction`` of the labelled patients (drawn per patient) also get the outlines of raters 2..``raters``
-    (:func:`rater_mask`) under ``raters/<patient_id>/rater<k>.nii.gz``; ``masks/`` is rater 1.
+    (:func:`rater_mask`) under ``raters/<patient_id>/rater<k>.nii.gz``; ``masks/`` is rater 1. ``sequences`` with
+    DWI and/or DCE adds those 4D series (both are written; the site lists what it was asked for) and their truth
+    maps under ``truth/<patient_id>/``.
     """
-    config = site_config_for(index, seed)
+    unknown = [q for q in sequences if q not in (*SEQUENCES, *FOUR_D)]
+    if unknown or not set(SEQUENCES) <= set(sequences):
+        raise ValueError(f"simulated sites have T2w and CET1 and optionally {list(FOUR_D)}; got {list(sequences)}")
+    config = site_config_for(index, seed, tuple(sequences))
     scanner, bias_seed = scanner_for_site(index, seed)
     site_dir = Path(out_dir) / config.site_id
     clear_simulated_site(site_dir)
@@ -334,6 +343,11 @@ def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, s
         if write_truth:
             write_image(array_to_image(ph.tissues, ph.spacing, ph.origin),
                         site_dir / "truth" / f"{ph.patient_id}_tissues.nii.gz")
+        if set(FOUR_D) & set(sequences):
+            mp = simulate_multiparametric(ph.tissues, ph.mask, int(str(ph.clinical["label"])), ph.spacing,
+                                          scanner.field_strength, scanner.noise_sigma, seed, index, p)
+            write_multiparametric(mp, site_dir / "images" / ph.patient_id,
+                                  site_dir / "truth" / ph.patient_id if write_truth else None, ph.spacing, ph.origin)
         rows.append(ph.clinical)
     pd.DataFrame(rows).to_csv(site_dir / "clinical.csv", index=False)
     return site_dir
@@ -341,7 +355,7 @@ def write_site(out_dir: Path | str, index: int, patients: int, size: int = 64, s
 
 def simulate_sites(out_dir: Path | str, sites: int = 3, patients: int | list[int] = 12, size: int = 64,
                    seed: int = 0, progress: bool = False, unlabelled: int = 0, raters: int = 1,
-                   rated_fraction: float = 1.0) -> list[Path]:
+                   rated_fraction: float = 1.0, sequences: tuple[str, ...] = SEQUENCES) -> list[Path]:
     """Generate ``sites`` simulated hospitals under ``out_dir``; ``patients`` may differ per site.
 
     ``unlabelled`` patients per site come without a tumour mask, ``raters`` > 1 gives a ``rated_fraction`` of the
@@ -360,6 +374,6 @@ def simulate_sites(out_dir: Path | str, sites: int = 3, patients: int | list[int
     if any(unlabelled >= c for c in counts):
         raise ValueError(f"unlabelled={unlabelled} leaves a site without any labelled patient")
     paths = [write_site(out, i, counts[i], size=size, seed=seed, unlabelled=unlabelled, raters=raters,
-                        rated_fraction=rated_fraction) for i in iterator]
+                        rated_fraction=rated_fraction, sequences=tuple(sequences)) for i in iterator]
     log.info("wrote %d simulated sites under %s", sites, out)
     return paths

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import SimpleITK as sitk
 
 from common.errors import ConfigError
+from common.maps.layout import is_map
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,16 @@ class CaseVolumes:
     def replace(self, **changes: Any) -> CaseVolumes:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def intensity_images(self) -> dict[str, sitk.Image]:
+        """The images in scanner units: every channel but the parametric maps (quantitative, in physical units,
+        already on the reference grid), which intensity steps (denoising, N4, registration, normalisation) pass
+        through unchanged."""
+        return {seq: img for seq, img in self.images.items() if not is_map(seq)}
+
+    def with_images(self, changed: Mapping[str, sitk.Image]) -> CaseVolumes:
+        """A copy with ``changed`` images replaced and the others (the maps) kept, in the original order."""
+        return self.replace(images={seq: changed.get(seq, img) for seq, img in self.images.items()})
 
 
 @cache

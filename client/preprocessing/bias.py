@@ -70,7 +70,7 @@ class N4BiasCorrection(Step):
 
     def apply(self, case: CaseVolumes) -> tuple[CaseVolumes, dict[str, Any]]:
         images, details = {}, {}
-        for seq, image in case.images.items():
+        for seq, image in case.intensity_images().items():
             images[seq], details[seq] = n4_correct(image, None, self.shrink_factor, self.iterations,
                                                    self.convergence, self.control_points)
-        return case.replace(images=images), details
+        return case.with_images(images), details

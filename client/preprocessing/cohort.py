@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from client.maps import ensure_site_maps, maps_dir
 from client.preprocessing.base import CaseVolumes, library_version
 from client.preprocessing.normalise import NyulStandardise, nyul_case_landmarks
 from client.preprocessing.pipeline import (
@@ -49,8 +50,8 @@ from common.errors import ConfigError, SiteDataError
 from common.hashing import canonical_json, sha256_file, sha256_text
 from common.nyul import aggregate_nyul, site_nyul
 from common.plan import NyulPlan, PreprocessingPlan, build_plan, settings_hash, write_plan
-from common.sitedata import Case, SiteConfig, read_clinical, write_site_config
-from common.validation import load_site, validate_site
+from common.sitedata import Case, Site, SiteConfig, read_clinical, write_site_config
+from common.validation import CaseReport, Problem, load_site, validate_site
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,18 @@ def _check_plan(plan: PreprocessingPlan, study: StudyConfig) -> None:
                           "use the plan of this study")
 
 
+def _map_failures(site: Site, kept: set[str]) -> list[CaseReport]:
+    """Reports for the cases whose maps could not be made (the reason is in ``derived/maps/maps.json``)."""
+    out = []
+    for case in site.cases:
+        if case.patient_id not in kept:
+            cr = CaseReport(case.patient_id)
+            cr.problems.append(Problem(str(maps_dir(site.root) / "maps.json"), "its parametric maps could not be "
+                                       "fitted (the reason is recorded there)", "fix the 4D series it names"))
+            out.append(cr)
+    return out
+
+
 def preprocess_site(site_dir: Path | str, out_dir: Path | str, study: StudyConfig,
                     plan: PreprocessingPlan | None = None, workers: int = 2,
                     progress: CohortProgress | None = None, stage_dir: Path | None = None) -> CohortReport:
@@ -309,6 +322,10 @@ def preprocess_site(site_dir: Path | str, out_dir: Path | str, study: StudyConfi
     if missing:
         raise ConfigError(src / "site.yaml", f"the study needs sequence(s) {missing}",
                           f"add them to the site or run a study over {list(site.config.sequences)}")
+    with_maps = ensure_site_maps(site, study)  # 4D series -> maps (derived/maps/); a failed case is left out
+    kept = {c.patient_id for c in with_maps.cases}
+    report.cases.extend(_map_failures(site, kept))
+    site = with_maps
     config = study.preprocessing
     if plan is not None:
         _check_plan(plan, study)
@@ -324,7 +341,7 @@ def preprocess_site(site_dir: Path | str, out_dir: Path | str, study: StudyConfi
                     ", site-local Nyúl landmarks" if needs_nyul else "")
     two_pass = needs_nyul and plan.nyul is None
     plan_sha = "" if two_pass else write_plan(plan, out / "plan.json")
-    jobs = [CaseJob(c, site.site_id, out, tuple(study.sequences), study.reference_sequence,
+    jobs = [CaseJob(c, site.site_id, out, tuple(study.channels), study.reference_sequence,
                     config.model_dump_json(), plan.target_spacing, plan.nyul, not two_pass, plan_sha or None,
                     study.hash, stage_dir) for c in site.cases]
     with ExitStack() as stack:
@@ -359,13 +376,13 @@ def _site_local_nyul(src: Path, out: Path, site_id: str, study: StudyConfig, pla
         raise SiteDataError(src, "every case failed; no site-local Nyúl landmarks can be learnt",
                             "see the reasons listed per case")
     payload = site_nyul(site_id, [{k: np.asarray(v) for k, v in (o.landmarks or {}).items()} for o in done],
-                        study.sequences, config.normalise.nyul_percentiles, config.normalise.nyul_scale, 1)
-    nyul = aggregate_nyul({site_id: payload}, study.sequences)
+                        study.intensity_sequences, config.normalise.nyul_percentiles, config.normalise.nyul_scale, 1)
+    nyul = aggregate_nyul({site_id: payload}, study.intensity_sequences)
     plan = build_plan(study, plan.target_spacing, nyul, {site_id: len(done)}, site_local=True)
     plan_sha = write_plan(plan, out / "plan.json")
     standard = NyulPlan(percentiles=tuple(nyul["percentiles"]), scale=tuple(nyul["scale"]),
                         landmarks={k: tuple(v) for k, v in nyul["landmarks"].items()})
-    second = [NyulJob(o.patient_id, out, tuple(study.sequences), study.reference_sequence, standard, plan_sha)
+    second = [NyulJob(o.patient_id, out, tuple(study.channels), study.reference_sequence, standard, plan_sha)
               for o in done]
     progress.stage("Nyúl standardisation (site-local)", len(second))
     first_seconds = {o.patient_id: o.seconds for o in done}
@@ -376,7 +393,7 @@ def _site_local_nyul(src: Path, out: Path, site_id: str, study: StudyConfig, pla
 
 
 def _write_site_files(src: Path, out: Path, config: SiteConfig, study: StudyConfig, completed: list[str]) -> None:
-    write_site_config(config.model_copy(update={"sequences": tuple(study.sequences),
+    write_site_config(config.model_copy(update={"sequences": tuple(study.channels),
                                                 "reference_sequence": study.reference_sequence}), out)
     clinical = read_clinical(src)
     clinical[clinical["patient_id"].isin(completed)].to_csv(out / "clinical.csv", index=False)

@@ -59,6 +59,6 @@ class NLMDenoise(Step):
 
     def apply(self, case: CaseVolumes) -> tuple[CaseVolumes, dict[str, Any]]:
         images, sigmas = {}, {}
-        for seq, image in case.images.items():
+        for seq, image in case.intensity_images().items():
             images[seq], sigmas[seq] = denoise_nlm(image, self.patch_size, self.patch_distance, self.strength)
-        return case.replace(images=images), {"noise_sigma": sigmas}
+        return case.with_images(images), {"noise_sigma": sigmas}

@@ -25,7 +25,7 @@ def case_foregrounds(case: CaseVolumes) -> dict[str, sitk.Image]:
     """The foreground mask used for each sequence of the case."""
     ref_fg = foreground_mask(case.images[case.reference], f"{case.patient_id}/{case.reference}")
     return {seq: ref_fg if same_grid(img, ref_fg) else foreground_mask(img, f"{case.patient_id}/{seq}")
-            for seq, img in case.images.items()}
+            for seq, img in case.intensity_images().items()}
 
 
 def _mapped(image: sitk.Image, fn: Any) -> sitk.Image:
@@ -37,7 +37,8 @@ def _mapped(image: sitk.Image, fn: Any) -> sitk.Image:
 def nyul_case_landmarks(case: CaseVolumes, percentiles: Sequence[float]) -> dict[str, np.ndarray]:
     """Each sequence's foreground landmarks (stays at the site; the site step averages them)."""
     fgs = case_foregrounds(case)
-    return {seq: case_landmarks(values_in(img, fgs[seq]), percentiles) for seq, img in case.images.items()}
+    return {seq: case_landmarks(values_in(img, fgs[seq]), percentiles)
+            for seq, img in case.intensity_images().items()}
 
 
 @register_step
@@ -50,14 +51,14 @@ class ZScoreNormalise(Step):
     def apply(self, case: CaseVolumes) -> tuple[CaseVolumes, dict[str, Any]]:
         fgs = case_foregrounds(case)
         images, details = {}, {}
-        for seq, img in case.images.items():
+        for seq, img in case.intensity_images().items():
             v = values_in(img, fgs[seq])
             mean, sd = float(v.mean()), float(v.std())
             if not sd > 0:
                 raise ConfigError(f"{case.patient_id}/{seq}", "foreground is constant", "check the volume")
             images[seq] = _mapped(img, lambda a, m=mean, s=sd: (a - m) / s)
             details[seq] = {"mean": mean, "sd": sd}
-        return case.replace(images=images), details
+        return case.with_images(images), details
 
 
 @register_step
@@ -74,14 +75,14 @@ class PercentileRescale(Step):
         fgs = case_foregrounds(case)
         lo_out, hi_out = self.output_range
         images, details = {}, {}
-        for seq, img in case.images.items():
+        for seq, img in case.intensity_images().items():
             lo, hi = np.percentile(values_in(img, fgs[seq]), self.percentiles)
             if not hi > lo:
                 raise ConfigError(f"{case.patient_id}/{seq}", "foreground percentiles coincide", "check the volume")
             images[seq] = _mapped(img, lambda a, lo=lo, hi=hi: np.clip(
                 lo_out + (a - lo) * (hi_out - lo_out) / (hi - lo), lo_out, hi_out))
             details[seq] = {"low": float(lo), "high": float(hi)}
-        return case.replace(images=images), details
+        return case.with_images(images), details
 
 
 @register_step
@@ -95,11 +96,11 @@ class NyulStandardise(Step):
     landmarks: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def apply(self, case: CaseVolumes) -> tuple[CaseVolumes, dict[str, Any]]:
-        missing = [seq for seq in case.images if seq not in self.landmarks]
+        missing = [seq for seq in case.intensity_images() if seq not in self.landmarks]
         if missing:
             raise ConfigError("plan", f"no Nyúl landmarks for sequence(s) {missing}",
                               "use the plan built for this study's sequences")
         own = nyul_case_landmarks(case, self.percentiles)
         images = {seq: _mapped(img, lambda a, s=seq: nyul_transform(a, own[s], np.asarray(self.landmarks[s])))
-                  for seq, img in case.images.items()}
-        return case.replace(images=images), {seq: {"image_landmarks": lm.tolist()} for seq, lm in own.items()}
+                  for seq, img in case.intensity_images().items()}
+        return case.with_images(images), {seq: {"image_landmarks": lm.tolist()} for seq, lm in own.items()}

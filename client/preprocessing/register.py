@@ -98,7 +98,7 @@ class RigidRegister(Step):
         ref = case.images[case.reference]
         images: dict[str, sitk.Image] = {}
         details: dict[str, Any] = {}
-        for seq, image in case.images.items():
+        for seq, image in case.intensity_images().items():
             if seq == case.reference:
                 images[seq] = image
                 continue
@@ -112,4 +112,4 @@ class RigidRegister(Step):
                 "center_mm": list(transform.GetCenter()),
                 "mattes_mi": metric,
             }
-        return case.replace(images=images), details
+        return case.with_images(images), details

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from client.preprocessing.base import CaseVolumes, Step, register_step
 from common.errors import ConfigError
+from common.maps.layout import is_map
 
 INTERPOLATORS: dict[str, int] = {
     "linear": sitk.sitkLinear,
@@ -80,7 +81,8 @@ class Resample(Step):
     def apply(self, case: CaseVolumes) -> tuple[CaseVolumes, dict[str, Any]]:
         ref = case.images[case.reference]
         grid = target_grid(ref, self.target_spacing)
-        images = {seq: resample_onto(img, grid, self.interpolator) for seq, img in case.images.items()}
+        images = {seq: resample_onto(img, grid, "linear" if is_map(seq) else self.interpolator)  # maps: no overshoot
+                  for seq, img in case.images.items()}
         mask = resample_onto(case.mask, grid, "nearest") if case.mask is not None else None
         details = {"from_spacing": list(ref.GetSpacing()), "from_size": list(ref.GetSize()),
                    "to_size": list(grid.GetSize())}

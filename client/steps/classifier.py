@@ -74,19 +74,19 @@ def feature_frame(site: Site, study: StudyConfig, nyul: Mapping | None = None) -
         if not nyul:
             raise ProtocolError(site.site_id, "Nyúl standardisation without the federated standard scale",
                                 "run the classifier phase, which learns it first")
-        key = compact_settings_hash(study.sequences, "nyul", nyul, inputs=inputs)[:16]
+        key = compact_settings_hash(study.intensity_sequences, "nyul", nyul, inputs=inputs)[:16]
         cache = classifier_dir(site) / f"compact-{key}.csv"
         if cache.is_file():
             frame = pd.read_csv(cache, dtype={"patient_id": str}).set_index("patient_id")
         else:
-            frame = compact_features(site.cases, study.sequences, "nyul", nyul)
+            frame = compact_features(site.cases, study.intensity_sequences, "nyul", nyul)
             frame.to_csv(cache)
         return frame.loc[[c.patient_id for c in site.cases]]
     tables = (study.harmonisation.output_file, study.harmonisation.features_file)
     if cfg.features != "compact":
         check_feature_inputs(site, study)
-    return site_feature_table(site, cfg.features, tables, study.sequences, cfg.standardise, classifier_dir(site),
-                              inputs)
+    return site_feature_table(site, cfg.features, tables, study.intensity_sequences, cfg.standardise,
+                              classifier_dir(site), inputs)
 
 
 def feature_source(site: Site, study: StudyConfig) -> str:
@@ -122,10 +122,10 @@ def nyul_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     for case in site.cases:
         if case.patient_id not in train:
             continue
-        imgs = standardised_images(case, study.sequences, "none")
+        imgs = standardised_images(case, study.intensity_sequences, "none")
         fg = foreground_mask(imgs[study.reference_sequence], case.patient_id)
         per_case.append({seq: case_landmarks(values_in(img, fg), p.nyul_percentiles) for seq, img in imgs.items()})
-    return site_nyul(site.site_id, per_case, study.sequences, p.nyul_percentiles, p.nyul_scale,
+    return site_nyul(site.site_id, per_case, study.intensity_sequences, p.nyul_percentiles, p.nyul_scale,
                      site.config.policy.min_cohort)
 
 
@@ -154,7 +154,7 @@ def _inputs(site: Site, study: StudyConfig, payload: Payload, split: SplitData, 
     kind = str(payload["model"])
     if kind == "image":
         by_id = {c.patient_id: c for c in site.cases}  # with_tumour: unlabelled ones carry the federated model's mask
-        crops, masks = tumour_crops([by_id[i] for i in ids], study.sequences, study.classifier.crop_size)
+        crops, masks = tumour_crops([by_id[i] for i in ids], study.intensity_sequences, study.classifier.crop_size)
         return crops, y, masks, ids
     names = [str(n) for n in cast(list, payload["feature_names"])]
     frame = feature_frame(site, study, _nyul(payload))

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import SimpleITK as sitk
 
 from client.features.table import FeatureTable, extract_cases
 from client.steps.base import SiteStep, work_dir
@@ -27,9 +29,11 @@ from common.config import StudyConfig
 from common.errors import PolicyError, ProtocolError
 from common.features.protocol import FEATURES, SETTINGS_KEY, SPACING_KEY
 from common.features.settings import RadiomicsSettings, load_radiomics_settings, parse_radiomics_settings
+from common.imageio import read_image
+from common.maps.habitats import habitat_fractions, habitat_names
 from common.protocol import Payload
 from common.replies import small_count
-from common.sitedata import Site
+from common.sitedata import Case, Site
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +68,37 @@ def write_site_features(site: Site, study: StudyConfig, spacing: Sequence[float]
     :func:`features_path`."""
     settings = settings or load_radiomics_settings(study.features.settings)
     inputs = load_imaging_inputs(site, study)
-    table = extract_cases(inputs.with_predicted_masks(), study.sequences, settings, spacing,
+    cases = inputs.with_predicted_masks()
+    table = extract_cases(cases, study.channels, settings, spacing,
                           workers=workers or study.features.workers, progress=progress)
-    path = table.write(features_path(site), inputs={"inputs": inputs.kind, "grid_spacing": inputs.grid_spacing,
-                                                    "plan_sha256": inputs.plan_sha256})
+    habitats = study.maps.habitats if study.four_d else None
+    if habitats is not None and set(habitats) <= set(study.channels):
+        add_habitat_columns(table, cases, habitats, study.maps.habitat_thresholds)
+    path = table.write(features_path(site), inputs={
+        "inputs": inputs.kind, "grid_spacing": inputs.grid_spacing, "plan_sha256": inputs.plan_sha256,
+        "habitats": None if habitats is None else {"maps": list(habitats),
+                                                   "thresholds": list(study.maps.habitat_thresholds)}})
     log.info("site %s: %d case(s) x %d feature(s) -> %s (settings %s, %d failed, inputs %s)", site.site_id,
              len(table.frame), table.frame.shape[1], path, table.settings_hash[:12], len(table.failures),
              inputs.kind)
     return path, table
+
+
+def add_habitat_columns(table: FeatureTable, cases: Sequence[Case], maps: tuple[str, str],
+                        thresholds: tuple[float, float]) -> None:
+    """Add each case's tumour habitat fractions (:mod:`common.maps.habitats`) to its row of ``table``."""
+    by_id = {c.patient_id: c for c in cases}
+    rows = {}
+    for pid in table.frame.index:
+        case = by_id[str(pid)]
+        if case.mask is None:
+            continue
+        mask = sitk.GetArrayFromImage(read_image(case.mask)) > 0
+        arrays = [sitk.GetArrayFromImage(read_image(case.images[m])).astype(np.float64) for m in maps]
+        rows[pid] = habitat_fractions(arrays[0], arrays[1], mask, thresholds, maps)
+    frame = pd.DataFrame.from_dict(rows, orient="index").reindex(table.frame.index)
+    for col in habitat_names(*maps):
+        table.frame[col] = frame[col].to_numpy()
 
 
 def features_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:

@@ -43,10 +43,10 @@ def fingerprint_step(site: Site, study: StudyConfig, payload: Payload) -> Payloa
         rng = np.random.default_rng([cfg.seed, zlib.crc32(case.patient_id.encode())])
         idx = np.flatnonzero(mask)
         take = rng.choice(idx, size=min(cfg.foreground_samples_per_case, idx.size), replace=False)
-        fg = {seq: sitk.GetArrayFromImage(read_image(case.images[seq])).ravel()[take] for seq in study.sequences}
+        fg = {seq: sitk.GetArrayFromImage(read_image(case.images[seq])).ravel()[take] for seq in study.channels}
         ref = read_image(case.images[study.reference_sequence])
         measures.append(CaseMeasure(tuple(ref.GetSpacing()), tuple(ref.GetSize()), fg))
-    out = site_fingerprint(site.site_id, measures, study.sequences, cfg.percentiles, site.config.policy.min_cohort,
+    out = site_fingerprint(site.site_id, measures, study.channels, cfg.percentiles, site.config.policy.min_cohort,
                            site.config.policy.cell_floor)
     out["field_strength"] = site.config.require_scanner().field_strength
     out["vendor"] = site.config.require_scanner().vendor

@@ -57,8 +57,14 @@ def load_cohort(site: Site, study: StudyConfig) -> SiteCohort:
     options = options_from_config(study.harmonisation)
     check_feature_inputs(site, study)
     features = read_feature_table(_features_path(site, study))
+    features = features.drop(columns=_unharmonised(features, study))
     covariates = read_clinical(site.root).set_index("patient_id") if options.covariate_columns else None
     return make_cohort(site.site_id, features, covariates, options)
+
+
+def _unharmonised(features: pd.DataFrame, study: StudyConfig) -> list[str]:
+    """Columns copied past ComBat unchanged (``maps.unharmonised``: the habitat fractions of a 4D study)."""
+    return study.maps.unharmonised_columns([str(c) for c in features.columns]) if study.four_d else []
 
 
 def _step(fn: Callable[[SiteCohort, Payload, int], Payload]) -> Callable[[Site, StudyConfig, Payload], Payload]:
@@ -72,6 +78,10 @@ def apply_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """Harmonise the site's table with the federated model and write it under ``derived/``."""
     table, reply = site_apply(load_cohort(site, study), payload, site.config.policy.min_cohort)
     out = work_dir(site) / study.harmonisation.output_file
+    raw = read_feature_table(_features_path(site, study))
+    kept = _unharmonised(raw, study)
+    if kept:
+        table = table.join(raw[kept].set_axis(raw.index.astype(str), axis=0))
     table.index.name = "patient_id"
     table.to_csv(out)
     log.info("site %s: %d case(s) x %d feature(s) harmonised -> %s", site.site_id, *table.shape, out)

@@ -130,9 +130,9 @@ def load_imaging_inputs(site: Site, study: StudyConfig) -> ImagingInputs:
         if case.mask is not None and done.mask is None:
             raise SiteDataError(folder, "a case has a radiologist's mask that its preprocessed copy lacks (the mask "
                                 "was added after preprocessing)", RERUN)
-        _check_fresh(folder, case, study.sequences)
+        _check_fresh(folder, case, study.channels)
         mask = done.mask if case.mask is not None else None
-        cases.append(replace(case, images={s: done.images[s] for s in study.sequences}, mask=mask))
+        cases.append(replace(case, images={s: done.images[s] for s in study.channels}, mask=mask))
     if len(cases) < len(site.cases):
         log.warning("site %s: %d of %d case(s) have no preprocessed images and take no part (see %s)",
                     site.site_id, len(site.cases) - len(cases), len(site.cases), summary_path)

@@ -46,12 +46,12 @@ def nyul_landmarks_step(site: Site, study: StudyConfig, payload: Payload) -> Pay
     stage = stage_dir(site)
     shutil.rmtree(stage, ignore_errors=True)
     for case in site.cases:
-        volumes = pipeline(load_case(case, study.sequences, study.reference_sequence))
+        volumes = pipeline(load_case(case, study.channels, study.reference_sequence))
         # kept for the apply round, which then only normalises it
-        write_stage(volumes, stage, stage_key(case, study.sequences, cfg, target, study.hash))
+        write_stage(volumes, stage, stage_key(case, study.channels, cfg, target, study.hash))
         landmarks.append(nyul_case_landmarks(volumes, cfg.normalise.nyul_percentiles))
     log.info("site %s: Nyúl landmarks over %d case(s) after %s", site.site_id, len(landmarks), pipeline.names)
-    return site_nyul(site.site_id, landmarks, study.sequences, cfg.normalise.nyul_percentiles,
+    return site_nyul(site.site_id, landmarks, study.intensity_sequences, cfg.normalise.nyul_percentiles,
                      cfg.normalise.nyul_scale, site.config.policy.min_cohort)
 
 
@@ -117,7 +117,7 @@ def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload
     cohort only (at least ``min_cohort`` cases, and each bin's voxels from at least ``cell_floor`` of them).
     """
     policy = site.config.policy
-    edges = histogram_edges(site.site_id, payload, study.sequences, policy.histogram_bins)
+    edges = histogram_edges(site.site_id, payload, study.intensity_sequences, policy.histogram_bins)
     plan = parse_plan((work_dir(site) / PLAN_FILE).read_text(encoding="utf-8"), work_dir(site) / PLAN_FILE)
     out = work_dir(site) / PREPROCESSED_DIR
     report = preprocess_site(site.root, out, study, plan=plan, workers=1, stage_dir=stage_dir(site))
@@ -131,11 +131,11 @@ def apply_plan_step(site: Site, study: StudyConfig, payload: Payload) -> Payload
     hist = {seq: (np.zeros(r.size - 1), np.zeros(p.size - 1)) for seq, (r, p) in edges.items()}
     cases = {seq: (np.zeros(r.size - 1), np.zeros(p.size - 1)) for seq, (r, p) in edges.items()}
     for pid in done:
-        processed = {seq: find_image(out / "images" / pid, seq) for seq in study.sequences}
+        processed = {seq: find_image(out / "images" / pid, seq) for seq in study.intensity_sequences}
         missing = [seq for seq, path in processed.items() if path is None]
         if missing:
             raise SiteDataError(out / "images" / pid, f"preprocessed {missing} missing", "rerun preprocessing")
-        before = _foreground_values({seq: by_id[pid].images[seq] for seq in study.sequences},
+        before = _foreground_values({seq: by_id[pid].images[seq] for seq in study.intensity_sequences},
                                     study.reference_sequence)
         after = _foreground_values(processed, study.reference_sequence)  # type: ignore[arg-type]
         for seq, (raw_edges, std_edges) in edges.items():

@@ -70,7 +70,7 @@ def make_plan(fingerprint: Mapping[str, Any], study: StudyConfig,
     plan: dict[str, Any] = {
         "format": PLAN_FORMAT,
         "network": cfg.network,
-        "sequences": list(study.sequences),
+        "sequences": list(study.intensity_sequences),
         "num_classes": 2,
         "target_spacing": spacing_zyx,
         "median_shape": shape_zyx,
@@ -81,8 +81,8 @@ def make_plan(fingerprint: Mapping[str, Any], study: StudyConfig,
         from common.segmentation.nnunet_adapter import CONFIGURATION, plan_nnunet, synthetic_fingerprint
 
         fp = synthetic_fingerprint(int(fingerprint["n_cases"]), spacing_zyx, shape_zyx, fingerprint["intensity"],
-                                   study.sequences)
-        plans = plan_nnunet(fp, study.sequences, int(fingerprint["n_cases"]), cfg.nnunet_base_features,
+                                   study.intensity_sequences)
+        plans = plan_nnunet(fp, study.intensity_sequences, int(fingerprint["n_cases"]), cfg.nnunet_base_features,
                             cfg.nnunet_max_features, cfg.nnunet_gpu_memory_gb)
         conf = plans["configurations"][CONFIGURATION]
         plan["nnunet"] = {"plans": plans, "configuration": CONFIGURATION}

@@ -49,7 +49,7 @@ def _features(ctx: PhaseContext) -> tuple[FeatureScaling | None, list[int]]:
     if all(m == "image" for m in cfg.models):
         return None, list(ctx.node_ids)
     query = ctx.query(fixed=False)
-    nyul_json = nyul_scale(query, ctx.study.sequences) if uses_nyul(cfg) else ""
+    nyul_json = nyul_scale(query, ctx.study.intensity_sequences) if uses_nyul(cfg) else ""
     features = feature_scaling(query, cfg, nyul_json)
     return features, sorted(query.node_of_site[s] for s in features.sources)
 
@@ -109,7 +109,7 @@ def run(ctx: PhaseContext) -> dict:
     nyul_json = features.nyul_json if features else ""
     harmonised = bool(sources) and all(v == study.harmonisation.output_file for v in sources.values())
     settings_hash = sha256_json({"features": cfg.features, "standardise": cfg.standardise, "names": names,
-                                 "nyul": nyul_json, "sequences": list(study.sequences)})
+                                 "nyul": nyul_json, "sequences": list(study.intensity_sequences)})
     artifacts: list[dict[str, Any]] = []
     models: dict[str, dict[str, Any]] = {}
     per_model: dict[str, dict[str, Any]] = {}
@@ -121,7 +121,8 @@ def run(ctx: PhaseContext) -> dict:
                                                                                           {}).items()}
     for kind in cfg.models:
         res = run_classifier(ctx.query(nodes, fixed=False), kind, cfg, features=features,
-                             n_channels=len(study.sequences), minimum=study.min_sites, case_counts=cases or None)
+                             n_channels=len(study.intensity_sequences), minimum=study.min_sites,
+                             case_counts=cases or None)
         runs[kind] = res
         summary = res.summary
         model_file, plots = _model_files(out, res, rounds_of(kind, cfg), settings_hash)

@@ -17,7 +17,7 @@ def run(ctx: PhaseContext) -> dict:
     spacing = grid["grid_spacing"] or ctx.outputs.get("fingerprint", {}).get("target_spacing")
     query = ctx.query()
     summary = run_features(query, settings, spacing)
-    resolved = settings.resolve(ctx.study.sequences, spacing)
+    resolved = settings.resolve(ctx.study.channels, spacing)
     (ctx.result_dir / "radiomics_settings.json").write_text(json.dumps(resolved, indent=2))
     summary["settings"] = resolved
     summary["target_spacing"] = list(spacing) if spacing is not None else None

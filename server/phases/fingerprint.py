@@ -12,7 +12,7 @@ from server.phases.base import PhaseContext
 def run(ctx: PhaseContext) -> dict:
     """Every site's fingerprint, merged into the global fingerprint (and the target spacing)."""
     query = ctx.query()
-    merged = run_fingerprint(query, ctx.study.sequences)
+    merged = run_fingerprint(query, ctx.study.channels)
     merged["refused"] = {str(n): reason for n, reason in query.last.errors.items()}
     merged["dropped"] = [str(n) for n in query.last.dropped]
     ctx.participants["fingerprint"] = dict(merged["cases_per_site"])

@@ -1,0 +1,1 @@
+"""Parametric maps of the 4D sequences: diffusion (ADC, IVIM), perfusion (Tofts, curve features), habitats."""
