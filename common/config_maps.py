@@ -14,8 +14,8 @@ from common.maps.layout import DCE, DWI, MAPS_OF
 class MapsConfig(_Frozen):
     """Maps of the 4D sequences (``DWI``, ``DCE``) that the study's later phases use as channels."""
 
-    DWI: tuple[str, ...] = ("ADC",)  # noqa: N815 (the sequence's name); any of MAPS_OF["DWI"]
-    DCE: tuple[str, ...] = ("Ktrans", "ve")  # noqa: N815; any of MAPS_OF["DCE"]
+    DWI: tuple[str, ...] = ("ADC",)  # noqa: N815 (the sequence's name: any of MAPS_OF["DWI"])
+    DCE: tuple[str, ...] = ("Ktrans", "ve")  # noqa: N815 (any of MAPS_OF["DCE"])
     tofts: Literal["standard", "extended"] = "standard"
     align: bool = True  # register each series (b0 / DCE baseline) rigidly to the reference sequence
     foreground_fraction: float = Field(0.1, gt=0, lt=1)  # voxels fitted: b0 or baseline above this x its 99th pct

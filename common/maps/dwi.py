@@ -59,11 +59,10 @@ def fit_ivim(signal: np.ndarray, bvals: Sequence[float]) -> dict[str, np.ndarray
     bvecs = np.tile([1.0, 0.0, 0.0], (b.size, 1))
     bvecs[b == 0] = 0.0
     gtab = gradient_table(b, bvecs=bvecs, b0_threshold=0)
-    model = IvimModel(gtab, fit_method="trr")
     s = np.maximum(np.asarray(signal, dtype=np.float64), _FLOOR)
-    with warnings.catch_warnings():  # dipy warns per voxel when it falls back to its linear fit
+    with warnings.catch_warnings():  # dipy warns of its default bounds, and per voxel of a linear fall-back
         warnings.simplefilter("ignore")
-        fit = model.fit(s)
+        fit = IvimModel(gtab, fit_method="trr").fit(s)
     return {"IVIM_D": np.asarray(fit.D, dtype=np.float64), "IVIM_Dstar": np.asarray(fit.D_star, dtype=np.float64),
             "IVIM_f": np.asarray(fit.perfusion_fraction, dtype=np.float64)}
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from common.maps.layout import is_map
 from common.report import run_report
 from server.phases.base import PhaseContext
 from server.registry.verify import format_head
@@ -159,14 +160,34 @@ def _harmonisation(ctx: PhaseContext) -> Section:
     body = (f"<p>{_escape(str(harm['n_features']))} features, {_escape(str(harm['n_cases']))} cases, batches "
             f"{_escape(str(harm['batches']))}; options {_escape(str(harm['options']))}; rounds "
             f"{_escape(str(harm['rounds']))}.</p>")
-    columns = _shift_features(ctx)
+    shifted = _shift_features(ctx)
+    maps = _map_features(ctx)
+    columns = maps + [c for c in shifted if c not in maps]
     if columns:
         replies = run_report(ctx.query(), columns)
         path, rows = _plot_moments(replies, columns, ctx.result_dir / "report" / "features_combat.png")
-        figures.append((path, "Per-site mean ± SD of features (pooled z-units), before and after ComBat"))
+        what = (f"the parametric maps' tumour medians ({', '.join(maps)}) and " if maps else "")
+        figures.append((path, f"Per-site mean ± SD of {what}the features ComBat shifts most (pooled z-units), "
+                              "before and after ComBat"))
         body += table(rows) + ("<p class='muted'>Between-site spread: SD of the site means in pooled SD units "
                                "(aggregates per site only).</p>")
     return Section("harmonisation", "Feature harmonisation (federated ComBat)", body, figures)
+
+
+def _model_features(ctx: PhaseContext) -> list[str]:
+    try:
+        data = np.load(ctx.outputs["harmonisation"]["model"], allow_pickle=False)
+        return [str(n) for n in json.loads(str(data["meta"]))["spec"]["features"]]
+    except (KeyError, OSError, ValueError):
+        return []
+
+
+def _map_features(ctx: PhaseContext) -> list[str]:
+    """The tumour median of each parametric map of the study (``ADC_original_firstorder_Median``, ...) that the
+    ComBat model harmonised: their per-site distributions before and after harmonisation go into the report."""
+    names = set(_model_features(ctx))
+    wanted = [f"{c}_original_firstorder_Median" for c in ctx.study.channels if is_map(c)]
+    return [w for w in wanted if w in names]
 
 
 def _shift_features(ctx: PhaseContext, k: int = 6) -> list[str]:
@@ -190,10 +211,14 @@ def _plot_moments(replies: dict[str, dict], columns: list[str], out: Path) -> tu
     import matplotlib.pyplot as plt
 
     sites = sorted(replies)
-    fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 3.4), squeeze=False)
+    ncols = min(5, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(columns):]:
+        ax.set_visible(False)
     rows = []
     for j, col in enumerate(columns):
-        ax = axes[0][j]
+        ax = axes[j // ncols][j % ncols]
         row: dict[str, Any] = {"feature": col}
         for k, key in enumerate(("before", "after")):
             n = np.array([replies[s][f"{key}/n"] for s in sites], dtype=float)
@@ -226,6 +251,11 @@ def _signature(ctx: PhaseContext) -> Section:
     rows = [{"factor": f, "explained variance": v, "top features": ", ".join(map(str, red["top_features"][f][:3]))}
             for f, v in red["explained_variance"].items()]
     body += table(rows)
+    by_channel = _kept_by_channel(ctx, [str(k) for k in red["kept"]])
+    if by_channel:
+        body += ("<p>Kept features per channel:</p>"
+                 + table([{"channel": c, "kind": "parametric map" if is_map(c) else "habitat fractions"
+                           if c == "habitat" else "sequence", "kept": n} for c, n in by_channel.items()]))
     figures = []
     try:
         data = np.load(red["signature"], allow_pickle=False)
@@ -236,6 +266,16 @@ def _signature(ctx: PhaseContext) -> Section:
     except (KeyError, OSError, ValueError) as exc:
         log.warning("report: cannot read the signature (%s)", exc)
     return Section("signature", "Image-based signature", body, figures)
+
+
+def _kept_by_channel(ctx: PhaseContext, kept: list[str]) -> dict[str, int]:
+    """How many kept features come from each channel of the study (and from the tumour habitats)."""
+    counts: dict[str, int] = {}
+    for channel in (*ctx.study.channels, "habitat"):
+        n = sum(k.startswith(f"{channel}_") for k in kept)
+        if n:
+            counts[channel] = n
+    return counts
 
 
 def _plot_loadings(loadings: np.ndarray, features: list[str], factors: list[str], out: Path) -> Path:
