@@ -55,6 +55,8 @@ def extract(
     from rich.table import Table
 
     from client.features.table import extract_cases
+    from client.maps import ensure_site_maps
+    from common.config import load_study_config
     from common.errors import ConfigError
     from common.features.settings import load_radiomics_settings
     from common.validation import load_site
@@ -66,7 +68,10 @@ def extract(
     except ConfigError as err:
         console.print(f"[red]error[/red] {err}")
         raise typer.Exit(2) from err
-    table = extract_cases(site.cases, site.config.sequences, rad, target, workers=workers, progress=True)
+    study = load_study_config(None, sequences=list(site.config.sequences),
+                              reference_sequence=site.config.reference_sequence)
+    site = ensure_site_maps(site, study)  # 4D series (DWI, DCE): their maps are the channels
+    table = extract_cases(site.cases, study.channels, rad, target, workers=workers, progress=True)
     table.write(out)
     console.print(f"[green]{len(table.frame)} case(s)[/green] x {table.frame.shape[1]} feature(s) -> {out} "
                   f"(settings {rad.name or settings} v{rad.version}, sha256 {table.settings_hash[:12]})")

@@ -9,11 +9,19 @@ name (exact, case-insensitive match first, then shell-style patterns such as ``"
 and no sequence is claimed by two series; each problem names the series and the fix.
 Output: ``site.yaml`` (scanner from the headers), ``clinical.csv`` (patient id, age and sex from the headers;
 label and survival left empty for the site to fill), ``images/<patient>/<sequence>.nii.gz``.
+
+4D series: slices that repeat a position are volumes of one series when a header tells them apart: the
+b-value (DiffusionBValue, 0018,9087: a multi-b DWI series, written with ``DWI.bval``) or the time (TemporalPosition
+Identifier, TriggerTime or AcquisitionTime: a multi-phase DCE series, written with ``DCE.json`` holding the
+acquisition times in seconds from the first volume, TR and flip angle from the headers, and the site's values for
+what headers do not hold). Every volume must have the same slice positions; a 3D volume mapped to DWI or DCE,
+or a 4D series mapped to a 3D sequence, is a problem of that patient.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import re
 from collections import Counter
@@ -27,6 +35,7 @@ import SimpleITK as sitk
 
 from common.errors import ConfigError, SiteDataError
 from common.imageio import write_image
+from common.maps.layout import DCE, DWI, bval_path, sidecar_path
 from common.sitedata import CLINICAL_COLUMNS, Scanner, SiteConfig, write_site_config
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,9 @@ TAGS = {
     "columns": "0028|0011", "orientation": "0020|0037", "position": "0020|0032", "instance": "0020|0013",
     "manufacturer": "0008|0070", "model": "0008|1090", "field_strength": "0018|0087", "sex": "0010|0040",
     "age": "0010|1010", "frames": "0028|0008",
+    # 4D series: a volume per b-value (DWI) or per time point (DCE); standard tags only (private ones are off)
+    "b_value": "0018|9087", "temporal_position": "0020|0100", "acquisition_time": "0008|0032",
+    "trigger_time": "0018|1060", "repetition_time": "0018|0080", "flip_angle": "0018|1314",
 }
 
 
@@ -49,6 +61,13 @@ class Series:
     patient_id: str
     files: tuple[str, ...]
     header: Mapping[str, str]
+    volumes: tuple[tuple[str, ...], ...] = ()  # a 4D series: each volume's files in slice order; () for 3D
+    frame_kind: str = ""  # "b_value" (DWI) or "time" (DCE) for a 4D series
+    frame_values: tuple[float, ...] = ()  # b-values (s/mm2) or acquisition times (s from the first volume)
+
+    @property
+    def four_d(self) -> bool:
+        return bool(self.volumes)
 
 
 @dataclass
@@ -88,7 +107,8 @@ def _floats(text: str, n: int, what: str, path: str) -> np.ndarray:
 
 
 def check_series(folder: Path, uid: str, files: Sequence[str]) -> Series:
-    """Read a series' headers and check it is one complete 3D volume; raises :class:`SiteDataError` otherwise."""
+    """Read a series' headers and check it is one complete 3D volume, or a complete 4D series (one volume per
+    b-value or time point, see the module docstring); raises :class:`SiteDataError` otherwise."""
     where = f"{folder} (series {uid})"
     headers = [_headers(f) for f in files]
     first = headers[0]
@@ -107,6 +127,59 @@ def check_series(folder: Path, uid: str, files: Sequence[str]) -> Series:
     normal = np.cross(orient[:3], orient[3:])
     depth = np.array([_floats(h["position"], 3, "ImagePositionPatient", f) @ normal
                       for h, f in zip(headers, files, strict=True)])
+    volume_key = _frames(headers)
+    if volume_key is not None:
+        return _four_d_series(folder, uid, files, headers, depth, volume_key[0], volume_key[1])
+    return _three_d_series(folder, uid, files, headers, depth)
+
+
+def _dicom_seconds(text: str) -> float | None:
+    """HHMMSS(.ffffff) as seconds of the day."""
+    m = re.fullmatch(r"(\d{2})(\d{2})(\d{2}(?:\.\d+)?)", text.strip())
+    return None if not m else int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+
+
+def _frames(headers: Sequence[Mapping[str, str]]) -> tuple[str, list[float]] | None:
+    """What tells a 4D series' volumes apart: the b-value (DWI) or the acquisition time (DCE); None for 3D."""
+    def values(key: str) -> list[float] | None:
+        out: list[float] = []
+        for h in headers:
+            if key == "acquisition_time":
+                v = _dicom_seconds(h[key])
+            else:
+                try:
+                    v = float(h[key])
+                except ValueError:
+                    v = None
+            if v is None:
+                return None
+            out.append(v)
+        return out
+
+    b = values("b_value")
+    if b is not None and len(set(b)) > 1:
+        return "b_value", b
+    for key in ("temporal_position", "trigger_time", "acquisition_time"):
+        t = values(key)
+        if t is not None and len(set(t)) > 1:
+            return key, t
+    return None
+
+
+def _volume_time(where: str, headers: Sequence[Mapping[str, str]], key: str, value: float) -> float:
+    """When a DCE volume was acquired (s): its earliest AcquisitionTime, else its TriggerTime (ms)."""
+    times = [_dicom_seconds(h["acquisition_time"]) for h in headers]
+    if all(t is not None for t in times):
+        return float(min(t for t in times if t is not None))
+    if key == "trigger_time":
+        return value / 1000.0
+    raise SiteDataError(where, "a multi-phase series without AcquisitionTime (0008,0032) or TriggerTime "
+                        "(0018,1060): the volumes' times are unknown",
+                        "re-export with timing headers, or write the 4D NIfTI and DCE.json by hand")
+
+
+def _check_depths(where: str, depth: np.ndarray, headers: Sequence[Mapping[str, str]]) -> np.ndarray:
+    """The slice order of one volume, after checking its positions are evenly spaced without gaps."""
     order = np.argsort(depth)
     steps = np.diff(depth[order])
     step = float(np.median(steps))
@@ -119,12 +192,63 @@ def check_series(folder: Path, uid: str, files: Sequence[str]) -> Series:
         raise SiteDataError(where, f"incomplete series: missing slice(s) after position {at:.2f} mm "
                             f"(gap {steps[gaps[0]]:.2f} mm, spacing {step:.2f} mm)",
                             "export the whole series again (all slices)")
+    return order
+
+
+def _three_d_series(folder: Path, uid: str, files: Sequence[str], headers: Sequence[Mapping[str, str]],
+                    depth: np.ndarray) -> Series:
+    where = f"{folder} (series {uid})"
+    order = _check_depths(where, depth, headers)
     numbers = sorted(int(h["instance"]) for h in headers if h["instance"].lstrip("-").isdigit())
     if len(numbers) == len(headers) and numbers[-1] - numbers[0] + 1 != len(numbers):
         missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
         raise SiteDataError(where, f"incomplete series: instance number(s) {missing[:5]} missing",
                             "export the whole series again (all slices)")
+    first = headers[0]
     return Series(folder, uid, first["description"], first["patient_id"], tuple(np.asarray(files)[order]), first)
+
+
+def _four_d_series(folder: Path, uid: str, files: Sequence[str], headers: Sequence[Mapping[str, str]],
+                   depth: np.ndarray, key: str, values: list[float]) -> Series:
+    """A multi-b DWI or multi-phase DCE series: one complete volume per b-value or time point, all with the same
+    slice positions; DCE volumes in acquisition order, their times in seconds from the first."""
+    where = f"{folder} (series {uid})"
+    what = "b-value" if key == "b_value" else "time point"
+    groups: dict[float, list[int]] = {}
+    if key == "acquisition_time":  # slices of one volume differ in time too: the k-th time at each position
+        by_position: dict[float, list[int]] = {}
+        for i, d in enumerate(np.round(depth, 2)):
+            by_position.setdefault(float(d), []).append(i)
+        for idx in by_position.values():
+            for k, i in enumerate(sorted(idx, key=lambda j: values[j])):
+                groups.setdefault(float(k), []).append(i)
+    else:
+        for i, v in enumerate(values):
+            groups.setdefault(v, []).append(i)
+    keys = sorted(groups)
+    volumes, reference = [], None
+    for v in keys:
+        members = np.asarray(groups[v])
+        order = _check_depths(where, depth[members], [headers[i] for i in members])
+        positions = np.round(depth[members][order], 3)
+        if reference is None:
+            reference = positions
+        elif positions.shape != reference.shape or not np.allclose(positions, reference, atol=1e-2):
+            raise SiteDataError(where, f"incomplete 4D series: the volume of {what} {v:g} has {positions.size} "
+                                f"slice(s) where the first has {reference.size}",
+                                "export the whole series again (every slice of every volume)")
+        volumes.append(tuple(np.asarray(files)[members][order]))
+    if key == "b_value":
+        frame_values, kind = tuple(float(k) for k in keys), "b_value"
+    else:
+        stamps = [_volume_time(where, [headers[i] for i in groups[v]], key, v) for v in keys]
+        ordered = sorted(range(len(keys)), key=lambda j: stamps[j])
+        volumes = [volumes[j] for j in ordered]
+        frame_values = tuple(float(stamps[j] - stamps[ordered[0]]) for j in ordered)
+        kind = "time"
+    first = headers[0]
+    return Series(folder, uid, first["description"], first["patient_id"], volumes[0], first, tuple(volumes),
+                  kind, frame_values)
 
 
 def scan_dicom(dicom_dir: Path | str) -> tuple[list[Series], list[str]]:
@@ -174,8 +298,12 @@ def _most_common(values: Sequence[str]) -> str:
 
 
 def ingest_dicom(dicom_dir: Path | str, site_dir: Path | str, mapping: Mapping[str, str], site_id: str | None = None,
-                 reference: str | None = None, field_strength: float | None = None) -> IngestReport:
-    """Convert a DICOM folder into a site directory (see the module docstring); returns what happened."""
+                 reference: str | None = None, field_strength: float | None = None,
+                 dce: Mapping[str, object] | None = None) -> IngestReport:
+    """Convert a DICOM folder into a site directory (see the module docstring); returns what happened.
+
+    ``dce``: the DCE.json values the headers do not hold (``Relaxivity_per_mM_s``, ``T10_s``, ``Hematocrit``,
+    ``InjectionTime_s``, ``BaselineVolumes``, ``AIF``); `fedbiopsy validate` names any still missing."""
     if not mapping:
         raise ConfigError("series mapping", "is empty", "map series descriptions to sequences, e.g. 'T2 TSE=T2w'")
     out = Path(site_dir)
@@ -193,7 +321,8 @@ def ingest_dicom(dicom_dir: Path | str, site_dir: Path | str, mapping: Mapping[s
             report.skipped_series.append(f"{s.folder} ({s.description or 'no description'})")
             continue
         by_patient.setdefault(_safe_id(s.patient_id or s.folder.name), {}).setdefault(seq, []).append(s)
-    rows, heads = [], []
+    rows: list[dict[str, object]] = []
+    heads: list[Mapping[str, str]] = []
     for pid, seqs in sorted(by_patient.items()):
         dupes = {seq: ss for seq, ss in seqs.items() if len(ss) > 1}
         if dupes:
@@ -208,14 +337,12 @@ def ingest_dicom(dicom_dir: Path | str, site_dir: Path | str, mapping: Mapping[s
             report.problems.append(f"patient {pid}: no series for {lacking}. Fix: export the missing series or "
                                    "correct the description mapping")
             continue
-        report.written[pid] = {}
-        for seq, (s,) in seqs.items():
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(list(s.files))
-            path = out / "images" / pid / f"{seq}.nii.gz"
-            write_image(reader.Execute(), path)
-            report.written[pid][seq] = path
-            heads.append(s.header)
+        shape = [_shape_problem(pid, seq, s) for seq, (s,) in seqs.items()]
+        if any(shape):
+            report.problems.extend(p for p in shape if p)
+            continue
+        report.written[pid] = _write_patient(out, pid, {seq: s for seq, (s,) in seqs.items()}, dce or {})
+        heads.extend(s.header for (s,) in seqs.values())
         h = seqs[reference][0].header
         rows.append({"patient_id": pid, "age": _age_years(h["age"]), "sex": h["sex"] or None})
     if not report.written:
@@ -234,6 +361,65 @@ def ingest_dicom(dicom_dir: Path | str, site_dir: Path | str, mapping: Mapping[s
     (out / "masks").mkdir(exist_ok=True)
     log.info("ingested %d patient(s) into %s; fill label/os_days/os_event in clinical.csv", len(report.written), out)
     return report
+
+
+def _write_patient(out: Path, pid: str, seqs: Mapping[str, Series], dce: Mapping[str, object]) -> dict[str, Path]:
+    written = {}
+    for seq, s in seqs.items():
+        path = out / "images" / pid / f"{seq}.nii.gz"
+        if s.four_d:
+            write_image(_read_4d(s), path)
+            _write_sidecar(s, seq, path, dce)
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(list(s.files))
+            write_image(reader.Execute(), path)
+        written[seq] = path
+    return written
+
+
+def _shape_problem(pid: str, seq: str, s: Series) -> str | None:
+    """A 4D sequence needs a multi-b (DWI) or multi-phase (DCE) series; a 3D sequence a single volume."""
+    need = {DWI: "b_value", DCE: "time"}.get(seq)
+    if need is None and s.four_d:
+        return (f"patient {pid}: {s.description!r} in {s.folder} is a {len(s.volumes)}-volume series but {seq} is "
+                "a 3D sequence. Fix: map it to DWI or DCE, or export one volume")
+    if need is not None and not s.four_d:
+        return (f"patient {pid}: {s.description!r} in {s.folder} is one 3D volume where {seq} needs a 4D series. "
+                f"Fix: export the whole {'multi-b' if seq == DWI else 'multi-phase'} series (with its "
+                f"{'DiffusionBValue (0018,9087)' if seq == DWI else 'AcquisitionTime (0008,0032)'} headers)")
+    if need is not None and s.frame_kind != need:
+        return (f"patient {pid}: {s.description!r} in {s.folder} varies in "
+                f"{'b-value' if s.frame_kind == 'b_value' else 'time'}, not what {seq} needs. Fix: check the mapping")
+    return None
+
+
+def _read_4d(s: Series) -> sitk.Image:
+    volumes = []
+    for files in s.volumes:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(list(files))
+        volumes.append(sitk.Cast(reader.Execute(), sitk.sitkFloat32))
+    image = sitk.JoinSeries(volumes)
+    dt = float(np.mean(np.diff(s.frame_values))) if s.frame_kind == "time" and len(s.frame_values) > 1 else 1.0
+    image.SetSpacing((*volumes[0].GetSpacing(), dt))
+    return image
+
+
+def _write_sidecar(s: Series, seq: str, path: Path, dce: Mapping[str, object]) -> None:
+    """``DWI.bval`` from the b-values, or ``DCE.json`` from the timing headers plus the site's ``dce`` values
+    (relaxivity, native T1, haematocrit, injection time, baseline volumes: not in the headers)."""
+    if seq == DWI:
+        bval_path(path).write_text(" ".join(f"{b:g}" for b in s.frame_values) + "\n", encoding="utf-8")
+        return
+    sidecar: dict[str, object] = {"AcquisitionTimes_s": list(s.frame_values)}
+    try:
+        sidecar["RepetitionTime_s"] = float(s.header["repetition_time"]) / 1000.0
+        sidecar["FlipAngle_deg"] = float(s.header["flip_angle"])
+    except ValueError:
+        log.warning("%s: no RepetitionTime/FlipAngle in the headers; add them to %s", s.folder, sidecar_path(path))
+    sidecar.update(dce)
+    sidecar_path(path).write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
 
 
 def _field_strength(values: Sequence[str]) -> float | None:

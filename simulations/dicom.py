@@ -8,7 +8,7 @@ fedbiopsy's ingest reads (manufacturer, field strength, sex, age).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -23,7 +23,8 @@ def make_uid(*parts: object) -> str:
 
 def write_dicom_series(image: sitk.Image, folder: Path | str, description: str, patient_id: str,
                        study_uid: str | None = None, series_uid: str | None = None,
-                       tags: Mapping[str, str] | None = None, skip_slices: tuple[int, ...] = ()) -> list[Path]:
+                       tags: Mapping[str, str] | None = None, skip_slices: tuple[int, ...] = (),
+                       instance_offset: int = 0) -> list[Path]:
     """Write ``image`` (3D, values truncated to int16) as slices ``folder/<series>_<k>.dcm``; returns the files.
 
     ``tags`` add or override DICOM tags ("gggg|eeee": value) on every slice; ``skip_slices`` leaves slices
@@ -59,10 +60,35 @@ def write_dicom_series(image: sitk.Image, folder: Path | str, description: str, 
             slice_k.SetMetaData(tag, value)
         position = vol.TransformIndexToPhysicalPoint((0, 0, k))
         slice_k.SetMetaData("0020|0032", "\\".join(f"{p:.6f}" for p in position))
-        slice_k.SetMetaData("0020|0013", str(k + 1))
-        slice_k.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
-        path = out / f"{stem}_{k + 1:04d}.dcm"
+        number = k + 1 + instance_offset
+        slice_k.SetMetaData("0020|0013", str(number))
+        slice_k.SetMetaData("0008|0018", f"{series_uid}.{number}")
+        path = out / f"{stem}_{number:05d}.dcm"
         writer.SetFileName(str(path))
         writer.Execute(slice_k)
         files.append(path)
+    return files
+
+
+def write_dicom_4d(image: sitk.Image, folder: Path | str, description: str, patient_id: str, kind: str,
+                   values: Sequence[float], tags: Mapping[str, str] | None = None,
+                   drop_volume_slices: Mapping[int, tuple[int, ...]] | None = None) -> list[Path]:
+    """Write a 4D ``image`` as one DICOM series whose volumes repeat the slice positions: ``kind`` "b_value"
+    tags each volume with DiffusionBValue (0018,9087), "time" with AcquisitionTime (0008,0032; ``values`` in s
+    after 12:00:00). ``drop_volume_slices``
+    leaves slices out of some volumes (an incomplete series)."""
+    size = list(image.GetSize())
+    series_uid = make_uid("series", patient_id, description)
+    files: list[Path] = []
+    for v, value in enumerate(values):
+        volume = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, v])
+        extra = dict(tags or {})
+        if kind == "b_value":
+            extra["0018|9087"] = f"{value:g}"
+        else:
+            seconds = 12 * 3600 + float(value)
+            extra["0008|0032"] = f"{int(seconds // 3600):02d}{int(seconds % 3600 // 60):02d}{seconds % 60:09.6f}"
+        files += write_dicom_series(volume, folder, description, patient_id, series_uid=series_uid, tags=extra,
+                                    skip_slices=(drop_volume_slices or {}).get(v, ()),
+                                    instance_offset=v * size[2])
     return files
