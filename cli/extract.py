@@ -46,6 +46,8 @@ def extract(
                                                 "settings say `plan` (default: each image's native grid).")] = None,
     plan: Annotated[Path | None, typer.Option("--plan", help="fingerprint.json of a study run: use its target "
                                               "spacing.")] = None,
+    study_path: Annotated[Path | None, typer.Option("--study", help="Study YAML whose maps section (DWI/DCE maps) "
+                                                    "to use; default: the packaged one.")] = None,
 ) -> None:
     """Radiomics of every valid case and sequence of a site (columns `<sequence>_<feature>`).
 
@@ -68,8 +70,8 @@ def extract(
     except ConfigError as err:
         console.print(f"[red]error[/red] {err}")
         raise typer.Exit(2) from err
-    study = load_study_config(None, sequences=list(site.config.sequences),
-                              reference_sequence=site.config.reference_sequence)
+    study = load_study_config(study_path) if study_path else load_study_config(
+        None, sequences=list(site.config.sequences), reference_sequence=site.config.reference_sequence)
     site = ensure_site_maps(site, study)  # 4D series (DWI, DCE): their maps are the channels
     table = extract_cases(site.cases, study.channels, rad, target, workers=workers, progress=True)
     table.write(out)

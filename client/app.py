@@ -66,6 +66,9 @@ def site_dir_from_context(context: Context) -> Path:
     return Path(str(value))
 
 
+IMAGING_PHASES = frozenset({"fingerprint", "preprocessing", "segmentation", "features", "classifier"})
+
+
 def handle(step: SiteStep, msg: Message, context: Context) -> Message:
     """Run one site step for one message through the site's guard; errors become error replies.
 
@@ -84,7 +87,7 @@ def handle(step: SiteStep, msg: Message, context: Context) -> Message:
         who = site.site_id
         check_request(site.config, step.phase, study.hash, step.n_cases(site))
         check_study(site, step.phase, study)
-        if study.four_d and not site.tabular:
+        if study.four_d and not site.tabular and step.phase in IMAGING_PHASES:
             site = ensure_site_maps(site, study)  # the 4D series' maps join each case's channels (cached)
         reply = step.run(site, study, payload)
         check_reply(site, reply)

@@ -23,6 +23,7 @@ import numpy as np
 
 from common.config import StudyConfig
 from common.errors import FedBiopsyError, PolicyError
+from common.maps.layout import is_map
 from common.sitedata import ColumnKind, ColumnUse, Site, SiteConfig, SitePolicy
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,18 @@ def require_name(site_id: str, value: str, allowed: Iterable[str], what: str) ->
         raise PolicyError(site_id, "allowed_names", f"{what} {value!r} is not one of {list(names)}")
 
 
+def check_maps(site: Site, study: StudyConfig) -> None:
+    """Every parametric map a 4D study asks for must be one the site's policy lets it fit (``policy.maps``)."""
+    for channel in study.channels:
+        if is_map(channel):
+            require_name(site.site_id, channel, site.config.policy.maps, "parametric map")
+
+
 def check_study(site: Site, phase: str, study: StudyConfig) -> None:
     """Hold the fields of the study that ``phase`` uses to the site's policy (before any data is read)."""
     policy, sid = site.config.policy, site.site_id
+    if study.four_d and not site.tabular:
+        check_maps(site, study)
     if phase == "features":
         require_name(sid, study.features.settings, policy.radiomics_settings, "radiomics settings")
     elif phase == "harmonisation":

@@ -126,7 +126,8 @@ def check_series(folder: Path, uid: str, files: Sequence[str]) -> Series:
     normal = np.cross(orient[:3], orient[3:])
     depth = np.array([_floats(h["position"], 3, "ImagePositionPatient", f) @ normal
                       for h, f in zip(headers, files, strict=True)])
-    volume_key = volume_frames(headers)
+    repeated = np.unique(np.round(depth, 2)).size < depth.size  # a 2D multi-slice 3D series has per-slice times
+    volume_key = volume_frames(headers) if repeated else None
     if volume_key is not None:
         return _four_d_series(folder, uid, files, headers, depth, volume_key[0], volume_key[1])
     return _three_d_series(folder, uid, files, headers, depth)

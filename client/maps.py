@@ -34,6 +34,7 @@ from common.maps.layout import (
     DWI,
     IVIM_MAPS,
     MAPS_DIR,
+    MIN_IVIM_BVALUES,
     T10_MAP,
     bval_path,
     check_volume_count,
@@ -113,6 +114,9 @@ def dwi_maps(path: Path, names: tuple[str, ...], cfg: MapsConfig) -> tuple[dict[
     if "ADC" in names:
         out["ADC"] = fit_adc(signal, bvals)[0]
     if any(n in IVIM_MAPS for n in names):
+        if len(set(bvals)) < MIN_IVIM_BVALUES or min(bvals) > 0:
+            raise SiteDataError(bval_path(path), f"IVIM needs a b=0 volume and at least {MIN_IVIM_BVALUES} distinct "
+                                "b-values", "acquire more b-values, or leave IVIM maps out of the study")
         out.update(fit_ivim(signal, bvals))
     anchor = sitk.GetImageFromArray(b0.astype(np.float32))
     anchor.CopyInformation(grid)
@@ -211,6 +215,9 @@ def case_maps(case: Case, study: StudyConfig, out_dir: Path) -> CaseMaps:
         result.problem = f"{Path(err.path).name}: {err.problem}. Fix: {err.fix}"
     except FedBiopsyError as err:
         result.problem = str(err)
+    except Exception as err:  # noqa: BLE001 - one case's fit (dipy, SimpleITK, LAPACK) never stops the cohort
+        log.exception("site maps: case %s failed", case.patient_id)
+        result.problem = f"the fit failed ({type(err).__name__}: {err}). Fix: check the case's 4D series"
     return result
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from common.config_base import _Frozen
+from common.maps.habitats import PREFIX as HABITAT_PREFIX
 from common.maps.layout import DCE, DWI, MAPS_OF
 
 
@@ -21,14 +21,14 @@ class MapsConfig(_Frozen):
     foreground_fraction: float = Field(0.1, gt=0, lt=1)  # voxels fitted: b0 or baseline above this x its 99th pct
     habitats: tuple[str, str] | None = ("ADC", "Ktrans")  # two maps -> four habitat volume fractions; None: off
     habitat_thresholds: tuple[float, float] = (1.2e-3, 0.1)  # in the maps' units (ADC mm2/s, Ktrans 1/min)
-    # Feature columns ComBat leaves as they are (fnmatch patterns): habitat fractions come from fixed physical
-    # thresholds on maps, are compositional, and a habitat may be absent at a whole site (a constant ComBat
-    # cannot scale); they are copied into the harmonised table unchanged.
-    unharmonised: tuple[str, ...] = ("habitat_*",)
 
-    def unharmonised_columns(self, columns: list[str]) -> list[str]:
-        """The columns of a feature table that :attr:`unharmonised` names."""
-        return [c for c in columns if any(fnmatch.fnmatchcase(c, p) for p in self.unharmonised)]
+    @staticmethod
+    def unharmonised_columns(columns: list[str]) -> list[str]:
+        """The feature columns ComBat leaves as they are: the habitat fractions. They come from fixed physical
+        thresholds on maps, are compositional, and a habitat may be absent at a whole site (a constant ComBat
+        cannot scale); they are copied into the harmonised table unchanged. Fixed here, not a study setting,
+        so that a study cannot let other features skip ComBat."""
+        return [c for c in columns if c.startswith(f"{HABITAT_PREFIX}_")]
 
     @model_validator(mode="after")
     def _known(self) -> MapsConfig:

@@ -32,6 +32,7 @@ ALL_PHASES: tuple[str, ...] = (
 
 
 FEATURE_TABLES: tuple[str, ...] = ("features.csv", "features_harmonised.csv", "signature_scores.csv")
+DEFAULT_MAPS: tuple[str, ...] = ("ADC", "Ktrans", "ve", "vp", "TTP", "washin", "washout", "iAUC60", "ER")
 ColumnKind = Literal["categorical", "continuous"]
 ColumnUse = Literal["covariate", "batch", "stratum", "fairness", "label", "survival", "split", "genomic"]
 
@@ -89,6 +90,8 @@ class SitePolicy(BaseModel):
     columns: dict[str, ClinicalColumn] = Field(default_factory=lambda: dict(DEFAULT_COLUMNS))
     radiomics_settings: tuple[str, ...] = ("default",)  # packaged settings names a study may choose
     feature_tables: tuple[str, ...] = FEATURE_TABLES  # derived/ tables a study may name (read or written)
+    maps: tuple[str, ...] = DEFAULT_MAPS  # parametric maps the site fits for a study (IVIM is off: dipy's fit
+    # costs about 10 ms a voxel, hours a case; list IVIM_D, IVIM_Dstar, IVIM_f to allow it)
 
     @property
     def cell_floor(self) -> int:

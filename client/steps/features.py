@@ -72,7 +72,10 @@ def write_site_features(site: Site, study: StudyConfig, spacing: Sequence[float]
     table = extract_cases(cases, study.channels, settings, spacing,
                           workers=workers or study.features.workers, progress=progress)
     habitats = study.maps.habitats if study.four_d else None
-    if habitats is not None and set(habitats) <= set(study.channels):
+    if habitats is not None and not set(habitats) <= set(study.channels):
+        log.info("site %s: habitats of %s skipped (not both among the study's channels)", site.site_id, habitats)
+        habitats = None
+    if habitats is not None:
         add_habitat_columns(table, cases, habitats, study.maps.habitat_thresholds)
     path = table.write(features_path(site), inputs={
         "inputs": inputs.kind, "grid_spacing": inputs.grid_spacing, "plan_sha256": inputs.plan_sha256,

@@ -63,7 +63,8 @@ def load_cohort(site: Site, study: StudyConfig) -> SiteCohort:
 
 
 def _unharmonised(features: pd.DataFrame, study: StudyConfig) -> list[str]:
-    """Columns copied past ComBat unchanged (``maps.unharmonised``: the habitat fractions of a 4D study)."""
+    """Columns copied past ComBat unchanged (the habitat fractions of a 4D study, see
+    :meth:`common.config_maps.MapsConfig.unharmonised_columns`)."""
     return study.maps.unharmonised_columns([str(c) for c in features.columns]) if study.four_d else []
 
 

@@ -103,8 +103,12 @@ def curve_features(signal: np.ndarray, conc: np.ndarray, times: Sequence[float],
     span = t[-1] - t[peak]
     washout = np.where(span > 0, (rel[:, -1] - rel[rows, peak]) / np.where(span > 0, span, 1.0) * 60.0, 0.0)
     t0 = float(sidecar.InjectionTime_s)
-    grid = np.linspace(t0, min(t0 + IAUC_WINDOW_S, float(t[-1])), 121)
-    iauc = integrate.trapezoid(c @ _interpolation_weights(t, grid).T, grid, axis=1)
+    end = min(t0 + IAUC_WINDOW_S, float(t[-1]))
+    if end > t0:
+        grid = np.linspace(t0, end, 121)
+        iauc = integrate.trapezoid(c @ _interpolation_weights(t, grid).T, grid, axis=1)
+    else:  # injected after the last volume: no enhancement was acquired
+        iauc = np.zeros(c.shape[0])
     return {"TTP": np.maximum(t[peak] - t0, 0.0), "washin": washin, "washout": washout,
             "iAUC60": iauc, "ER": np.maximum(rel[rows, peak], 0.0)}
 

@@ -75,9 +75,9 @@ class DCESidecar(BaseModel):
     T10_s: float | None = Field(None, gt=0, lt=10)  # noqa: N815 (None: a T10.nii.gz map beside the series)
     Relaxivity_per_mM_s: float = Field(gt=0, lt=100)  # noqa: N815
     Hematocrit: float = Field(0.45, gt=0, lt=1)  # noqa: N815
-    InjectionTime_s: float = Field(0.0, ge=0)  # noqa: N815 (the AIF's time zero on the acquisition clock)
+    InjectionTime_s: float = Field(ge=0)  # noqa: N815 (the AIF's time zero on the acquisition clock)
     AIF: Literal["population:parker"] | tuple[float, ...] = "population:parker"
-    BaselineVolumes: int = Field(1, ge=1)  # noqa: N815
+    BaselineVolumes: int = Field(ge=1)  # noqa: N815 (pre-contrast volumes: no default, a wrong one biases Ktrans)
 
     @field_validator("AcquisitionTimes_s")
     @classmethod

@@ -34,9 +34,9 @@ def tofts_curve(ktrans_min: float, ve: float, vp: float, times: np.ndarray, t0: 
     return np.interp(times, fine, tissue)
 
 
-def _sidecar(times: np.ndarray, t0: float, **extra) -> DCESidecar:
+def _sidecar(times: np.ndarray, t0: float, baseline: int = 5) -> DCESidecar:
     return DCESidecar(AcquisitionTimes_s=tuple(times), RepetitionTime_s=0.004, FlipAngle_deg=15.0, T10_s=1.4,
-                      Relaxivity_per_mM_s=4.5, Hematocrit=HCT, InjectionTime_s=t0, **extra)
+                      Relaxivity_per_mM_s=4.5, Hematocrit=HCT, InjectionTime_s=t0, BaselineVolumes=baseline)
 
 
 def test_parker_aif_is_dcmri_population_curve() -> None:
@@ -81,7 +81,7 @@ def test_spgr_signal_is_dcmri_signal_ss() -> None:
 
 def test_concentration_inverts_the_spgr_signal() -> None:
     times = np.arange(0.0, 200.0, 3.0)
-    sc = _sidecar(times, 30.0, BaselineVolumes=5)
+    sc = _sidecar(times, 30.0, baseline=5)
     conc = np.zeros((3, times.size))
     conc[:, 10:] = np.array([[0.2], [1.0], [2.5]]) * np.linspace(1.0, 0.6, times.size - 10)
     signal = spgr_signal(1000.0, 1.0 / 1.4 + 4.5 * conc, 0.004, 15.0)
@@ -101,6 +101,8 @@ def test_curve_features_of_a_known_curve() -> None:
     assert f["ER"][0] == pytest.approx(1.2)
     assert f["washin"][0] == pytest.approx(0.05 * 60.0)  # steepest rise 0.5 per 10 s before the peak
     assert f["washout"][0] == pytest.approx((0.6 - 1.2) / 60.0 * 60.0)
+    late = DCESidecar(**{**sc.model_dump(), "InjectionTime_s": 200.0})
+    assert curve_features(signal, conc, times, late)["iAUC60"][0] == 0.0  # injected after the last volume
     # initial area: trapezoid of the concentration from 20 s to 80 s
     fine = np.linspace(20.0, 80.0, 601)
     assert f["iAUC60"][0] == pytest.approx(np.trapezoid(np.interp(fine, times, conc[0]), fine), rel=1e-3)

@@ -85,3 +85,19 @@ def test_4d_problems_are_named_per_patient(tmp_path: Path) -> None:
     ingest_dicom(dicom, missing, MAPPING)  # no site values for the DCE sidecar: validation names the keys
     problems = " ".join(str(p) for c in validate_site(missing).cases for p in c.problems)
     assert "Relaxivity_per_mM_s" in problems and "DCE.json" in problems
+
+
+def test_a_2d_multislice_series_with_per_slice_times_stays_3d(tmp_path: Path) -> None:
+    """Slices of an ordinary 3D series carry their own AcquisitionTime: no repeated position, so no 4D series."""
+    ph = simulate_patient(3, 0, size=16, seed=0)
+    t2 = array_to_image(ph.images["T2w"], ph.spacing, ph.origin)
+    uid = make_uid("series", "P900", "T2 TSE AX")
+    for k in range(t2.GetSize()[2]):
+        write_dicom_series(t2[:, :, k:k + 1], tmp_path / "dicom" / "P900" / "t2", "T2 TSE AX", "P900",
+                           series_uid=uid, tags={**SCANNER, "0008|0032": f"1200{k:02d}.500000"}, instance_offset=k)
+    write_dicom_series(array_to_image(ph.images["CET1"], ph.spacing, ph.origin), tmp_path / "dicom" / "P900" / "t1",
+                       "T1 post", "P900", tags=SCANNER)
+    report = ingest_dicom(tmp_path / "dicom", tmp_path / "site", {"T2 TSE AX": "T2w", "T1 post": "CET1"})
+    assert report.ok, report.problems
+    image = sitk.ReadImage(str(tmp_path / "site" / "images" / "P900" / "T2w.nii.gz"))
+    assert image.GetDimension() == 3 and image.GetSize() == t2.GetSize()

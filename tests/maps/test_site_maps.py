@@ -153,3 +153,44 @@ def test_maps_config_is_checked() -> None:
     changed = load_study_config(None, maps={"DWI": ["ADC", "IVIM_D"]})
     assert plain.hash == changed.hash  # a 3D study does not depend on the maps section
     assert _study().hash != _study(DWI=["ADC", "IVIM_D"]).hash
+
+
+def test_the_site_policy_decides_which_maps_it_fits(mp_sites: list[Path], tmp_path: Path) -> None:
+    from client.guard import check_study
+    from common.errors import PolicyError
+
+    site_dir = tmp_path / "s"
+    shutil.copytree(mp_sites[0], site_dir)  # b = 0, 500, 1000
+    site = load_site(site_dir)
+    ivim = _study(DWI=["ADC", "IVIM_D"])
+    with pytest.raises(PolicyError, match="parametric map 'IVIM_D'"):
+        check_study(site, "features", ivim)
+    check_study(site, "features", _study())  # the default maps are allowed
+    # allowed by the site but impossible with its b-values: that case's problem, not a crash of the cohort
+    results = compute_site_maps(site, ivim)
+    assert len(results) == 6
+    assert all("IVIM needs a b=0 volume and at least 4 distinct b-values" in str(r.problem) for r in results)
+
+
+def test_an_unexpected_fit_error_is_the_case_problem(mp_site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.maps as maps
+
+    site = load_site(mp_site)
+    calls = {"n": 0}
+    real = maps.fit_adc
+
+    def flaky(signal, bvals):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise np.linalg.LinAlgError("Singular matrix")
+        return real(signal, bvals)
+
+    monkeypatch.setattr(maps, "fit_adc", flaky)
+    results = compute_site_maps(site, _study())
+    failed = [r for r in results if r.problem]
+    assert len(failed) == 1 and "LinAlgError" in str(failed[0].problem) and "Fix:" in str(failed[0].problem)
+
+
+def test_channel_names_cannot_clash() -> None:
+    with pytest.raises(ConfigError, match="carry the name of a fitted map"):
+        load_study_config(None, sequences=["T2w", "DWI", "ADC"])
