@@ -390,18 +390,7 @@ class StudyConfig(_Frozen):
             raise ValueError(
                 f"reference_sequence {self.reference_sequence!r} is not one of sequences {list(self.sequences)}"
             )
-        if self.reference_sequence in FOUR_D:
-            raise ValueError(f"reference_sequence {self.reference_sequence!r} is a 4D series; name a 3D sequence")
-        empty = [s for s in self.four_d if not self.maps.of(s)]
-        if empty:
-            raise ValueError(f"sequence(s) {empty} are listed but maps.<sequence> names no map to use")
-        if self.four_d:
-            clash = [s for s in self.sequences if is_map(s)]
-            if clash:
-                raise ValueError(f"sequence(s) {clash} carry the name of a fitted map; rename the acquired series "
-                                 "(e.g. ADC_scanner) or drop it and let the site fit the map")
-            if len(set(self.channels)) != len(self.channels):
-                raise ValueError(f"channels {list(self.channels)} repeat a name; list each sequence and map once")
+        self.maps.check_sequences(self.sequences, self.reference_sequence)
 
     @property
     def channels(self) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from common.config_base import _Frozen
 from common.maps.habitats import PREFIX as HABITAT_PREFIX
-from common.maps.layout import DCE, DWI, MAPS_OF
+from common.maps.layout import DCE, DWI, FOUR_D, MAPS_OF, is_map, study_channels
 
 
 class MapsConfig(_Frozen):
@@ -42,6 +42,24 @@ class MapsConfig(_Frozen):
             if missing:
                 raise ValueError(f"maps.habitats names {missing}, not among the study's maps {sorted(listed)}")
         return self
+
+    def check_sequences(self, sequences: tuple[str, ...], reference: str) -> None:
+        """A study's sequences against this section: a 3D reference, maps for every 4D series, no name twice."""
+        if reference in FOUR_D:
+            raise ValueError(f"reference_sequence {reference!r} is a 4D series; name a 3D sequence")
+        four_d = [s for s in sequences if s in FOUR_D]
+        empty = [s for s in four_d if not self.of(s)]
+        if empty:
+            raise ValueError(f"sequence(s) {empty} are listed but maps.<sequence> names no map to use")
+        if not four_d:
+            return
+        clash = [s for s in sequences if is_map(s)]
+        if clash:
+            raise ValueError(f"sequence(s) {clash} carry the name of a fitted map; rename the acquired series "
+                             "(e.g. ADC_scanner) or drop it and let the site fit the map")
+        channels = study_channels(sequences, {s: self.of(s) for s in FOUR_D})
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"channels {list(channels)} repeat a name; list each sequence and map once")
 
     def of(self, sequence: str) -> tuple[str, ...]:
         """The maps a 4D sequence becomes."""

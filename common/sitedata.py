@@ -6,6 +6,8 @@ Layout (see docs/ARCHITECTURE.md)::
       site.yaml
       clinical.csv                      patient_id, age, sex, label, os_days, os_event, ...
       images/<patient_id>/<sequence>.nii.gz
+      images/<patient_id>/DWI.nii.gz + DWI.bval   optional 4D series (see common/maps/layout.py); their maps go
+      images/<patient_id>/DCE.nii.gz + DCE.json   to derived/maps/<patient_id>/<MAP>.nii.gz
       masks/<patient_id>.nii.gz
       raters/<patient_id>/<rater>.nii.gz  optional: other radiologists' masks of the case (masks/ is rater 1),
                                           for the segmentation study's inter-observer table
