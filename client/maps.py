@@ -4,7 +4,8 @@
 registered rigidly to the reference sequence (the b0 volume or the DCE baseline against it, Mattes MI) and
 resampled onto its grid, so that every channel of a case shares the mask's geometry. ``derived/maps/maps.json``
 records per case the input files' sha256, the settings, the maps written, and the problem of a case that failed
-(which leaves that case out; the others go on). A case whose inputs and settings are unchanged is not refitted.
+(which leaves that case out; the others go on). A case whose inputs and settings are unchanged is not refitted,
+nor is a case whose data was at fault; a case whose fit raised an unexpected error is tried again.
 
 :func:`ensure_site_maps` is what the imaging phases call: the site with each case's map paths added to its
 images. It is also ``fedbiopsy maps SITE_DIR``.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from common.config import StudyConfig
 from common.config_maps import MapsConfig
 from common.errors import FedBiopsyError, FileProblemError, SiteDataError
-from common.hashing import sha256_file, sha256_json
+from common.hashing import sha256_file_cached, sha256_json
 from common.imageio import find_image, read_image, write_image
 from common.maps.dce import aif_blood, concentration, curve_features, fit_tofts
 from common.maps.dwi import fit_adc, fit_ivim
@@ -57,17 +57,7 @@ class CaseMaps:
     maps: dict[str, Path] = field(default_factory=dict)
     problem: str | None = None
     inputs: dict[str, str] = field(default_factory=dict)
-
-
-@lru_cache(maxsize=8192)
-def _sha256_at(path: str, mtime_ns: int, size: int) -> str:
-    return sha256_file(path)
-
-
-def _sha256(path: Path | str) -> str:
-    """A file's sha256, computed once per (path, mtime, size): every federated message re-checks the maps."""
-    st = Path(path).stat()
-    return _sha256_at(str(path), st.st_mtime_ns, st.st_size)
+    retry: bool = False  # the problem was an unexpected error, not the data's: fit again next time
 
 
 def maps_dir(site_root: Path) -> Path:
@@ -129,9 +119,6 @@ def dce_maps(path: Path, names: tuple[str, ...], cfg: MapsConfig) -> tuple[dict[
     data, grid = series_volumes(read_image(path), path, DCE)
     times = sidecar.AcquisitionTimes_s
     check_volume_count(path, DCE, data.shape[0], len(times), "DCE.json AcquisitionTimes_s")
-    if sidecar.BaselineVolumes >= len(times):
-        raise SiteDataError(sidecar_path(path), "BaselineVolumes leaves no dynamic volume",
-                            "give the number of pre-contrast volumes, fewer than the series has")
     baseline = data[: sidecar.BaselineVolumes].mean(axis=0)
     fg = _foreground(baseline, cfg.foreground_fraction)
     if sidecar.T10_s is not None:
@@ -148,11 +135,8 @@ def dce_maps(path: Path, names: tuple[str, ...], cfg: MapsConfig) -> tuple[dict[
         t10 = t10_arr[fg]
     signal = data[:, fg].T
     conc = concentration(signal, sidecar, t10)
-    try:
-        blood = aif_blood(times, sidecar)
-    except ValueError as exc:
-        raise SiteDataError(sidecar_path(path), str(exc), "give one AIF value (mM) per acquisition time") from exc
-    out = fit_tofts(conc, times, blood, sidecar.Hematocrit, extended=cfg.tofts == "extended" or "vp" in names)
+    extended = cfg.tofts == "extended" or "vp" in names
+    out = fit_tofts(conc, times, aif_blood(times, sidecar), sidecar.Hematocrit, extended=extended)
     out.update(curve_features(signal, conc, times, sidecar))
     anchor = sitk.GetImageFromArray(baseline.astype(np.float32))
     anchor.CopyInformation(grid)
@@ -199,7 +183,7 @@ def case_maps(case: Case, study: StudyConfig, out_dir: Path) -> CaseMaps:
         if missing:
             raise SiteDataError(out_dir, f"the case lacks sequence(s) {missing}", "add them to the case")
         files = _inputs(case, study)
-        result.inputs = {k: _sha256(p) for k, p in files.items() if Path(p).is_file()}
+        result.inputs = {k: sha256_file_cached(p) for k, p in files.items() if Path(p).is_file()}
         reference = read_image(case.images[study.reference_sequence])
         written: dict[str, Path] = {}
         for seq, fit in ((DWI, dwi_maps), (DCE, dce_maps)):
@@ -218,6 +202,7 @@ def case_maps(case: Case, study: StudyConfig, out_dir: Path) -> CaseMaps:
     except Exception as err:  # noqa: BLE001 - one case's fit (dipy, SimpleITK, LAPACK) never stops the cohort
         log.exception("site maps: case %s failed", case.patient_id)
         result.problem = f"the fit failed ({type(err).__name__}: {err}). Fix: check the case's 4D series"
+        result.retry = True
     return result
 
 
@@ -231,14 +216,15 @@ def _read_summary(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _fresh(entry: dict[str, Any], case: Case, study: StudyConfig, folder: Path) -> bool:
-    if not entry or entry.get("problem") or entry.get("settings") != settings_hash(study):
+def _fresh(entry: dict[str, Any], case: Case, settings: str, study: StudyConfig, folder: Path) -> bool:
+    """Whether a case's recorded result (its maps, or its problem) still holds: same inputs, same settings."""
+    if not entry or entry.get("settings") != settings or entry.get("retry"):
         return False
     try:
         files = _inputs(case, study)
     except KeyError:
         return False
-    current = {k: _sha256(p) for k, p in files.items() if Path(p).is_file()}
+    current = {k: sha256_file_cached(p) for k, p in files.items() if Path(p).is_file()}
     maps_present = all((folder / case.patient_id / f"{n}.nii.gz").is_file() for n in entry.get("maps", []))
     return bool(current == entry.get("inputs") and maps_present)
 
@@ -255,39 +241,47 @@ def compute_site_maps(site: Site, study: StudyConfig, progress: bool = False) ->
         from rich.progress import track
 
         iterator = track(cases, description=f"Fitting maps at {site.site_id}")
+    settings = settings_hash(study)
+    fitted = 0
     for case in iterator:
         entry = previous.get(case.patient_id, {})
-        if _fresh(entry, case, study, folder):
+        if _fresh(entry, case, settings, study, folder):
             results.append(CaseMaps(case.patient_id, {n: folder / case.patient_id / f"{n}.nii.gz"
-                                                      for n in entry["maps"]}, None, entry["inputs"]))
+                                                      for n in entry["maps"]}, entry.get("problem"), entry["inputs"]))
             continue
-        results.append(case_maps(case, study, folder))
-    failed = [r for r in results if r.problem]
-    for r in failed:
-        log.warning("site %s: case %s has no maps and takes no part: %s", site.site_id, r.patient_id, r.problem)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / SUMMARY).write_text(json.dumps({
-        "format": FORMAT, "settings": settings_hash(study), "sequences": list(study.four_d),
-        "maps": {s: list(study.maps.of(s)) for s in study.four_d},
-        "cases": {r.patient_id: {"maps": sorted(r.maps), "inputs": r.inputs, "problem": r.problem,
-                                 "settings": settings_hash(study)} for r in results},
-    }, indent=1, sort_keys=True), encoding="utf-8")
+        result = case_maps(case, study, folder)
+        fitted += 1
+        if result.problem:
+            log.warning("site %s: case %s has no maps and takes no part: %s", site.site_id, case.patient_id,
+                        result.problem)
+        results.append(result)
+    if fitted or set(previous) != {r.patient_id for r in results}:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SUMMARY).write_text(json.dumps({
+            "format": FORMAT, "settings": settings, "sequences": list(study.four_d),
+            "maps": {s: list(study.maps.of(s)) for s in study.four_d},
+            "cases": {r.patient_id: {"maps": sorted(r.maps), "inputs": r.inputs, "problem": r.problem,
+                                     "retry": r.retry, "settings": settings} for r in results},
+        }, indent=1, sort_keys=True), encoding="utf-8")
     return results
 
 
-def ensure_site_maps(site: Site, study: StudyConfig) -> Site:
-    """The site with each case's maps among its images (cases whose maps failed left out); a study without 4D
-    sequences gets the site unchanged."""
+def site_with_maps(site: Site, study: StudyConfig) -> tuple[Site, dict[str, str]]:
+    """The site with each case's maps among its images, and the problem of each case left out for want of its
+    maps; a study without 4D sequences gets the site unchanged."""
     if not study.four_d:
-        return site
+        return site, {}
     results = {r.patient_id: r for r in compute_site_maps(site, study)}
-    cases = []
-    for case in site.cases:
-        r = results[case.patient_id]
-        if r.problem is None:
-            cases.append(replace(case, images={**case.images, **r.maps}))
-    return replace(site, cases=tuple(cases))
+    cases = [replace(c, images={**c.images, **results[c.patient_id].maps}) for c in site.cases
+             if results[c.patient_id].problem is None]
+    problems = {pid: str(r.problem) for pid, r in results.items() if r.problem is not None}
+    return replace(site, cases=tuple(cases)), problems
+
+
+def ensure_site_maps(site: Site, study: StudyConfig) -> Site:
+    """The site with each case's maps among its images (:func:`site_with_maps`, the cases without them left out)."""
+    return site_with_maps(site, study)[0]
 
 
 __all__ = ["CaseMaps", "case_maps", "compute_site_maps", "dce_maps", "dwi_maps", "ensure_site_maps", "maps_dir",
-           "series_volumes", "settings_hash"]
+           "series_volumes", "settings_hash", "site_with_maps"]

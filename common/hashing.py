@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,18 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@lru_cache(maxsize=8192)
+def _sha256_at(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def sha256_file_cached(path: Path | str) -> str:
+    """:func:`sha256_file`, computed once per (path, modification time, size): for checks every federated message
+    repeats over the same images."""
+    st = Path(path).stat()
+    return _sha256_at(str(path), st.st_mtime_ns, st.st_size)
 
 
 def derive_seed(*parts: object) -> int:

@@ -130,15 +130,9 @@ def _check_series(path: Path, seq: str) -> list[Problem]:
         else:
             sidecar = read_sidecar(sidecar_path(path))
             check_volume_count(path, DCE, n_volumes, len(sidecar.AcquisitionTimes_s), "DCE.json AcquisitionTimes_s")
-            if sidecar.BaselineVolumes >= n_volumes:
-                raise SiteDataError(sidecar_path(path), "BaselineVolumes leaves no dynamic volume",
-                                    "give the number of pre-contrast volumes, fewer than the series has")
             if sidecar.T10_s is None and find_image(path.parent, T10_MAP) is None:
                 raise SiteDataError(sidecar_path(path), "no native T1: no T10_s and no T10.nii.gz beside the series",
                                     "add T10_s (s) to DCE.json or a T10 map on the DCE grid")
-            if not isinstance(sidecar.AIF, str) and len(sidecar.AIF) != n_volumes:
-                raise SiteDataError(sidecar_path(path), f"the AIF lists {len(sidecar.AIF)} values for {n_volumes} "
-                                    "volumes", "give one blood concentration (mM) per volume, or population:parker")
     except SiteDataError as err:
         return [_problem(err)]
     bad = _nonfinite_voxels(path, image)

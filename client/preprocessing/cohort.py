@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from client.maps import ensure_site_maps, maps_dir
+from client.maps import maps_dir, site_with_maps
 from client.preprocessing.base import CaseVolumes, library_version
 from client.preprocessing.normalise import NyulStandardise, nyul_case_landmarks
 from client.preprocessing.pipeline import (
@@ -292,15 +292,14 @@ def _check_plan(plan: PreprocessingPlan, study: StudyConfig) -> None:
                           "use the plan of this study")
 
 
-def _map_failures(site: Site, kept: set[str]) -> list[CaseReport]:
-    """Reports for the cases whose maps could not be made (the reason is in ``derived/maps/maps.json``)."""
+def _map_failures(site: Site, problems: dict[str, str]) -> list[CaseReport]:
+    """Reports for the cases whose maps could not be made, with their reasons (also in ``derived/maps/maps.json``)."""
     out = []
-    for case in site.cases:
-        if case.patient_id not in kept:
-            cr = CaseReport(case.patient_id)
-            cr.problems.append(Problem(str(maps_dir(site.root) / "maps.json"), "its parametric maps could not be "
-                                       "fitted (the reason is recorded there)", "fix the 4D series it names"))
-            out.append(cr)
+    for pid, problem in sorted(problems.items()):
+        cr = CaseReport(pid)
+        cr.problems.append(Problem(str(maps_dir(site.root)), f"its parametric maps could not be fitted: {problem}",
+                                   "fix the 4D series it names"))
+        out.append(cr)
     return out
 
 
@@ -322,10 +321,8 @@ def preprocess_site(site_dir: Path | str, out_dir: Path | str, study: StudyConfi
     if missing:
         raise ConfigError(src / "site.yaml", f"the study needs sequence(s) {missing}",
                           f"add them to the site or run a study over {list(site.config.sequences)}")
-    with_maps = ensure_site_maps(site, study)  # 4D series -> maps (derived/maps/); a failed case is left out
-    kept = {c.patient_id for c in with_maps.cases}
-    report.cases.extend(_map_failures(site, kept))
-    site = with_maps
+    site, map_problems = site_with_maps(site, study)  # 4D series -> maps (derived/maps/); failed cases left out
+    report.cases.extend(_map_failures(site, map_problems))
     config = study.preprocessing
     if plan is not None:
         _check_plan(plan, study)

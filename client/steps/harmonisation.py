@@ -54,12 +54,18 @@ def _features_path(site: Site, study: StudyConfig) -> Path:
 
 def load_cohort(site: Site, study: StudyConfig) -> SiteCohort:
     """The site's feature table and covariates, validated for ComBat."""
+    return _cohort_and_passthrough(site, study)[0]
+
+
+def _cohort_and_passthrough(site: Site, study: StudyConfig) -> tuple[SiteCohort, pd.DataFrame]:
+    """The ComBat cohort, and the columns of the same table that pass ComBat unchanged (:func:`_unharmonised`)."""
     options = options_from_config(study.harmonisation)
     check_feature_inputs(site, study)
     features = read_feature_table(_features_path(site, study))
-    features = features.drop(columns=_unharmonised(features, study))
+    passthrough = _unharmonised(features, study)
     covariates = read_clinical(site.root).set_index("patient_id") if options.covariate_columns else None
-    return make_cohort(site.site_id, features, covariates, options)
+    cohort = make_cohort(site.site_id, features.drop(columns=passthrough), covariates, options)
+    return cohort, features[passthrough].set_axis(features.index.astype(str), axis=0)
 
 
 def _unharmonised(features: pd.DataFrame, study: StudyConfig) -> list[str]:
@@ -77,12 +83,11 @@ def _step(fn: Callable[[SiteCohort, Payload, int], Payload]) -> Callable[[Site, 
 
 def apply_step(site: Site, study: StudyConfig, payload: Payload) -> Payload:
     """Harmonise the site's table with the federated model and write it under ``derived/``."""
-    table, reply = site_apply(load_cohort(site, study), payload, site.config.policy.min_cohort)
+    cohort, passthrough = _cohort_and_passthrough(site, study)
+    table, reply = site_apply(cohort, payload, site.config.policy.min_cohort)
     out = work_dir(site) / study.harmonisation.output_file
-    raw = read_feature_table(_features_path(site, study))
-    kept = _unharmonised(raw, study)
-    if kept:
-        table = table.join(raw[kept].set_axis(raw.index.astype(str), axis=0))
+    if not passthrough.columns.empty:
+        table = table.join(passthrough)
     table.index.name = "patient_id"
     table.to_csv(out)
     log.info("site %s: %d case(s) x %d feature(s) harmonised -> %s", site.site_id, *table.shape, out)

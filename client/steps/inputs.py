@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 from client.sitecache import load_site_cached
 from client.steps.base import work_dir
 from common.config import StudyConfig
 from common.errors import ProtocolError, SiteDataError
-from common.hashing import sha256_file
+from common.hashing import sha256_file, sha256_file_cached
 from common.plan import PreprocessingPlan, parse_plan
 from common.preprocessing import PREPROCESSED, RAW, imaging_inputs
 from common.sitedata import Case, Site
@@ -78,11 +77,6 @@ def _stored_plan(site: Site, study: StudyConfig) -> tuple[PreprocessingPlan, str
     return plan, sha256_file(path)
 
 
-@lru_cache(maxsize=4096)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    return sha256_file(path)
-
-
 def _check_fresh(folder: Path, case: Case, sequences: tuple[str, ...]) -> None:
     """A preprocessed case must have been made from the raw files as they are now (its history's input hashes)."""
     history = json.loads((folder / "histories" / f"{case.patient_id}.json").read_text(encoding="utf-8"))
@@ -91,8 +85,7 @@ def _check_fresh(folder: Path, case: Case, sequences: tuple[str, ...]) -> None:
     if case.mask is not None:
         current["mask"] = case.mask
     for key, path in current.items():
-        st = Path(path).stat()
-        if recorded.get(key) != _file_sha256(str(path), st.st_mtime_ns, st.st_size):
+        if recorded.get(key) != sha256_file_cached(path):
             raise SiteDataError(folder, "a case's raw image or mask changed after it was preprocessed", RERUN)
 
 

@@ -11,7 +11,7 @@ voxel fit is the linearised least-squares form of the Tofts models (Murase 2004)
 with ``ve = Ktrans / kep`` and ``Cp = Cb / (1 - Hct)``. Times are in seconds, concentrations in mM; Ktrans is
 returned in 1/min. A voxel-wise non-linear fit (dcmri's ``TissueArray``) costs about 50 ms a voxel on a CPU,
 minutes per case; the linear form is exact for noise-free curves (0.2 % at 5 s sampling) and unbiased enough at
-the phantoms' noise (see tests/imaging/test_maps.py).
+the phantoms' noise (see tests/maps/test_fits.py and tests/maps/test_site_maps.py).
 """
 
 from __future__ import annotations
@@ -29,16 +29,13 @@ IAUC_WINDOW_S = 60.0
 
 def aif_blood(times: Sequence[float], sidecar: DCESidecar) -> np.ndarray:
     """The arterial blood concentration (mM) at ``times`` (s): Parker's population curve with its time zero at
-    ``InjectionTime_s``, or the sidecar's own list."""
-    t = np.asarray(times, dtype=np.float64)
+    ``InjectionTime_s``, or the sidecar's own list (one value per acquisition time, checked by the sidecar)."""
     if sidecar.AIF == "population:parker":
         import dcmri
 
+        t = np.asarray(times, dtype=np.float64)
         return 1000.0 * np.asarray(dcmri.aif_parker(t, float(sidecar.InjectionTime_s)), dtype=np.float64)
-    aif = np.asarray(sidecar.AIF, dtype=np.float64)
-    if aif.size != t.size:
-        raise ValueError(f"the sidecar's AIF has {aif.size} values for {t.size} acquisition times")
-    return aif
+    return np.asarray(sidecar.AIF, dtype=np.float64)
 
 
 def concentration(signal: np.ndarray, sidecar: DCESidecar, t10: np.ndarray | float) -> np.ndarray:

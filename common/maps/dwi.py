@@ -9,7 +9,6 @@ b-values; ADC and D are in mm2/s (b in s/mm2).
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 
@@ -17,7 +16,6 @@ import numpy as np
 
 from common.maps.layout import MIN_IVIM_BVALUES
 
-log = logging.getLogger(__name__)
 ADC_MAX = 5e-3  # mm2/s: free water at 37 C is about 3e-3; fits beyond this are noise and are clipped
 _FLOOR = 1e-6
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import SiteDataError
 
@@ -49,11 +49,6 @@ T10_MAP = "T10"
 def is_map(channel: str) -> bool:
     """Whether a channel name is a parametric map (quantitative units: no intensity normalisation)."""
     return any(channel in names for names in MAPS_OF.values())
-
-
-def source_of(channel: str) -> str | None:
-    """The 4D sequence a map comes from (None for an acquired 3D sequence)."""
-    return next((seq for seq, names in MAPS_OF.items() if channel in names), None)
 
 
 def study_channels(sequences: Sequence[str], maps: dict[str, Sequence[str]]) -> tuple[str, ...]:
@@ -85,6 +80,16 @@ class DCESidecar(BaseModel):
         if any(b <= a for a, b in zip(v, v[1:], strict=False)):
             raise ValueError("AcquisitionTimes_s must increase strictly")
         return v
+
+    @model_validator(mode="after")
+    def _per_volume(self) -> DCESidecar:
+        n = len(self.AcquisitionTimes_s)
+        if self.BaselineVolumes >= n:
+            raise ValueError(f"BaselineVolumes leaves no dynamic volume: give fewer pre-contrast volumes than {n}")
+        if not isinstance(self.AIF, str) and len(self.AIF) != n:
+            raise ValueError(f"AIF lists {len(self.AIF)} values for {n} acquisition times: give one blood "
+                             "concentration (mM) per volume, or population:parker")
+        return self
 
 
 def sidecar_path(image: Path) -> Path:
@@ -139,4 +144,4 @@ def check_volume_count(path: Path, what: str, n_volumes: int, n_expected: int, s
 
 __all__ = ["DCE", "DWI", "FOUR_D", "IVIM_MAPS", "MAPS_DIR", "MAPS_OF", "MIN_IVIM_BVALUES", "UNITS", "DCESidecar",
            "T10_MAP", "bval_path", "check_volume_count", "is_map", "read_bvals", "read_sidecar", "sidecar_path",
-           "source_of", "study_channels"]
+           "study_channels"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from common.maps.habitats import PREFIX as HABITAT_PREFIX
 from common.maps.layout import is_map
 from common.report import run_report
 from server.phases.base import PhaseContext
@@ -160,8 +161,9 @@ def _harmonisation(ctx: PhaseContext) -> Section:
     body = (f"<p>{_escape(str(harm['n_features']))} features, {_escape(str(harm['n_cases']))} cases, batches "
             f"{_escape(str(harm['batches']))}; options {_escape(str(harm['options']))}; rounds "
             f"{_escape(str(harm['rounds']))}.</p>")
-    shifted = _shift_features(ctx)
-    maps = _map_features(ctx)
+    model = _combat_model(ctx)
+    shifted = _shift_features(*model) if model else []
+    maps = _map_features(ctx, model[0]) if model else []
     columns = maps + [c for c in shifted if c not in maps]
     if columns:
         replies = run_report(ctx.query(), columns)
@@ -174,32 +176,26 @@ def _harmonisation(ctx: PhaseContext) -> Section:
     return Section("harmonisation", "Feature harmonisation (federated ComBat)", body, figures)
 
 
-def _model_features(ctx: PhaseContext) -> list[str]:
+def _combat_model(ctx: PhaseContext) -> tuple[list[str], np.ndarray] | None:
+    """The stored ComBat model's feature names and batch location effects (gamma*); None if unreadable."""
     try:
         data = np.load(ctx.outputs["harmonisation"]["model"], allow_pickle=False)
-        return [str(n) for n in json.loads(str(data["meta"]))["spec"]["features"]]
-    except (KeyError, OSError, ValueError):
-        return []
-
-
-def _map_features(ctx: PhaseContext) -> list[str]:
-    """The tumour median of each parametric map of the study (``ADC_original_firstorder_Median``, ...) that the
-    ComBat model harmonised: their per-site distributions before and after harmonisation go into the report."""
-    names = set(_model_features(ctx))
-    wanted = [f"{c}_original_firstorder_Median" for c in ctx.study.channels if is_map(c)]
-    return [w for w in wanted if w in names]
-
-
-def _shift_features(ctx: PhaseContext, k: int = 6) -> list[str]:
-    """The features ComBat corrects most in location according to the stored model (largest |gamma*|)."""
-    harm = ctx.outputs["harmonisation"]
-    try:
-        data = np.load(harm["model"], allow_pickle=False)
         names = [str(n) for n in json.loads(str(data["meta"]))["spec"]["features"]]
-        gamma = np.asarray(data["gamma_star"], dtype=float)
+        return names, np.asarray(data["gamma_star"], dtype=float)
     except (KeyError, OSError, ValueError) as exc:
         log.warning("report: cannot read the ComBat model (%s); feature distributions left out", exc)
-        return []
+        return None
+
+
+def _map_features(ctx: PhaseContext, names: list[str]) -> list[str]:
+    """The tumour median of each parametric map of the study (``ADC_original_firstorder_Median``, ...) that the
+    ComBat model harmonised: their per-site distributions before and after harmonisation go into the report."""
+    wanted = [f"{c}_original_firstorder_Median" for c in ctx.study.channels if is_map(c)]
+    return [w for w in wanted if w in set(names)]
+
+
+def _shift_features(names: list[str], gamma: np.ndarray, k: int = 6) -> list[str]:
+    """The features ComBat corrects most in location according to the stored model (largest |gamma*|)."""
     order = np.argsort(-np.abs(gamma).max(axis=0))
     return [names[i] for i in order[:k]]
 
@@ -255,7 +251,7 @@ def _signature(ctx: PhaseContext) -> Section:
     if by_channel:
         body += ("<p>Kept features per channel:</p>"
                  + table([{"channel": c, "kind": "parametric map" if is_map(c) else "habitat fractions"
-                           if c == "habitat" else "sequence", "kept": n} for c, n in by_channel.items()]))
+                           if c == HABITAT_PREFIX else "sequence", "kept": n} for c, n in by_channel.items()]))
     figures = []
     try:
         data = np.load(red["signature"], allow_pickle=False)
@@ -271,7 +267,7 @@ def _signature(ctx: PhaseContext) -> Section:
 def _kept_by_channel(ctx: PhaseContext, kept: list[str]) -> dict[str, int]:
     """How many kept features come from each channel of the study (and from the tumour habitats)."""
     counts: dict[str, int] = {}
-    for channel in (*ctx.study.channels, "habitat"):
+    for channel in (*ctx.study.channels, HABITAT_PREFIX):
         n = sum(k.startswith(f"{channel}_") for k in kept)
         if n:
             counts[channel] = n

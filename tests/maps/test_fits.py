@@ -136,3 +136,18 @@ def test_ivim_with_dipy() -> None:
     assert np.median(fit_adc(noisy, b)[0]) > 1.1 * d  # mono-exponential ADC absorbs the perfusion
     with pytest.raises(ValueError, match="at least 4"):
         fit_ivim(noisy[:, :3], b[:3])
+
+
+def test_the_sidecar_holds_its_per_volume_rules() -> None:
+    times = tuple(float(t) for t in np.arange(0.0, 60.0, 5.0))  # 12 volumes
+    base = {"AcquisitionTimes_s": times, "RepetitionTime_s": 0.004, "FlipAngle_deg": 15.0, "T10_s": 1.2,
+            "Relaxivity_per_mM_s": 4.5, "InjectionTime_s": 10.0, "BaselineVolumes": 2}
+    assert DCESidecar(**base).BaselineVolumes == 2
+    with pytest.raises(ValueError, match="BaselineVolumes leaves no dynamic volume"):
+        DCESidecar(**{**base, "BaselineVolumes": 12})
+    with pytest.raises(ValueError, match="AIF lists 3 values for 12 acquisition times"):
+        DCESidecar(**{**base, "AIF": (0.1, 0.2, 0.3)})
+    given = DCESidecar(**{**base, "AIF": tuple(np.linspace(0.0, 5.0, 12))})
+    np.testing.assert_allclose(aif_blood(times, given), np.linspace(0.0, 5.0, 12))
+    with pytest.raises(ValueError, match="must increase strictly"):
+        DCESidecar(**{**base, "AcquisitionTimes_s": (0.0, 5.0, 5.0, 10.0)})
